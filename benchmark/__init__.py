@@ -1,0 +1,1 @@
+"""Transfer-learning benchmark harness: fine-tune or freeze, on your data, with which backbone."""

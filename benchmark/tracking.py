@@ -1,0 +1,115 @@
+"""MLflow: where runs go, what each run records, and no run left RUNNING after a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+# The names users filter and group by: params.dataset, params.colour, ...
+CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own default store, with the path made absolute so every process agrees."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    return cfg.tracking.uri or default_tracking_uri()
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns)."""
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_params(cfg: DictConfig) -> dict[str, object]:
+    """The cell's flat names first, then every key of the resolved config (`optim.momentum`...)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat = pd.json_normalize(resolved, sep=".").iloc[0].to_dict()
+    cell = {name: cfg[name].name for name in CELL_PARAMS}
+    return {**cell, "seed": cfg.seed, **flat}
+
+
+@contextmanager
+def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
+    """An MLflow run for one cell: FINISHED when the block completes, FAILED (with the error
+    text as a tag and the traceback as an artifact) when anything inside it raises."""
+    uri = tracking_uri(cfg)
+    exp_id = experiment_id(uri, cfg.tracking.experiment)
+    tags = {
+        "cell": name,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "hydra_output_dir": str(cfg.paths.output_dir),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
+        mlflow.log_params(run_params(cfg))
+        mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
+        try:
+            yield run
+        except BaseException as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            raise
+
+
+def log_manifest(manifest: pd.DataFrame) -> None:
+    """The exact images and splits behind this run's numbers."""
+    mlflow.log_text(manifest.to_csv(index=False), "manifest.csv")
+    counts = manifest.groupby("split").size()
+    mlflow.log_params({f"n_{split}": int(n) for split, n in counts.items()})
+    mlflow.log_param("n_classes", manifest.label.nunique())
+
+
+def log_device(trainer: L.Trainer) -> None:
+    device = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    mlflow.set_tags({"device": name, "precision": str(trainer.precision)})
+
+
+class CellLogger(MLFlowLogger):
+    """Lightning's MLflow logger, writing into the run that `cell_run` owns.
+
+    Lightning would mark the run FINISHED after `fit`, before the test split is scored; the
+    run's final status is left to `cell_run`, which sees fit and test as one unit.
+    """
+
+    def finalize(self, status: str = "success") -> None:
+        return None
+
+
+def lightning_logger(run: Run) -> CellLogger:
+    return CellLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())

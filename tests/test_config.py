@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from benchmark.tracking import run_params
+
+
+def test_defaults_compose_to_the_documented_cell(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.dataset.name, cfg.colour.name, cfg.strategy.name, cfg.backbone.name, cfg.seed) == (
+        "hymenoptera",
+        "rgb",
+        "finetune",
+        "efficientnet_lite0",
+        0,
+    )
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.accelerator == "auto"
+    assert cfg.tracking.experiment == "benchmark"
+
+
+def test_groups_switch_and_trainer_arguments_pass_through(make_cfg):
+    cfg = make_cfg(
+        "colour=gray",
+        "strategy=freeze",
+        "backbone=resnet18",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=2",
+        "+trainer.fast_dev_run=1",
+    )
+    assert cfg.colour.grayscale and not cfg.strategy.train_backbone
+    assert cfg.backbone.name == "resnet18"
+    assert (cfg.trainer.max_epochs, cfg.trainer.limit_train_batches) == (3, 2)
+    assert cfg.trainer.fast_dev_run == 1
+
+
+def test_unknown_group_value_is_refused_with_the_choices(make_cfg):
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("strategy=finetunee")
+    assert "finetune" in str(error.value) and "freeze" in str(error.value)
+
+
+def test_misspelt_key_and_wrong_type_are_refused(make_cfg):
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("dataset.val_fractoin=0.3")
+    assert isinstance(error.value.__cause__, ConfigAttributeError)
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("seed=abc")
+    assert isinstance(error.value.__cause__, ValidationError)
+
+
+def test_data_root_falls_back_to_the_environment(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("BENCHMARK_DATA_ROOT", str(tmp_path / "elsewhere"))
+    cfg = make_cfg(data_root=None)
+    assert cfg.paths.data_root == str(tmp_path / "elsewhere")
+
+
+def test_run_params_have_flat_cell_names_and_the_full_config(make_cfg):
+    params = run_params(make_cfg("colour=gray", "seed=3"))
+    assert {k: params[k] for k in ("dataset", "colour", "strategy", "backbone", "seed")} == {
+        "dataset": "hymenoptera",
+        "colour": "gray",
+        "strategy": "finetune",
+        "backbone": "efficientnet_lite0",
+        "seed": 3,
+    }
+    assert params["strategy.lr"] > 0 and "trainer.max_epochs" in params

@@ -1,0 +1,87 @@
+"""The user's path: `python -m benchmark -m ...` on real images, MLflow, then the report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import PROJECT, TINY
+
+pytestmark = pytest.mark.e2e
+
+
+def benchmark(*args: str, cwd: Path, data_root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BENCHMARK_DATA_ROOT": str(data_root), "PYTHONPATH": str(PROJECT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def runs_in(store: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    return mlflow.search_runs(experiment_names=["benchmark"])
+
+
+def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
+    swept = benchmark(
+        "benchmark",
+        "-m",
+        "colour=rgb,gray",
+        "strategy=finetune,freeze",
+        *TINY,
+        cwd=tmp_path,
+        data_root=shared_data,
+    )
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    assert swept.stdout.count("test_acc=") == 4, swept.stdout  # each cell's one-line summary
+
+    runs = runs_in(tmp_path / "mlflow.db")  # the default store: ./mlflow.db
+    assert len(runs) == 4 and set(runs.status) == {"FINISHED"}
+    cells = set(zip(runs["params.colour"], runs["params.strategy"], strict=True))
+    assert cells == {(c, s) for c in ("rgb", "gray") for s in ("finetune", "freeze")}
+    assert set(runs["params.dataset"]) == {"hymenoptera"}
+    assert set(runs["params.backbone"]) == {"efficientnet_lite0"}
+    assert set(runs["params.seed"]) == {"0"}
+    for metric in ("train_loss", "val_loss", "val_acc", "test_acc", "test_loss"):
+        assert runs[f"metrics.{metric}"].notna().all(), metric
+    assert runs["metrics.test_acc"].between(0, 1).all()
+    for tag in ("git_commit", "torch_version", "device"):
+        assert runs[f"tags.{tag}"].notna().all(), tag
+
+    run_id = runs.run_id.iloc[0]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"config.yaml", "manifest.csv"} <= artifacts
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
+    assert len(history) == 1  # one value per epoch
+
+    reported = benchmark(
+        "benchmark.report", "--out", str(tmp_path / "results"), cwd=tmp_path, data_root=shared_data
+    )
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / "report.csv")
+    assert len(table) == 4 and (table.n == 1).all()
+    merged = table.merge(
+        runs.rename(columns={"params.colour": "colour", "params.strategy": "strategy"})
+    )
+    assert (merged.test_acc_mean - merged["metrics.test_acc"]).abs().max() < 1e-6
+    assert table.study_val_acc.notna().all()
+    markdown = (tmp_path / "results" / "report.md").read_text()
+    assert "| hymenoptera | gray" in markdown and "(study 0.961)" in markdown
+
+
+def test_missing_dataset_fails_clearly_and_leaves_no_run_running(tmp_path, shared_data):
+    empty = tmp_path / "no-data"
+    failed = benchmark("benchmark", "dataset.download=false", *TINY, cwd=tmp_path, data_root=empty)
+    assert failed.returncode != 0
+    assert f"Hymenoptera not found at {empty / 'hymenoptera_data'}" in failed.stdout
+    assert "Traceback" not in failed.stdout + failed.stderr
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert list(runs.status) == ["FAILED"]
+    assert "Hymenoptera not found" in runs["tags.error"].iloc[0]
