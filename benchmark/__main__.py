@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -14,6 +15,8 @@ from benchmark.training import run_cell
 
 log = logging.getLogger("benchmark")
 register_configs()
+# Lightning 2.6 on torch 2.14 warns about its own use of a torch API, once per loop.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,6 +109,12 @@ class CellLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:
         return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Every metric is an epoch aggregate: plot it against the epoch, not the optimizer step."""
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        super().log_metrics(metrics, step=step if epoch is None else int(epoch))
 
 
 def lightning_logger(run: Run) -> CellLogger:

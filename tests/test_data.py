@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import benchmark.data as data_module
 from benchmark.data import (
     DatasetError,
     ManifestDataModule,
@@ -85,3 +87,43 @@ def test_datamodule_batches_are_preprocessed_for_the_backbone(shared_data):
 def test_unknown_dataset_lists_the_known_ones(tmp_path: Path):
     with pytest.raises(DatasetError, match="hymenoptera"):
         build_manifest("hymenopterra", tmp_path, 0.2, 0)
+
+
+def fake_download(tree: Path | None, corrupt: bool = False):
+    """Stands in for the network: 'extracts' a copy of `tree`, or fails like an offline machine."""
+
+    def download(url: str, download_root: str, **_: object) -> None:
+        if tree is None:
+            raise OSError("[Errno -2] Name or service not known")
+        target = Path(download_root) / tree.name
+        shutil.copytree(tree, target)
+        if corrupt:
+            next(target.rglob("*.jpg")).write_bytes(b"truncated")
+
+    return download
+
+
+def test_download_is_verified_then_moved_into_place(tmp_path, shared_data, monkeypatch):
+    real = shared_data / "hymenoptera_data"
+    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(real))
+    manifest = build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
+    assert len(manifest) == 244 + 153
+    assert manifest.path.str.startswith(str(tmp_path / "hymenoptera_data")).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["hymenoptera_data"]  # no temp folder left
+
+
+def test_download_with_wrong_content_leaves_nothing_behind(tmp_path, shared_data, monkeypatch):
+    real = shared_data / "hymenoptera_data"
+    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(real, True))
+    with pytest.raises(DatasetError, match="checksum"):
+        build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_download_names_the_file_and_where_it_goes(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(None))
+    with pytest.raises(DatasetError) as error:
+        build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
+    message = str(error.value)
+    assert f"Could not download {data_module.HYMENOPTERA_URL}" in message
+    assert f"unzip it into {tmp_path}" in message
