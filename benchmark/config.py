@@ -18,10 +18,23 @@ from omegaconf import MISSING
 @dataclass
 class DatasetConfig:
     name: str = MISSING
+    # imagefolder: the folder of class folders (or of train/, val/, test/ holding them).
+    root: str | None = None
+    # csv: a file with columns path,label[,split]; relative paths are relative to it.
+    file: str | None = None
+    # A subset of the classes (folder names); None takes every class found.
+    classes: list[str] | None = None
+    # caltech256: keep 257.clutter as a class, as the study did.
+    include_clutter: bool = True
+    # Without an official test split: `random` (stratified, fixed by split_seed for every run)
+    # or `sorted` (the study's: the last test_fraction of each class's sorted file names).
+    test_split: str = "random"
+    test_fraction: float = 0.2
+    split_seed: int = 0
     # Share of each class of the training data held back as the validation split that selects
-    # the checkpoint. The test split is never used for selection.
+    # the checkpoint; drawn with the run's seed. The test split is never used for selection.
     val_fraction: float = 0.2
-    # Fetch the official archive when the data is not under paths.data_root.
+    # Fetch the official files (URL or Kaggle) when the data is not under paths.data_root.
     download: bool = True
 
 
@@ -65,6 +78,8 @@ class DataConfig:
 @dataclass
 class PathsConfig:
     data_root: str = "${oc.env:BENCHMARK_DATA_ROOT,data}"
+    # Remembered image checks and the split manifests, beside the data.
+    cache_dir: str = "${paths.data_root}/.benchmark_cache"
     # Where checkpoints of this run go; Hydra's per-run folder by default.
     output_dir: str = "${hydra:runtime.output_dir}"
 

@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
+from benchmark.data import Manifest
+
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -86,12 +88,19 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
             raise
 
 
-def log_manifest(manifest: pd.DataFrame) -> None:
-    """The exact images and splits behind this run's numbers."""
-    mlflow.log_text(manifest.to_csv(index=False), "manifest.csv")
-    counts = manifest.groupby("split").size()
+def log_manifest(manifest: Manifest) -> None:
+    """The exact images and splits behind this run's numbers, and what was left out and why."""
+    mlflow.log_text(manifest.csv, "manifest.csv")
+    mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
+    counts = manifest.frame.groupby("split").size()
     mlflow.log_params({f"n_{split}": int(n) for split, n in counts.items()})
-    mlflow.log_param("n_classes", manifest.label.nunique())
+    mlflow.log_params(
+        {
+            "n_classes": len(manifest.classes),
+            "n_skipped": len(manifest.skipped),
+            "manifest_sha256": manifest.sha256,
+        }
+    )
 
 
 def log_device(trainer: L.Trainer) -> None:

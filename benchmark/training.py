@@ -122,16 +122,12 @@ def run_cell(cfg: DictConfig) -> CellResult:
     L.seed_everything(cfg.seed, workers=True)
     with tracking.cell_run(cfg, cell_name(cfg)) as run:
         manifest = build_manifest(
-            cfg.dataset.name,
-            Path(cfg.paths.data_root),
-            cfg.dataset.val_fraction,
-            cfg.seed,
-            cfg.dataset.download,
+            cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
         )
         tracking.log_manifest(manifest)
         backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights_path)
         data = ManifestDataModule(
-            manifest,
+            manifest.frame,
             backbone.preprocess,
             cfg.colour.grayscale,
             cfg.data.batch_size,

@@ -48,6 +48,7 @@ def make_cfg(tmp_path: Path, shared_data: Path) -> Callable[..., DictConfig]:
                 overrides=[
                     *pinned,
                     f"paths.output_dir={tmp_path / 'out'}",
+                    f"paths.cache_dir={tmp_path / 'cache'}",
                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                     *overrides,
                 ],

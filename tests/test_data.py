@@ -7,17 +7,24 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmark.data as data_module
+from benchmark.config import DatasetConfig
 from benchmark.data import (
     DatasetError,
     ManifestDataModule,
     Preprocess,
-    build_manifest,
+    acquire,
     build_transform,
     scan_class_folders,
+    sources,
 )
+from benchmark.data import build_manifest as build
 
 LITE = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+
+
+def build_manifest(name, data_root, val_fraction, seed, download=True):
+    cfg = DatasetConfig(name=name, val_fraction=val_fraction, download=download)
+    return build(cfg, data_root, seed).frame
 
 
 def test_hymenoptera_manifest_follows_the_official_split(shared_data):
@@ -58,7 +65,7 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.jpg")
     (tmp_path / "dogs").mkdir()
     (tmp_path / "dogs" / "notes.txt").write_text("not an image")
-    with pytest.raises(DatasetError, match=r"dogs has no images"):
+    with pytest.raises(DatasetError, match=r"dogs have no usable images"):
         scan_class_folders(tmp_path)
 
 
@@ -105,7 +112,7 @@ def fake_download(tree: Path | None, corrupt: bool = False):
 
 def test_download_is_verified_then_moved_into_place(tmp_path, shared_data, monkeypatch):
     real = shared_data / "hymenoptera_data"
-    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(real))
+    monkeypatch.setattr(acquire, "download_and_extract_archive", fake_download(real))
     manifest = build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
     assert len(manifest) == 244 + 153
     assert manifest.path.str.startswith(str(tmp_path / "hymenoptera_data")).all()
@@ -114,16 +121,17 @@ def test_download_is_verified_then_moved_into_place(tmp_path, shared_data, monke
 
 def test_download_with_wrong_content_leaves_nothing_behind(tmp_path, shared_data, monkeypatch):
     real = shared_data / "hymenoptera_data"
-    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(real, True))
+    monkeypatch.setattr(acquire, "download_and_extract_archive", fake_download(real, True))
     with pytest.raises(DatasetError, match="checksum"):
         build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_offline_download_names_the_file_and_where_it_goes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "download_and_extract_archive", fake_download(None))
+    monkeypatch.setattr(acquire, "download_and_extract_archive", fake_download(None))
     with pytest.raises(DatasetError) as error:
         build_manifest("hymenoptera", tmp_path, 0.2, seed=0)
     message = str(error.value)
-    assert f"Could not download {data_module.HYMENOPTERA_URL}" in message
+    assert "Could not fetch hymenoptera_data (" in message and "Name or service" in message
+    assert f"Download {sources.HYMENOPTERA_URL}" in message
     assert f"unzip it into {tmp_path}" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,14 @@ pytestmark = pytest.mark.e2e
 def benchmark(*args: str, cwd: Path, data_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENCHMARK_DATA_ROOT": str(data_root), "PYTHONPATH": str(PROJECT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    cache = [f"paths.cache_dir={cwd / 'cache'}"] if args[0] == "benchmark" else []
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", *args, *cache],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -85,3 +92,30 @@ def test_missing_dataset_fails_clearly_and_leaves_no_run_running(tmp_path, share
     runs = runs_in(tmp_path / "mlflow.db")
     assert list(runs.status) == ["FAILED"]
     assert "Hymenoptera not found" in runs["tags.error"].iloc[0]
+
+
+def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):
+    folder = tmp_path / "my_images"
+    for name in ("ants", "bees"):
+        shutil.copytree(shared_data / "hymenoptera_data" / "val" / name, folder / name)
+    photos = sorted((shared_data / "dogs-vs-cats" / "train").glob("*.jpg"))
+    rows = [(str(p), p.name.split(".")[0]) for p in photos[:20] + photos[-20:]]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
+
+    swept = benchmark(
+        "benchmark",
+        "-m",
+        "dataset=imagefolder,csv",
+        f"dataset.root={folder}",
+        f"dataset.file={tmp_path / 'labels.csv'}",
+        "strategy=freeze",
+        *TINY,
+        cwd=tmp_path,
+        data_root=shared_data,
+    )
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    runs = runs_in(tmp_path / "mlflow.db").set_index("params.dataset")
+    assert set(runs.status) == {"FINISHED"}
+    assert runs.loc["imagefolder", "params.n_test"] == "31"  # 20% of 70 ants + 83 bees
+    assert runs.loc["csv", "params.n_classes"] == "2"
+    assert runs["params.manifest_sha256"].str.len().eq(64).all()

@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmark.config import DatasetConfig
 from benchmark.data import ManifestDataModule, build_manifest
 from benchmark.models import IMAGENET_CLASSES, BackboneError, create_backbone
 from benchmark.training import TransferClassifier
@@ -21,7 +22,7 @@ def lite0_imagenet():
 
 def zero_shot_hits(backbone, preprocess, shared_data, per_class: int = 40) -> dict[str, float]:
     """Share of held-out ants predicted as ImageNet 'ant', and of bees as 'bee'."""
-    manifest = build_manifest("hymenoptera", shared_data, 0.2, seed=0)
+    manifest = build_manifest(DatasetConfig(name="hymenoptera"), shared_data, seed=0).frame
     test = manifest[manifest.split == "test"].groupby("label").head(per_class)
     data = ManifestDataModule(test, preprocess, False, batch_size=per_class, num_workers=0)
     backbone.model.eval()

@@ -1,0 +1,121 @@
+"""From manifest rows to the tensors a backbone expects: decoding any image mode to upright RGB,
+optional grayscale, augmentation for training, then the backbone's own resize and normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The input a backbone was trained on; it belongs to the backbone, never to the dataset."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode becomes RGB: 16-bit scaled (not clipped) to 8 bits, transparency composited on
+    white (not on whatever colour hides under alpha 0), palette and CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.round(pixels / peak * 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, image)
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An upright (EXIF orientation applied) RGB image."""
+    with Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def build_transform(preprocess: Preprocess, grayscale: bool, train: bool) -> T.Compose:
+    """Augmentation (train only), then the backbone's own resize and normalisation."""
+    interpolation = InterpolationMode(preprocess.interpolation)
+    size = preprocess.input_size
+    colour = [T.Grayscale(num_output_channels=3)] if grayscale else []
+    if train:
+        geometry = [
+            T.RandomResizedCrop(size, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            T.Resize(int(size / preprocess.crop_pct), interpolation=interpolation),
+            T.CenterCrop(size),
+        ]
+    to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+    return T.Compose([*colour, *geometry, *to_tensor, T.Normalize(preprocess.mean, preprocess.std)])
+
+
+class ImageDataset(Dataset):
+    def __init__(self, paths: list[str], targets: list[int], transform: T.Compose) -> None:
+        self.paths, self.targets, self.transform = paths, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.paths[index])), self.targets[index]
+
+
+class ManifestDataModule(L.LightningDataModule):
+    """Loaders for the three splits of a manifest, preprocessed for one backbone."""
+
+    def __init__(
+        self,
+        manifest: pd.DataFrame,
+        preprocess: Preprocess,
+        grayscale: bool,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.classes = sorted(manifest.label.unique())
+        self.preprocess, self.grayscale = preprocess, grayscale
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def split(self, name: str) -> ImageDataset:
+        rows = self.manifest[self.manifest.split == name]
+        index = {label: i for i, label in enumerate(self.classes)}
+        transform = build_transform(self.preprocess, self.grayscale, train=name == "train")
+        return ImageDataset(rows.path.tolist(), rows.label.map(index).tolist(), transform)
+
+    def _loader(self, name: str) -> DataLoader:
+        return DataLoader(
+            self.split(name),
+            batch_size=self.batch_size,
+            shuffle=name == "train",
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

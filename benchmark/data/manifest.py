@@ -1,0 +1,121 @@
+"""The split manifest: one row per image (path, label, split), the single source of truth for
+every run. Its hash is a run param and the file a run artifact, so a number can always be traced
+to its images.
+
+Splits: a dataset's official test split when it has one; otherwise a stratified test split fixed
+by `dataset.split_seed` (the same for every seed and cell, so cells compare on the same images),
+or the study's "last 20% of each class's sorted file names" (`dataset.test_split=sorted`).
+Validation is then carved from train with the run's `seed`, for checkpoint selection only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.config import DatasetConfig
+from benchmark.data.scan import DatasetError, remembered_verdicts
+from benchmark.data.sources import PREPARERS
+
+
+def _relative_to(root: Path) -> Callable[[str], str]:
+    """Paths under the dataset's root are stored relative to it, so the manifest (and its hash)
+    is the same on every machine; others (a CSV may list any file) stay absolute."""
+
+    def relative(path: str) -> str:
+        p = Path(path)
+        return (p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
+
+    return relative
+
+
+@dataclass
+class Manifest:
+    frame: pd.DataFrame  # path (absolute), label, split
+    skipped: pd.DataFrame  # path, reason
+    root: Path  # manifest paths are stored relative to it
+
+    @cached_property
+    def csv(self) -> str:
+        relative = self.frame.path.map(_relative_to(self.root))
+        return self.frame.assign(path=relative).to_csv(index=False)
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.csv.encode()).hexdigest()
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.frame.label.unique())
+
+    def counts(self) -> pd.DataFrame:
+        """Images per class and split, as the study printed them."""
+        table = pd.crosstab(self.frame.label, self.frame.split, margins=True, margins_name="all")
+        return table[[c for c in ("train", "val", "test", "all") if c in table]]
+
+
+def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> pd.Index:
+    counts = frame.label.value_counts()
+    too_small = counts[(counts * fraction).round() < 1]
+    if fraction > 0 and len(too_small):
+        raise DatasetError(
+            f"classes {sorted(too_small.index)} have too few images ({dict(too_small)}) for a "
+            f"{what} share of {fraction}: add images, drop the class (dataset.classes), or change "
+            f"dataset.{what}_fraction."
+        )
+    return frame.groupby("label").sample(frac=fraction, random_state=seed).index
+
+
+def _last_sorted(frame: pd.DataFrame, fraction: float) -> pd.Index:
+    """The study's split: the last share of each class's file names in sorted order."""
+
+    def tail(group: pd.DataFrame) -> pd.Index:
+        names = group.path.map(lambda p: Path(p).name).sort_values()
+        return names.index[len(names) - math.ceil(len(names) * fraction) :]
+
+    return pd.Index([i for _, group in frame.groupby("label") for i in tail(group)])
+
+
+def assign_splits(images: pd.DataFrame, cfg: DatasetConfig, seed: int) -> pd.DataFrame:
+    frame = images.reset_index(drop=True)
+    if "split" not in frame:
+        frame["split"] = "train"
+    if not (frame.split == "test").any():
+        if cfg.test_split == "sorted":
+            test = _last_sorted(frame, cfg.test_fraction)
+        else:
+            test = _stratified(frame, cfg.test_fraction, cfg.split_seed, "test")
+        frame.loc[test, "split"] = "test"
+    if not (frame.split == "val").any() and cfg.val_fraction > 0:
+        train = frame[frame.split == "train"]
+        frame.loc[_stratified(train, cfg.val_fraction, seed, "val"), "split"] = "val"
+    return frame[["path", "label", "split"]]
+
+
+def build_manifest(
+    cfg: DatasetConfig, data_root: Path, seed: int, cache_dir: Path | None = None
+) -> Manifest:
+    """Prepare the dataset (decoding each file once, remembered in `cache_dir`) and split it."""
+    if cfg.name not in PREPARERS:
+        raise DatasetError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(PREPARERS))}.")
+    if cfg.test_split not in ("random", "sorted"):
+        raise DatasetError(f"dataset.test_split={cfg.test_split!r}: use random or sorted.")
+    verdicts = cache_dir / "verified_files.csv" if cache_dir else None
+    with remembered_verdicts(verdicts):
+        source = PREPARERS[cfg.name](cfg, data_root.expanduser().resolve())
+    manifest = Manifest(
+        assign_splits(source.scan.images, cfg, seed),
+        source.scan.skipped.reset_index(drop=True),
+        source.root,
+    )
+    if cache_dir is not None:
+        saved = cache_dir / "manifests" / f"{cfg.name}-{manifest.sha256[:12]}.csv"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(manifest.csv)
+    return manifest

@@ -1,0 +1,188 @@
+"""Finding the images of a dataset, and the files that are not usable, before any training.
+
+Real archives are messy: placeholders, `.DS_Store`, zero-byte and truncated files, text saved as
+`.jpg`, stray nested folders. Each file is either an image (decoded once here, so a broken one can
+never stop an epoch) or skipped with the reason, for the stats output and the run's artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+
+
+class DatasetError(RuntimeError):
+    """The data is missing or unusable; the message says where and how to fix it."""
+
+
+@dataclass
+class Scan:
+    """Usable images with their labels, and everything left out with the reason."""
+
+    images: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "label"]))
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
+
+    @staticmethod
+    def concat(scans: Iterable[Scan]) -> Scan:
+        scans = list(scans)
+        return Scan(
+            pd.concat([s.images for s in scans], ignore_index=True),
+            pd.concat([s.skipped for s in scans], ignore_index=True),
+        )
+
+
+def unusable_reason(path: Path) -> str | None:
+    """None for an image that decodes fully; otherwise why it cannot be used."""
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()  # decodes the whole stream: truncation shows up here, not mid-epoch
+    except UnidentifiedImageError:
+        return "not an image (content unreadable by Pillow)"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"corrupt or truncated image ({error})"
+    return None
+
+
+def _candidate(path: Path, placeholders: set[str]) -> str | None:
+    """Reason to skip a file without opening it, or None if it should be decoded."""
+    name = path.name.lower()
+    if name.startswith(".") or name in SYSTEM_FILES:
+        return "system file"
+    if path.name in placeholders:
+        return "placeholder shipped with the dataset, not a sample"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ({path.suffix or 'no suffix'})"
+    return None
+
+
+# Verdicts of files already decoded, by (path, size, mtime): a dataset is decoded once, not per
+# run. Filled from and saved to a CSV by `remembered_verdicts`.
+_VERDICTS: dict[tuple[str, int, int], str | None] = {}
+
+
+@contextmanager
+def remembered_verdicts(file: Path | None) -> Iterator[None]:
+    """Reuse and extend the verdicts stored in `file` (no file: decode everything)."""
+    if file is not None and file.is_file():
+        table = pd.read_csv(file, dtype={"reason": object}, keep_default_na=False)
+        _VERDICTS.update(
+            ((p, int(s), int(m)), r or None)
+            for p, s, m, r in table[["path", "size", "mtime_ns", "reason"]].itertuples(index=False)
+        )
+    try:
+        yield
+    finally:
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            rows = [(*key, reason or "") for key, reason in _VERDICTS.items()]
+            pd.DataFrame(rows, columns=["path", "size", "mtime_ns", "reason"]).to_csv(
+                file, index=False
+            )
+        _VERDICTS.clear()
+
+
+def _verdict(path: Path) -> str | None:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERDICTS:
+        _VERDICTS[key] = unusable_reason(path)
+    return _VERDICTS[key]
+
+
+def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = "") -> Scan:
+    """Check every (path, label) row; decoding runs on all cores with a progress bar."""
+    placeholders = set(placeholders)
+    reasons = [_candidate(Path(p), placeholders) for p in files.path]
+    to_decode = [i for i, reason in enumerate(reasons) if reason is None]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = pool.map(_verdict, (Path(files.path.iloc[i]) for i in to_decode))
+        progress = tqdm(
+            decoded, total=len(to_decode), desc=desc, unit="img", disable=len(to_decode) < 500
+        )
+        for i, reason in zip(to_decode, progress, strict=True):
+            reasons[i] = reason
+    bad = pd.Series(reasons, index=files.index)
+    return Scan(
+        files[bad.isna()].reset_index(drop=True),
+        files[bad.notna()]
+        .assign(reason=bad[bad.notna()])[["path", "reason"]]
+        .reset_index(drop=True),
+    )
+
+
+def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """Class names, and files under `root/<class>/` labelled by folder; nested folders and loose
+    files at the top are not classes and are reported, never silently merged."""
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder of class sub-folders.")
+    classes, rows, stray = [], [], []
+    for entry in sorted(root.iterdir()):
+        if entry.is_file():
+            stray.append((str(entry), "file outside any class folder"))
+            continue
+        if entry.name.startswith("."):
+            stray.append((str(entry), "hidden folder"))
+            continue
+        classes.append(entry.name)
+        for item in sorted(entry.iterdir()):
+            if item.is_dir():
+                stray.append((str(item), "nested folder inside a class folder, ignored"))
+            else:
+                rows.append((str(item), entry.name))
+    files = pd.DataFrame(rows, columns=["path", "label"])
+    return classes, files, pd.DataFrame(stray, columns=["path", "reason"])
+
+
+def excluded(paths: pd.Series, reason: str) -> pd.DataFrame:
+    return pd.DataFrame({"path": paths, "reason": reason})
+
+
+def select_classes(
+    files: pd.DataFrame, available: Iterable[str], wanted: list[str] | None, where: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of the configured classes (all when None) and the rows left out; a configured class
+    that is not there is an error, before anything is decoded."""
+    if wanted is None:
+        return files, excluded(pd.Series(dtype=str), "")
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise DatasetError(
+            f"classes {missing} are configured (dataset.classes) but not in {where}. Fetch the "
+            "complete dataset, or choose classes that are there (dataset.classes=[a,b], or "
+            "dataset.classes=null for all)."
+        )
+    keep = files.label.isin(wanted)
+    return files[keep].reset_index(drop=True), excluded(files.path[~keep], "class not selected")
+
+
+def scan_class_folders(
+    root: Path, placeholders: Iterable[str] = (), classes: list[str] | None = None
+) -> Scan:
+    """Every (selected) class folder must keep at least one usable image."""
+    found, files, stray = class_folder_files(root)
+    if not found:
+        raise DatasetError(f"{root} has no class sub-folders.")
+    files, left_out = select_classes(files, found, classes, root)
+    scan = verify(files, placeholders, desc=f"checking {root.name}")
+    wanted = found if classes is None else classes
+    empty = sorted(set(wanted) - set(scan.images.label))
+    if empty:
+        raise DatasetError(
+            f"class folder(s) {', '.join(str(root / c) for c in empty)} have no usable images "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the folder."
+        )
+    return Scan(scan.images, pd.concat([stray, left_out, scan.skipped], ignore_index=True))

@@ -1,0 +1,244 @@
+"""Each dataset of the study, and the user's own, read from exactly what its source ships.
+
+A preparer finds the official layout under `paths.data_root` (fetching it when it can), and returns
+a `Source`: the usable images with labels (and the official split when there is one), what was
+skipped and why, and the folder that paths in the manifest are relative to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from torchvision.datasets import Caltech256
+
+from benchmark.config import DatasetConfig
+from benchmark.data import acquire
+from benchmark.data.scan import (
+    DatasetError,
+    Scan,
+    class_folder_files,
+    excluded,
+    scan_class_folders,
+    select_classes,
+    verify,
+)
+
+
+@dataclass
+class Source:
+    scan: Scan  # images: path, label[, split]
+    root: Path
+
+
+Preparer = Callable[[DatasetConfig, Path], Source]
+PREPARERS: dict[str, Preparer] = {}
+
+
+def register_dataset(name: str) -> Callable[[Preparer], Preparer]:
+    def add(preparer: Preparer) -> Preparer:
+        PREPARERS[name] = preparer
+        return preparer
+
+    return add
+
+
+def first_existing(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+# ---------------------------------------------------------------- Hymenoptera
+
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+# tree_digest() of the official archive's hymenoptera_data/ folder (398 files).
+HYMENOPTERA_SHA256 = "4d9516c2fb161c30f41a394c6690b6c88f5c14ffbacac3cef9ddb3412df91248"
+
+
+@register_dataset("hymenoptera")
+def hymenoptera(cfg: DatasetConfig, data_root: Path) -> Source:
+    """Official train/ gives train and val; official val/ is the held-out test split."""
+    folder = data_root / "hymenoptera_data"
+    fix = (
+        f"Download {HYMENOPTERA_URL} and unzip it into {data_root} so that {folder}/train/ants "
+        "exists, or point paths.data_root (or BENCHMARK_DATA_ROOT) at the folder that holds "
+        "hymenoptera_data/."
+    )
+    layout = [folder / split / cls for split in ("train", "val") for cls in ("ants", "bees")]
+    if not all(p.is_dir() for p in layout):
+        if not cfg.download:
+            raise DatasetError(f"Hymenoptera not found at {folder}. {fix}")
+        acquire.install(
+            acquire.from_url(HYMENOPTERA_URL, "hymenoptera_data"),
+            data_root,
+            "hymenoptera_data",
+            fix,
+            HYMENOPTERA_SHA256,
+        )
+    placeholder = {"imageNotFound.gif"}
+    train = scan_class_folders(folder / "train", placeholder, cfg.classes)
+    test = scan_class_folders(folder / "val", placeholder, cfg.classes)
+    train.images["split"], test.images["split"] = "train", "test"
+    return Source(Scan.concat([train, test]), folder)
+
+
+# ---------------------------------------------------------------- Dogs vs. Cats
+
+KAGGLE_DOGS_VS_CATS = "dogs-vs-cats"
+
+
+def _dogs_vs_cats_layout(download: Path) -> Path:
+    """The competition's train.zip unpacks to train/; keep it under dogs-vs-cats/."""
+    target = download / "dogs-vs-cats"
+    target.mkdir()
+    (download / "train").rename(target / "train")
+    return target
+
+
+@register_dataset("dogs_vs_cats")
+def dogs_vs_cats(cfg: DatasetConfig, data_root: Path) -> Source:
+    """Kaggle's flat train/cat.N.jpg, dog.N.jpg (label = file-name prefix), or Microsoft's
+    PetImages/{Cat,Dog} mirror (label = folder, lower-cased)."""
+    kaggle = data_root / "dogs-vs-cats" / "train"
+    pets = first_existing(data_root / "dogs-vs-cats" / "PetImages", data_root / "PetImages")
+    if pets is not None:
+        wanted = None if cfg.classes is None else [c.capitalize() for c in cfg.classes]
+        scan = scan_class_folders(pets, classes=wanted)
+        scan.images["label"] = scan.images.label.str.lower()
+        return Source(scan, pets)
+    if not kaggle.is_dir():
+        fix = (
+            f"Download train.zip of the Kaggle competition '{KAGGLE_DOGS_VS_CATS}' and unzip it so "
+            f"that {kaggle}/cat.0.jpg exists (or put Microsoft's PetImages/ folder in "
+            f"{data_root / 'dogs-vs-cats'}); with Kaggle credentials this happens automatically."
+        )
+        if not cfg.download:
+            raise DatasetError(f"Dogs vs. Cats not found at {kaggle}. {fix}")
+        fetch = acquire.from_kaggle(KAGGLE_DOGS_VS_CATS, True, _dogs_vs_cats_layout)
+        acquire.install(fetch, data_root, "dogs-vs-cats", fix)
+    files = pd.DataFrame({"path": sorted(str(p) for p in kaggle.iterdir() if p.is_file())})
+    files["label"] = files.path.map(lambda p: Path(p).name.split(".")[0].lower())
+    named = files.label.isin(["cat", "dog"])
+    unnamed = excluded(files.path[~named], "file name has no cat./dog. prefix")
+    files, left_out = select_classes(files[named], ["cat", "dog"], cfg.classes, kaggle)
+    scan = verify(files, desc="checking dogs-vs-cats")
+    return Source(Scan(scan.images, pd.concat([unnamed, left_out, scan.skipped])), kaggle)
+
+
+# ---------------------------------------------------------------- The Simpsons
+
+KAGGLE_SIMPSONS = "alexattia/the-simpsons-characters-dataset"
+
+
+@register_dataset("simpsons")
+def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
+    """simpsons_dataset/<character>/. The Kaggle archive also ships a duplicate copy of the whole
+    tree nested as simpsons_dataset/simpsons_dataset/, which is reported and ignored."""
+    folder = first_existing(
+        data_root / "simpsons" / "simpsons_dataset", data_root / "simpsons_dataset"
+    )
+    if folder is None:
+        folder = data_root / "simpsons" / "simpsons_dataset"
+        fix = (
+            f"Download the Kaggle dataset '{KAGGLE_SIMPSONS}' and unzip it so that "
+            f"{folder}/homer_simpson exists; with Kaggle credentials this happens automatically."
+        )
+        if not cfg.download:
+            raise DatasetError(f"Simpsons not found at {folder}. {fix}")
+        fetch = acquire.from_kaggle(KAGGLE_SIMPSONS, False, lambda download: download)
+        acquire.install(fetch, data_root, "simpsons", fix)
+    nested = folder / "simpsons_dataset"
+    skipped = excluded(pd.Series([str(nested)]), "duplicate copy nested in the Kaggle archive")
+    if nested.is_dir():
+        # Copy the rest aside so that the duplicate is not mistaken for a character.
+        characters = [p.name for p in folder.iterdir() if p.is_dir() and p != nested]
+        wanted = characters if cfg.classes is None else cfg.classes
+    else:
+        skipped, wanted = skipped.iloc[:0], cfg.classes
+    scan = scan_class_folders(folder, classes=wanted)
+    return Source(Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True)), folder)
+
+
+# ---------------------------------------------------------------- Caltech-256
+
+
+def _caltech_layout(tmp: Path) -> Path:
+    Caltech256(str(tmp), download=True)  # torchvision knows the official archive and its md5
+    return tmp / "caltech256" / "256_ObjectCategories"
+
+
+@register_dataset("caltech256")
+def caltech256(cfg: DatasetConfig, data_root: Path) -> Source:
+    """256_ObjectCategories/NNN.name/NNN_XXXX.jpg; the label is the folder name. Stray nested
+    folders (056.dog/greg, 198.spider/RENAME2), which the study deleted by hand, are reported and
+    ignored."""
+    folder = first_existing(
+        data_root / "256_ObjectCategories", data_root / "caltech256" / "256_ObjectCategories"
+    )
+    if folder is None:
+        folder = data_root / "256_ObjectCategories"
+        fix = (
+            f"Download 256_ObjectCategories.tar (Caltech-256) and extract it into {data_root} "
+            f"so that {folder}/001.ak47 exists."
+        )
+        if not cfg.download:
+            raise DatasetError(f"Caltech-256 not found at {folder}. {fix}")
+        acquire.install(_caltech_layout, data_root, "256_ObjectCategories", fix)
+    classes = cfg.classes
+    if not cfg.include_clutter:
+        found, _, _ = class_folder_files(folder)
+        classes = [c for c in (classes or found) if c != "257.clutter"]
+    return Source(scan_class_folders(folder, classes=classes), folder)
+
+
+# ---------------------------------------------------------------- the user's own
+
+
+OFFICIAL_SPLITS = ("train", "val", "test")
+
+
+@register_dataset("imagefolder")
+def imagefolder(cfg: DatasetConfig, data_root: Path) -> Source:
+    """`dataset.root` holds class folders, or train/ (+ val/, test/) each holding class folders.
+    With train/ and val/ but no test/, val/ is the held-out test split (as for Hymenoptera) and
+    validation is carved from train/."""
+    if not cfg.root:
+        raise DatasetError("dataset=imagefolder needs dataset.root=/path/to/your/images.")
+    root = Path(cfg.root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset.root={cfg.root}: no such folder ({root}).")
+    present = [s for s in OFFICIAL_SPLITS if (root / s).is_dir()]
+    if "train" not in present:
+        return Source(scan_class_folders(root, classes=cfg.classes), root)
+    rename = {"train": "train", "val": "val" if "test" in present else "test", "test": "test"}
+    scans = []
+    for split in present:
+        scan = scan_class_folders(root / split, classes=cfg.classes)
+        scan.images["split"] = rename[split]
+        scans.append(scan)
+    return Source(Scan.concat(scans), root)
+
+
+@register_dataset("csv")
+def csv(cfg: DatasetConfig, data_root: Path) -> Source:
+    """A CSV with columns `path,label` (and optionally `split`: train/val/test); relative paths
+    are relative to the CSV's folder."""
+    if not cfg.file:
+        raise DatasetError("dataset=csv needs dataset.file=/path/to/labels.csv (path,label).")
+    file = Path(cfg.file).expanduser().resolve()
+    if not file.is_file():
+        raise DatasetError(f"dataset.file={cfg.file}: no such file ({file}).")
+    table = pd.read_csv(file, dtype=str)
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise DatasetError(f"{file} lacks the column(s) {sorted(missing)}; it needs path,label.")
+    if "split" in table and not table.split.isin(OFFICIAL_SPLITS).all():
+        bad = sorted(set(table.split) - set(OFFICIAL_SPLITS))
+        raise DatasetError(f"{file}: split values {bad} are not train/val/test.")
+    table["path"] = [str((file.parent / p).resolve()) for p in table.path]
+    exists = table.path.map(lambda p: Path(p).is_file())
+    absent = excluded(table.path[~exists], f"listed in {file.name} but missing")
+    files, left_out = select_classes(table[exists], set(table.label), cfg.classes, file)
+    scan = verify(files.reset_index(drop=True), desc=f"checking {file.name}")
+    return Source(Scan(scan.images, pd.concat([absent, left_out, scan.skipped])), file.parent)
