@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import traceback
 from collections.abc import Iterator, Mapping
@@ -9,12 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
+from matplotlib.figure import Figure
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.utilities.plot import plot_confusion_matrix
 
 from benchmark.data import Manifest
 
@@ -77,6 +83,8 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
         "torch_version": torch.__version__,
         "hydra_output_dir": str(cfg.paths.output_dir),
     }
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        tags["sweep"] = HydraConfig.get().sweep.dir  # groups a sweep's cells: report --sweep
     with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
         mlflow.log_params(run_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
@@ -107,6 +115,36 @@ def log_device(trainer: L.Trainer) -> None:
     device = trainer.strategy.root_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     mlflow.set_tags({"device": name, "precision": str(trainer.precision)})
+
+
+def log_confusion(matrix: torch.Tensor, classes: list[str]) -> None:
+    """The test split's confusion matrix, as numbers (for the report) and as a picture."""
+    mlflow.log_dict({"classes": classes, "matrix": matrix.tolist()}, "confusion_matrix.json")
+    figure = plot_confusion(matrix, classes)
+    mlflow.log_figure(figure, "confusion_matrix.png")
+    plt.close(figure)
+
+
+def plot_confusion(matrix: torch.Tensor, classes: list[str], title: str = "test split") -> Figure:
+    size = min(12.0, 2.5 + 0.45 * len(classes))
+    figure, axes = plt.subplots(figsize=(size, size))
+    plot_confusion_matrix(matrix, ax=axes, add_text=len(classes) <= 30, labels=classes)
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def log_cost(wall_s: float, train_images_per_s: float, device: torch.device) -> None:
+    """What the cell cost: time, speed and the memory high-water marks."""
+    metrics = {
+        "wall_time_s": wall_s,
+        "train_images_per_s": train_images_per_s,
+        # ru_maxrss is in KiB on Linux
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if device.type == "cuda":
+        metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    mlflow.log_metrics(metrics)
 
 
 class CellLogger(MLFlowLogger):

@@ -11,10 +11,10 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from benchmark import tracking
 from benchmark.data import ManifestDataModule, build_manifest
@@ -44,6 +44,8 @@ class TransferClassifier(L.LightningModule):
         self.backbone = backbone
         self.head = nn.Linear(num_features, num_classes)
         self.backbone.requires_grad_(train_backbone)
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: torch.Tensor | None = None  # rows: true class, columns: predicted
         # ModuleDict keys may not shadow Module methods such as train().
         self.accuracy = nn.ModuleDict(
             {
@@ -79,6 +81,12 @@ class TransferClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         self._step(batch, "test")
+        images, targets = batch
+        self.confusion.update(self(images).argmax(1), targets)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.confusion.compute().cpu()
+        self.confusion.reset()
 
     def configure_optimizers(self) -> dict:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -91,6 +99,33 @@ class TransferClassifier(L.LightningModule):
         epochs = max(1, self.trainer.max_epochs or 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+class TrainThroughput(Callback):
+    """Images per second in the training loop proper (validation excluded), for the cost table."""
+
+    def __init__(self) -> None:
+        self.images, self.seconds, self._started = 0, 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        outputs: object,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+    ) -> None:
+        self.images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
 
 
 @dataclass
@@ -150,20 +185,24 @@ def run_cell(cfg: DictConfig) -> CellResult:
             save_top_k=1,
             filename="best-{epoch}-{val_acc:.4f}",
         )
+        throughput = TrainThroughput()
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
-            callbacks=[checkpoint],
+            callbacks=[checkpoint, throughput],
             logger=tracking.lightning_logger(run),
             default_root_dir=cfg.paths.output_dir,
         )
         trainer.fit(model, datamodule=data)
         (scores,) = trainer.test(model, datamodule=data, ckpt_path="best")
         tracking.log_device(trainer)
+        tracking.log_confusion(model.test_confusion, data.classes)
+        wall_s = time.perf_counter() - start
+        tracking.log_cost(wall_s, throughput.images_per_s, trainer.strategy.root_device)
     return CellResult(
         cell_name(cfg),
         scores["test_acc"],
         scores["test_loss"],
-        time.perf_counter() - start,
+        wall_s,
         run.info.run_id,
         tracking.tracking_uri(cfg),
     )

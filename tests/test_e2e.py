@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,9 +63,18 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     for tag in ("git_commit", "torch_version", "device"):
         assert runs[f"tags.{tag}"].notna().all(), tag
 
+    for cost in ("wall_time_s", "train_images_per_s", "peak_rss_mb"):
+        assert (runs[f"metrics.{cost}"] > 0).all(), cost
+    assert runs["tags.sweep"].nunique() == 1  # the sweep's cells are grouped
+
     run_id = runs.run_id.iloc[0]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-    assert {"config.yaml", "manifest.csv"} <= artifacts
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "manifest.csv", "skipped_files.csv", "confusion_matrix.png"} <= artifacts
+    confusion = client.download_artifacts(run_id, "confusion_matrix.json", str(tmp_path))
+    confusion = json.loads(Path(confusion).read_text())
+    assert confusion["classes"] == ["ants", "bees"]
+    assert sum(map(sum, confusion["matrix"])) == 4  # one test batch of 4 images
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
     assert [m.step for m in history] == [0]  # one value per epoch, stepped by epoch
 
