@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The store: $MLFLOW_TRACKING_URI, else ./mlflow.db (what `python -m benchmark` uses too).
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test test-slow lint run grid ui report clean
+.PHONY: install test test-slow run grid ui report report-check data-stats clean
 
 install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,19 @@ grid:  ## the 4-cell Hymenoptera grid of the README
 ui:  ## MLflow's UI on the project's store
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI)
 
-report:  ## results/report.md and results/report.csv from the runs in MLflow
+report:  ## results/report.{md,csv,tex,html} from the runs in MLflow
 	$(BIN)/python -m benchmark.report --tracking-uri $(TRACKING_URI) --out results
+
+CHROMIUM ?= chromium
+report-check: report  ## render results/report.html in headless Chromium -> results/report.png
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
+	  --disable-background-networking --disable-component-update --disable-sync \
+	  --user-data-dir=$$(mktemp -d) --window-size=1200,3000 \
+	  --screenshot=$(CURDIR)/results/report.png file://$(CURDIR)/results/report.html
+
+DATASET ?= hymenoptera
+data-stats:  ## per-split class counts and skipped files: make data-stats DATASET=simpsons
+	$(BIN)/python -m benchmark.data stats dataset=$(DATASET)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
