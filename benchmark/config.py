@@ -2,7 +2,8 @@
 before any data is touched or any run is opened.
 
 Each dataclass is the schema of one config group, and each group mirrors one module:
-`dataset` -> `benchmark.data`, `backbone` and `strategy` -> `benchmark.models`,
+`dataset` -> `benchmark.data`, `backbone` and `strategy` -> `benchmark.models`, `head` ->
+`benchmark.training`,
 `trainer` -> Lightning's Trainer (arguments pass through), `tracking` -> `benchmark.tracking`.
 """
 
@@ -48,9 +49,36 @@ class ColourConfig:
 @dataclass
 class StrategyConfig:
     name: str = MISSING
-    # False: the backbone is frozen (no gradients, BatchNorm statistics fixed); the head learns.
-    train_backbone: bool = True
+    # Backbone stages that train, counted from the top: None all (finetune), 0 none (freeze),
+    # k the top k (partial). Stages are defined per backbone family by output stride.
+    trainable_stages: int | None = None
+    # BatchNorm of the frozen parts: `eval` keeps ImageNet statistics; `train` lets them drift
+    # with the new data, as the study's "freeze" did.
+    bn: str = "eval"
     lr: float = 1e-3
+    # two_stage: at this epoch, unfreeze the top `unfreeze_stages` stages (None: all) and train
+    # them at lr x unfreeze_lr_factor, the head going on at its own lr.
+    unfreeze_at_epoch: int | None = None
+    unfreeze_stages: int | None = None
+    unfreeze_lr_factor: float = 0.1
+
+
+@dataclass
+class HeadConfig:
+    name: str = MISSING
+    # Hidden layer widths of an MLP head (empty: one linear layer), each Linear-[BN]-ReLU-Dropout.
+    hidden: list[int] = field(default_factory=list)
+    batchnorm: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    name: str = MISSING
+    # torchvision.transforms.v2 classes with their arguments (`_target_`), applied to training
+    # images in order; `_partial_: true` ones receive the backbone's size and interpolation.
+    # The backbone's own resize and normalisation always follow and are not listed here.
+    transforms: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -62,11 +90,23 @@ class BackboneConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and a cosine schedule over `trainer.max_epochs`."""
+    """Optimizer and schedule over `trainer.max_epochs`; the learning rate is the strategy's."""
 
-    momentum: float = 0.9
+    name: str = MISSING
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9  # sgd
     weight_decay: float = 1e-4
+    # The strategy's lr is tuned for SGD; AdamW takes steps of another size.
+    lr_factor: float = 1.0
+    scheduler: str = "cosine"  # cosine | step | constant
+    warmup_epochs: int = 0  # linear warm-up before the cosine
+    step_size: int = 10  # step: multiply by gamma every step_size epochs
+    gamma: float = 0.1
     label_smoothing: float = 0.0
+    # Discriminative learning rates: the backbone trains at lr x this factor.
+    backbone_lr_factor: float = 1.0
+    # Stop when val_acc has not improved for this many epochs (None: never).
+    early_stopping_patience: int | None = None
 
 
 @dataclass
@@ -97,9 +137,11 @@ class Config:
     colour: ColourConfig = MISSING
     strategy: StrategyConfig = MISSING
     backbone: BackboneConfig = MISSING
+    head: HeadConfig = MISSING
+    augment: AugmentConfig = MISSING
     # Keyword arguments of lightning.pytorch.Trainer, instantiated as they are.
     trainer: Any = MISSING
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

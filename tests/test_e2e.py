@@ -129,3 +129,28 @@ def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):
     assert runs.loc["imagefolder", "params.n_test"] == "31"  # 20% of 70 ants + 83 bees
     assert runs.loc["csv", "params.n_classes"] == "2"
     assert runs["params.manifest_sha256"].str.len().eq(64).all()
+
+
+def test_a_sweep_over_strategies_appears_in_the_report(tmp_path, shared_data):
+    strategies = ["finetune", "freeze", "freeze_bn_train", "partial", "two_stage"]
+    swept = benchmark(
+        "benchmark",
+        "-m",
+        f"strategy={','.join(strategies)}",
+        "head=mlp",
+        "optim=adamw_cosine",
+        "augment=strong",
+        *TINY,
+        cwd=tmp_path,
+        data_root=shared_data,
+    )
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    reported = benchmark(
+        "benchmark.report", "--out", str(tmp_path / "results"), cwd=tmp_path, data_root=shared_data
+    )
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / "report.csv")
+    assert sorted(table.strategy) == sorted(strategies) and (table.n == 1).all()
+    header = (tmp_path / "results" / "report.md").read_text().split("\n")
+    row = next(line for line in header if line.startswith("| dataset"))
+    assert all(s in row for s in strategies)

@@ -1,30 +1,51 @@
-"""`python -m benchmark.data stats dataset=NAME [key=value ...]`: what a run would train and test
-on — images per class and split, as the study printed them — and every file left out, with why.
-Takes the same overrides as `python -m benchmark`."""
+"""Looking at the data before training, with the same overrides as `python -m benchmark`:
+
+- `python -m benchmark.data stats dataset=NAME ...`: what a run would train and test on (images per
+  class and split, as the study printed them) and every file left out, with the reason.
+- `python -m benchmark.data preview dataset=NAME augment=POLICY ... [--out FILE]`: a grid of
+  augmented training images, as the backbone will see them (before normalisation).
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torchvision.utils import make_grid, save_image
 
 from benchmark.config import register_configs
-from benchmark.data.manifest import build_manifest
+from benchmark.data.loading import build_augmentation, build_transform, load_rgb
+from benchmark.data.manifest import Manifest, build_manifest
 from benchmark.data.scan import DatasetError
+from benchmark.models import create_backbone
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-USAGE = "usage: python -m benchmark.data stats [dataset=NAME] [key=value ...]"
+USAGE = (
+    "usage: python -m benchmark.data stats [key=value ...]\n"
+    "       python -m benchmark.data preview [key=value ...] [--out FILE] [--images N]"
+)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def manifest_for(cfg: DictConfig) -> Manifest:
+    return build_manifest(
+        cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
+    )
 
 
 def stats(overrides: list[str]) -> int:
-    register_configs()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     try:
-        manifest = build_manifest(
-            cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
-        )
+        manifest = manifest_for(cfg)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -40,11 +61,42 @@ def stats(overrides: list[str]) -> int:
     return 0
 
 
+def preview(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.data preview")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=16)
+    args = parser.parse_args(argv)
+    cfg = compose_config(args.overrides)
+    try:
+        manifest = manifest_for(cfg)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    preprocess = create_backbone(cfg.backbone.name, cfg.backbone.weights_path).preprocess
+    augmentation = build_augmentation(cfg.augment.transforms, preprocess)
+    transform = build_transform(preprocess, cfg.colour.grayscale, augmentation)
+    train = manifest.frame[manifest.frame.split == "train"]
+    rows = train.sample(n=min(args.images, len(train)), random_state=cfg.seed)
+    mean = torch.tensor(preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(preprocess.std).view(3, 1, 1)
+    images = [transform(load_rgb(path)) * std + mean for path in rows.path]
+    out = args.out or Path("results") / f"preview-{cfg.dataset.name}-{cfg.augment.name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(images, nrow=int(len(images) ** 0.5 + 0.999), padding=4), out)
+    print(
+        f"wrote {out}: {len(images)} training images of {cfg.dataset.name} with "
+        f"augment={cfg.augment.name}, as {cfg.backbone.name} sees them"
+    )
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "stats":
+    commands = {"stats": stats, "preview": preview}
+    if not argv or argv[0] not in commands:
         print(USAGE, file=sys.stderr)
         return 2
-    return stats(argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

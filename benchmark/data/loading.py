@@ -3,8 +3,12 @@ optional grayscale, augmentation for training, then the backbone's own resize an
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import hydra
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -48,23 +52,45 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(image))
 
 
-def build_transform(preprocess: Preprocess, grayscale: bool, train: bool) -> T.Compose:
-    """Augmentation (train only), then the backbone's own resize and normalisation."""
+def build_augmentation(specs: list, preprocess: Preprocess) -> list[Callable]:
+    """Instantiate the `augment.transforms` list. Entries marked `_partial_: true` are completed
+    with the backbone's `size` (and `interpolation`, where they take one), so a policy such as
+    random-resized-crop fits every backbone without naming its resolution."""
+    given = {
+        "size": preprocess.input_size,
+        "interpolation": InterpolationMode(preprocess.interpolation),
+    }
+    transforms = []
+    for transform in hydra.utils.instantiate(list(specs), _convert_="all"):
+        if isinstance(transform, functools.partial):
+            accepts = inspect.signature(transform.func).parameters
+            transform = transform(**{k: v for k, v in given.items() if k in accepts})
+        transforms.append(transform)
+    return transforms
+
+
+def build_transform(
+    preprocess: Preprocess, grayscale: bool, augmentation: list[Callable] | None = None
+) -> T.Compose:
+    """Grayscale, then the augmentation (training only: `augmentation` not None), then always
+    last the backbone's own resize, crop and normalisation."""
     interpolation = InterpolationMode(preprocess.interpolation)
     size = preprocess.input_size
     colour = [T.Grayscale(num_output_channels=3)] if grayscale else []
-    if train:
-        geometry = [
-            T.RandomResizedCrop(size, interpolation=interpolation),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
-        geometry = [
-            T.Resize(int(size / preprocess.crop_pct), interpolation=interpolation),
-            T.CenterCrop(size),
-        ]
+    # Evaluation: the backbone's centre crop. Training: shorter side to `size`, which is a no-op
+    # after a random-resized crop.
+    resize = int(size / preprocess.crop_pct) if augmentation is None else size
+    geometry = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(size)]
     to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-    return T.Compose([*colour, *geometry, *to_tensor, T.Normalize(preprocess.mean, preprocess.std)])
+    return T.Compose(
+        [
+            *colour,
+            *(augmentation or []),
+            *geometry,
+            *to_tensor,
+            T.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
 
 
 class ImageDataset(Dataset):
@@ -88,17 +114,20 @@ class ManifestDataModule(L.LightningDataModule):
         grayscale: bool,
         batch_size: int,
         num_workers: int,
+        augmentation: list[Callable] | None = None,
     ) -> None:
         super().__init__()
         self.manifest = manifest
         self.classes = sorted(manifest.label.unique())
         self.preprocess, self.grayscale = preprocess, grayscale
+        self.augmentation = augmentation or []
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def split(self, name: str) -> ImageDataset:
         rows = self.manifest[self.manifest.split == name]
         index = {label: i for i, label in enumerate(self.classes)}
-        transform = build_transform(self.preprocess, self.grayscale, train=name == "train")
+        augmentation = self.augmentation if name == "train" else None
+        transform = build_transform(self.preprocess, self.grayscale, augmentation)
         return ImageDataset(rows.path.tolist(), rows.label.map(index).tolist(), transform)
 
     def _loader(self, name: str) -> DataLoader:
