@@ -90,7 +90,7 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     assert (merged.test_acc_mean - merged["metrics.test_acc"]).abs().max() < 1e-6
     assert table.study_val_acc.notna().all()
     markdown = (tmp_path / "results" / "report.md").read_text()
-    assert "| hymenoptera | gray" in markdown and "(study 0.961)" in markdown
+    assert "| hymenoptera | gray" in markdown and "study 0.961" in markdown
 
 
 def test_missing_dataset_fails_clearly_and_leaves_no_run_running(tmp_path, shared_data):
