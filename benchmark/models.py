@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from benchmark.data import Preprocess
+from benchmark.registry import Registry
 
 IMAGENET_CLASSES = 1000
 
@@ -39,15 +40,8 @@ class Backbone:
 
 
 Factory = Callable[[str | None, int], Backbone]
-BACKBONES: dict[str, Factory] = {}
-
-
-def register_backbone(name: str) -> Callable[[Factory], Factory]:
-    def add(factory: Factory) -> Factory:
-        BACKBONES[name] = factory
-        return factory
-
-    return add
+BACKBONES: Registry[Factory] = Registry()
+register_backbone = BACKBONES.register
 
 
 def create_backbone(name: str, weights_path: str | None = None, num_classes: int = 0) -> Backbone:
@@ -121,7 +115,7 @@ def _efficientnet_lite(version: int) -> Factory:
 
 
 for _version in (0, 1, 2):
-    register_backbone(f"efficientnet_lite{_version}")(_efficientnet_lite(_version))
+    BACKBONES[f"efficientnet_lite{_version}"] = _efficientnet_lite(_version)
 
 
 # ---------------------------------------------------------------- torchvision (hub or file)
@@ -201,7 +195,7 @@ def _torchvision(name: str) -> Factory:
 
 
 for _name in TORCHVISION_STAGES:
-    register_backbone(_name)(_torchvision(_name))
+    BACKBONES[_name] = _torchvision(_name)
 
 
 # ---------------------------------------------------------------- strategies

@@ -4,7 +4,7 @@ then test the selected checkpoint on the held-out split."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -12,14 +12,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from benchmark import tracking
+from benchmark.config import OptimConfig
 from benchmark.data import ManifestDataModule, build_augmentation, build_manifest
-from benchmark.models import create_backbone, stage_of, trainable_from
+from benchmark.models import Backbone, create_backbone, stage_of, trainable_from
 
 
 def build_head(
@@ -37,20 +38,6 @@ def build_head(
         ]
         width = size
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
-
-
-OPTIM_DEFAULTS = {
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "lr_factor": 1.0,
-    "scheduler": "cosine",
-    "warmup_epochs": 0,
-    "step_size": 10,
-    "gamma": 0.1,
-    "label_smoothing": 0.0,
-    "backbone_lr_factor": 1.0,
-}
 
 
 class TransferClassifier(L.LightningModule):
@@ -79,7 +66,7 @@ class TransferClassifier(L.LightningModule):
         if bn not in ("eval", "train"):
             raise ValueError(f"strategy.bn={bn!r}: use eval or train.")
         self.save_hyperparameters(ignore=["backbone"], logger=False)
-        self.optim = {**OPTIM_DEFAULTS, **(optim or {})}
+        self.optim = {**asdict(OptimConfig()), **(optim or {})}
         self.backbone = backbone
         self.head = build_head(
             num_features, num_classes, list(head_hidden), head_batchnorm, head_dropout
@@ -254,6 +241,36 @@ def cell_name(cfg: DictConfig) -> str:
     )
 
 
+def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> TransferClassifier:
+    strategy, head = cfg.strategy, cfg.head
+    return TransferClassifier(
+        backbone.model,
+        backbone.stages,
+        backbone.num_features,
+        num_classes,
+        trainable_stages=strategy.trainable_stages,
+        bn=strategy.bn,
+        lr=strategy.lr,
+        optim=OmegaConf.to_container(cfg.optim),
+        head_hidden=list(head.hidden),
+        head_batchnorm=head.batchnorm,
+        head_dropout=head.dropout,
+    )
+
+
+def recipe_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Early stopping and the two-stage unfreezing, when the config asks for them."""
+    callbacks: list[Callback] = []
+    if cfg.optim.early_stopping_patience is not None:
+        patience = cfg.optim.early_stopping_patience
+        callbacks.append(EarlyStopping("val_acc", mode="max", patience=patience))
+    strategy = cfg.strategy
+    if strategy.unfreeze_at_epoch is not None:
+        lr = strategy.lr * strategy.unfreeze_lr_factor
+        callbacks.append(StagedUnfreeze(strategy.unfreeze_at_epoch, strategy.unfreeze_stages, lr))
+    return callbacks
+
+
 def run_cell(cfg: DictConfig) -> CellResult:
     """Prepare, fit, select on validation, test; everything inside one MLflow run."""
     start = time.perf_counter()
@@ -272,33 +289,7 @@ def run_cell(cfg: DictConfig) -> CellResult:
             cfg.data.num_workers,
             build_augmentation(cfg.augment.transforms, backbone.preprocess),
         )
-        strategy = cfg.strategy
-        model = TransferClassifier(
-            backbone.model,
-            backbone.stages,
-            backbone.num_features,
-            len(data.classes),
-            trainable_stages=strategy.trainable_stages,
-            bn=strategy.bn,
-            lr=strategy.lr,
-            optim={k: v for k, v in cfg.optim.items() if k in OPTIM_DEFAULTS},
-            head_hidden=list(cfg.head.hidden),
-            head_batchnorm=cfg.head.batchnorm,
-            head_dropout=cfg.head.dropout,
-        )
-        callbacks: list[Callback] = []
-        if cfg.optim.early_stopping_patience is not None:
-            callbacks.append(
-                EarlyStopping("val_acc", mode="max", patience=cfg.optim.early_stopping_patience)
-            )
-        if strategy.unfreeze_at_epoch is not None:
-            callbacks.append(
-                StagedUnfreeze(
-                    strategy.unfreeze_at_epoch,
-                    strategy.unfreeze_stages,
-                    strategy.lr * strategy.unfreeze_lr_factor,
-                )
-            )
+        model = make_model(cfg, backbone, len(data.classes))
         checkpoint = ModelCheckpoint(
             dirpath=Path(cfg.paths.output_dir) / "checkpoints",
             monitor="val_acc",
@@ -309,7 +300,7 @@ def run_cell(cfg: DictConfig) -> CellResult:
         throughput = TrainThroughput()
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer,
-            callbacks=[checkpoint, throughput, *callbacks],
+            callbacks=[checkpoint, throughput, *recipe_callbacks(cfg)],
             logger=tracking.lightning_logger(run),
             default_root_dir=cfg.paths.output_dir,
         )

@@ -25,6 +25,7 @@ from benchmark.data.scan import (
     select_classes,
     verify,
 )
+from benchmark.registry import Registry
 
 
 @dataclass
@@ -34,15 +35,8 @@ class Source:
 
 
 Preparer = Callable[[DatasetConfig, Path], Source]
-PREPARERS: dict[str, Preparer] = {}
-
-
-def register_dataset(name: str) -> Callable[[Preparer], Preparer]:
-    def add(preparer: Preparer) -> Preparer:
-        PREPARERS[name] = preparer
-        return preparer
-
-    return add
+PREPARERS: Registry[Preparer] = Registry()
+register_dataset = PREPARERS.register
 
 
 def first_existing(*candidates: Path) -> Path | None:
