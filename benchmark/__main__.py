@@ -6,12 +6,15 @@ import logging
 import warnings
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from benchmark.config import register_configs
 from benchmark.data import DatasetError
 from benchmark.models import BackboneError
-from benchmark.training import run_cell
+from benchmark.sweep import CellFailure
+from benchmark.training import CellResult, cell_name, run_cell
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -20,16 +23,24 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> CellResult | CellFailure:
     try:
         result = run_cell(cfg)
-    except (DatasetError, BackboneError) as error:
-        # Bad input, not a bug: say what and how to fix it, without a traceback.
-        log.error("%s", error)
-        raise SystemExit(1) from None
+    except Exception as error:
+        bad_input = isinstance(error, DatasetError | BackboneError)
+        if bad_input:  # not a bug: say what and how to fix it, without a traceback
+            log.error("%s", error)
+        else:
+            log.exception("%s failed", cell_name(cfg))
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # The other cells go on; SweepSummary reports this one and fails the sweep at the end.
+            return CellFailure(cell_name(cfg), f"{type(error).__name__}: {error}")
+        if bad_input:
+            raise SystemExit(1) from None
+        raise
     log.info("%s", result.summary())
     log.info("Browse runs: mlflow ui --backend-store-uri %s", result.tracking_uri)
-    return result.test_acc
+    return result
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+    # Run the cell even if the tracking store already has it FINISHED (same config hash).
+    rerun: bool = False
 
 
 def register_configs() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import subprocess
 import traceback
@@ -71,6 +73,35 @@ def run_params(cfg: DictConfig) -> dict[str, object]:
     return {**cell, "seed": cfg.seed, **flat}
 
 
+# Where a cell writes and how it shows progress, not what it computes: left out of its identity.
+VOLATILE_KEYS = ("paths", "tracking", "rerun", "trainer.enable_progress_bar", "data.num_workers")
+
+
+def cell_key(cfg: DictConfig) -> str:
+    """A stable hash of what the cell computes (its resolved config less VOLATILE_KEYS): the
+    same command relaunched finds the cells it already finished."""
+    flat = run_params(cfg)
+    kept = {
+        k: v
+        for k, v in flat.items()
+        if not any(k == v_ or k.startswith(v_ + ".") for v_ in VOLATILE_KEYS)
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_run(cfg: DictConfig) -> Run | None:
+    """The latest FINISHED run of this very cell in the experiment, if any."""
+    exp_id = experiment_id(tracking_uri(cfg), cfg.tracking.experiment)
+    runs = mlflow.search_runs(
+        [exp_id],
+        f"tags.cell_key = '{cell_key(cfg)}' and attributes.status = 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
 @contextmanager
 def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
     """An MLflow run for one cell: FINISHED when the block completes, FAILED (with the error
@@ -82,6 +113,7 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "hydra_output_dir": str(cfg.paths.output_dir),
+        "cell_key": cell_key(cfg),
     }
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         tags["sweep"] = HydraConfig.get().sweep.dir  # groups a sweep's cells: report --sweep

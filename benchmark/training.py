@@ -226,8 +226,14 @@ class CellResult:
     wall_s: float
     run_id: str
     tracking_uri: str
+    skipped: bool = False  # already FINISHED in an earlier run: not run again
 
     def summary(self) -> str:
+        if self.skipped:
+            return (
+                f"{self.cell}: skipped, FINISHED earlier in MLflow run {self.run_id} "
+                f"(test_acc={self.test_acc:.4f}); rerun=true runs it again"
+            )
         return (
             f"{self.cell}: test_acc={self.test_acc:.4f} test_loss={self.test_loss:.4f} "
             f"wall={self.wall_s:.1f}s | MLflow run {self.run_id} in {self.tracking_uri}"
@@ -272,8 +278,20 @@ def recipe_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 def run_cell(cfg: DictConfig) -> CellResult:
-    """Prepare, fit, select on validation, test; everything inside one MLflow run."""
+    """Prepare, fit, select on validation, test; everything inside one MLflow run. A cell that
+    already FINISHED (same config hash) is skipped unless `rerun=true`."""
     start = time.perf_counter()
+    if not cfg.rerun and (done := tracking.finished_run(cfg)) is not None:
+        metrics = done.data.metrics
+        return CellResult(
+            cell_name(cfg),
+            metrics["test_acc"],
+            metrics["test_loss"],
+            0.0,
+            done.info.run_id,
+            tracking.tracking_uri(cfg),
+            skipped=True,
+        )
     L.seed_everything(cfg.seed, workers=True)
     with tracking.cell_run(cfg, cell_name(cfg)) as run:
         manifest = build_manifest(

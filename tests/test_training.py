@@ -14,7 +14,7 @@ def history(run_id: str, key: str) -> list[float]:
 
 
 def test_same_seed_gives_the_same_metrics(make_cfg):
-    cfg = make_cfg("strategy=freeze", *TINY, "trainer.limit_train_batches=3")
+    cfg = make_cfg("strategy=freeze", *TINY, "trainer.limit_train_batches=3", "rerun=true")
     first, second = run_cell(cfg), run_cell(cfg)
     assert first.run_id != second.run_id
     assert (first.test_acc, first.test_loss) == (second.test_acc, second.test_loss)
