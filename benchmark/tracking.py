@@ -81,11 +81,8 @@ def cell_key(cfg: DictConfig) -> str:
     """A stable hash of what the cell computes (its resolved config less VOLATILE_KEYS): the
     same command relaunched finds the cells it already finished."""
     flat = run_params(cfg)
-    kept = {
-        k: v
-        for k, v in flat.items()
-        if not any(k == v_ or k.startswith(v_ + ".") for v_ in VOLATILE_KEYS)
-    }
+    volatile = tuple(f"{key}." for key in VOLATILE_KEYS)
+    kept = {k: v for k, v in flat.items() if k not in VOLATILE_KEYS and not k.startswith(volatile)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
