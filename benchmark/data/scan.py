@@ -89,9 +89,12 @@ def remembered_verdicts(file: Path | None) -> Iterator[None]:
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             rows = [(*key, reason or "") for key, reason in _VERDICTS.items()]
+            # Written aside then renamed: cells of a parallel sweep never read a half-written file.
+            partial = file.with_name(f".{file.name}.{os.getpid()}")
             pd.DataFrame(rows, columns=["path", "size", "mtime_ns", "reason"]).to_csv(
-                file, index=False
+                partial, index=False
             )
+            partial.replace(file)
         _VERDICTS.clear()
 
 
