@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,8 +14,8 @@ from omegaconf import DictConfig
 from benchmark.config import register_configs
 from benchmark.data import DatasetError
 from benchmark.models import BackboneError
-from benchmark.sweep import CellFailure
-from benchmark.training import CellResult, cell_name, run_cell
+from benchmark.sweep import CellOutcome
+from benchmark.training import cell_name, run_cell
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -23,7 +24,10 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> CellResult | CellFailure:
+def main(cfg: DictConfig) -> CellOutcome:
+    """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
+    hydra_cfg = HydraConfig.get()
+    folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
     try:
         result = run_cell(cfg)
     except Exception as error:
@@ -31,16 +35,20 @@ def main(cfg: DictConfig) -> CellResult | CellFailure:
         if bad_input:  # not a bug: say what and how to fix it, without a traceback
             log.error("%s", error)
         else:
-            log.exception("%s failed", cell_name(cfg))
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # The other cells go on; SweepSummary reports this one and fails the sweep at the end.
-            return CellFailure(cell_name(cfg), f"{type(error).__name__}: {error}")
+            log.exception("%s failed", name)
+        outcome = CellOutcome(name, "failed", error=f"{type(error).__name__}: {error}")
+        outcome.save(folder)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return outcome  # the other cells go on; SweepSummary fails the sweep at the end
         if bad_input:
             raise SystemExit(1) from None
         raise
     log.info("%s", result.summary())
     log.info("Browse runs: mlflow ui --backend-store-uri %s", result.tracking_uri)
-    return result
+    status = "skipped" if result.skipped else "finished"
+    outcome = CellOutcome(name, status, result.test_acc, result.run_id)
+    outcome.save(folder)
+    return outcome
 
 
 if __name__ == "__main__":

@@ -151,4 +151,7 @@ class Config:
 
 
 def register_configs() -> None:
+    from benchmark.launcher import register as register_launcher
+
     ConfigStore.instance().store(name="schema", node=Config)
+    register_launcher()  # hydra/launcher=gpus

@@ -1,12 +1,18 @@
-"""What a sweep did, said once at its end: how many cells finished, were skipped because an
-earlier launch had finished them, or failed (each failure is a FAILED MLflow run with its error).
-A failed cell does not stop the others; the sweep exits non-zero at the end if any failed."""
+"""What happened to each cell of a sweep, and the summary said once at its end.
+
+Every cell leaves an `outcome.json` in its output folder (finished, skipped because an earlier
+launch finished it, or failed with the error), whichever launcher ran it: the done-marker that a
+subprocess launcher reads back. A failed cell does not stop the others; the sweep exits non-zero
+at the end if any failed.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -14,14 +20,29 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("benchmark")
+OUTCOME_FILE = "outcome.json"
+STATES = ("finished", "skipped", "failed")
 
 
 @dataclass
-class CellFailure:
-    """What a cell that raised returns to the sweep, which goes on with the next cell."""
-
+class CellOutcome:
     cell: str
-    error: str
+    status: str  # one of STATES
+    test_acc: float | None = None
+    run_id: str | None = None
+    error: str | None = None
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
+
+    @staticmethod
+    def load(folder: Path, cell: str) -> CellOutcome:
+        """What the cell in `folder` reported; a cell killed before it could say is failed."""
+        file = folder / OUTCOME_FILE
+        if not file.is_file():
+            return CellOutcome(cell, "failed", error=f"ended without an outcome; see {folder}")
+        return CellOutcome(**json.loads(file.read_text()))
 
 
 class SweepSummary(Callback):
@@ -32,18 +53,17 @@ class SweepSummary(Callback):
         self.failed: list[str] = []
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        failure = job_return.return_value if job_return.status != JobStatus.FAILED else None
-        if job_return.status == JobStatus.FAILED or isinstance(failure, CellFailure):
-            self.outcomes["failed"] += 1
-            reason = failure.error if isinstance(failure, CellFailure) else "see the log"
-            self.failed.append(f"{' '.join(job_return.overrides or [])}: {reason}")
-        elif getattr(job_return.return_value, "skipped", False):
-            self.outcomes["skipped"] += 1
+        overrides = " ".join(job_return.overrides or [])
+        if job_return.status == JobStatus.FAILED:  # raised past the task function
+            outcome = CellOutcome(overrides, "failed", error=str(job_return._return_value))
         else:
-            self.outcomes["finished"] += 1
+            outcome = job_return.return_value
+        self.outcomes[outcome.status] += 1
+        if outcome.status == "failed":
+            self.failed.append(f"{overrides}: {outcome.error}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        counts = ", ".join(f"{self.outcomes[k]} {k}" for k in ("finished", "skipped", "failed"))
+        counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         for failure in self.failed:
             log.error("Failed: %s", failure)

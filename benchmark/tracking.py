@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import traceback
@@ -112,8 +113,12 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
         "hydra_output_dir": str(cfg.paths.output_dir),
         "cell_key": cell_key(cfg),
     }
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        tags["sweep"] = HydraConfig.get().sweep.dir  # groups a sweep's cells: report --sweep
+    # The sweep folder groups a sweep's cells (report --sweep); a launcher that starts each cell
+    # as its own process passes it in the environment.
+    if sweep := os.environ.get("BENCHMARK_SWEEP"):
+        tags["sweep"] = sweep
+    elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        tags["sweep"] = str(Path(HydraConfig.get().sweep.dir).resolve())
     with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
         mlflow.log_params(run_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")

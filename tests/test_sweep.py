@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlflow
 
+from benchmark.launcher import DevicePool, visible_gpus
 from benchmark.tracking import cell_key
 from benchmark.training import run_cell
 from tests.conftest import TINY
@@ -49,3 +50,45 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_relaunch_skips_the_rest(tmp_
     assert "Sweep done: 2 cells: 0 finished, 1 skipped, 1 failed." in again.stdout
     runs = runs_in(tmp_path / "mlflow.db")
     assert (runs.status == "FINISHED").sum() == 1  # no duplicate of the finished cell
+
+
+def test_device_pool_gives_each_running_cell_its_own_gpu_and_reuses_freed_ones():
+    pool = DevicePool([0, 1, 3], workers=8)
+    held = [pool.acquire() for _ in range(3)]
+    assert held == ["0", "1", "3"] and not pool.available  # one cell per GPU, never more
+    pool.release("1")
+    assert pool.available and pool.acquire() == "1"
+    cpu = DevicePool([], workers=2)
+    assert [cpu.acquire(), cpu.acquire()] == [None, None] and not cpu.available
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == [2, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+
+
+def test_gpu_launcher_runs_cells_in_parallel_processes_and_isolates_failures(tmp_path, shared_data):
+    swept = benchmark(
+        "benchmark",
+        "-m",
+        "hydra/launcher=gpus",
+        "hydra.launcher.workers=2",
+        "dataset=hymenoptera,imagefolder",
+        "strategy=finetune,freeze",
+        *TINY,
+        cwd=tmp_path,
+        data_root=shared_data,
+    )
+    assert "Launching 4 cells on 2 CPU worker(s)" in swept.stdout, swept.stdout + swept.stderr
+    assert "Sweep done: 4 cells: 2 finished, 0 skipped, 2 failed." in swept.stdout
+    assert swept.returncode != 0  # imagefolder without dataset.root fails, in its own cells
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert sorted(runs.status) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert runs["tags.sweep"].nunique() == 1
+    finished = runs[runs.status == "FINISHED"].sort_values("start_time")
+    second_started, first_ended = finished.start_time.iloc[1], finished.end_time.iloc[0]
+    assert second_started < first_ended, "the two finished cells did not run at the same time"
+    logs = list((tmp_path / "multirun").rglob("cell.log"))
+    assert len(logs) == 4 and all((log.parent / "outcome.json").is_file() for log in logs)

@@ -7,6 +7,8 @@ seeds; failed, running and never-run cells are shown as such, never dropped or a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 
@@ -43,7 +45,7 @@ def load_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> p
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}: run a sweep first.")
-    query = f"tags.sweep = '{sweep}'" if sweep else ""
+    query = f"tags.sweep = '{Path(sweep).resolve()}'" if sweep else ""
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", *COST_METRICS]}
