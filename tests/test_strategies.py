@@ -259,3 +259,33 @@ def test_preview_writes_a_grid_of_augmented_images(tmp_path, shared_data):
     assert code == 0
     with Image.open(out) as grid:
         assert grid.size == (3 * 224 + 4 * 4, 3 * 224 + 4 * 4)  # 3x3 with 4-px padding
+
+
+def test_frozen_batchnorm_statistics_stay_fixed_through_a_real_lightning_fit(lite0):
+    """Lightning 2.6 does not call model.train() when fit starts and, after validation, restores
+    each submodule's previous mode: modes must be right from construction on. (A first version
+    set them only in train(), so its "freeze" let BatchNorm statistics drift.)"""
+    import lightning as L
+
+    model = TransferClassifier(
+        lite0.model, lite0.stages, lite0.num_features, 2, trainable_stages=0, bn="eval", lr=0.03
+    )
+    bn = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    before, modes = bn.running_mean.clone(), []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, index) -> None:
+            modes.append(bn.training)
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 64, 64), torch.randint(0, 2, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Spy()],
+    ).fit(model, loader, loader)
+    assert modes == [False] * 4
+    assert torch.equal(before, bn.running_mean)
