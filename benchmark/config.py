@@ -118,8 +118,9 @@ class DataConfig:
 @dataclass
 class PathsConfig:
     data_root: str = "${oc.env:BENCHMARK_DATA_ROOT,data}"
-    # Remembered image checks and the split manifests, beside the data.
-    cache_dir: str = "${paths.data_root}/.benchmark_cache"
+    # Remembered image checks and the split manifests: beside the data, or where
+    # $BENCHMARK_CACHE_DIR says when the data is read-only.
+    cache_dir: str = "${oc.env:BENCHMARK_CACHE_DIR,${paths.data_root}/.benchmark_cache}"
     # Where checkpoints of this run go; Hydra's per-run folder by default.
     output_dir: str = "${hydra:runtime.output_dir}"
 
