@@ -63,7 +63,6 @@ class DevicePool:
     """Slots for concurrent cells: one per GPU ("0", "1", ...), or `workers` CPU slots (None)."""
 
     def __init__(self, gpus: list[int], workers: int) -> None:
-        self.gpu = bool(gpus)
         self.free: list[str | None] = [str(g) for g in gpus] if gpus else [None] * workers
 
     def acquire(self) -> str | None:

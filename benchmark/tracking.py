@@ -81,9 +81,14 @@ VOLATILE_KEYS = ("paths", "tracking", "rerun", "trainer.enable_progress_bar", "d
 def cell_key(cfg: DictConfig) -> str:
     """A stable hash of what the cell computes (its resolved config less VOLATILE_KEYS): the
     same command relaunched finds the cells it already finished."""
-    flat = run_params(cfg)
+    return _key(run_params(cfg))
+
+
+def _key(params: dict[str, object]) -> str:
     volatile = tuple(f"{key}." for key in VOLATILE_KEYS)
-    kept = {k: v for k, v in flat.items() if k not in VOLATILE_KEYS and not k.startswith(volatile)}
+    kept = {
+        k: v for k, v in params.items() if k not in VOLATILE_KEYS and not k.startswith(volatile)
+    }
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -111,8 +116,9 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
         "hydra_output_dir": str(cfg.paths.output_dir),
-        "cell_key": cell_key(cfg),
     }
+    params = run_params(cfg)
+    tags["cell_key"] = _key(params)
     # The sweep folder groups a sweep's cells (report --sweep); a launcher that starts each cell
     # as its own process passes it in the environment.
     if sweep := os.environ.get("BENCHMARK_SWEEP"):
@@ -120,7 +126,7 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
     elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         tags["sweep"] = str(Path(HydraConfig.get().sweep.dir).resolve())
     with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
-        mlflow.log_params(run_params(cfg))
+        mlflow.log_params(params)
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         try:
             yield run

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +30,8 @@ class DatasetError(RuntimeError):
 class Scan:
     """Usable images with their labels, and everything left out with the reason."""
 
-    images: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "label"]))
-    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "reason"]))
+    images: pd.DataFrame  # path, label[, split]
+    skipped: pd.DataFrame  # path, reason
 
     @staticmethod
     def concat(scans: Iterable[Scan]) -> Scan:

@@ -143,13 +143,11 @@ def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
         fetch = acquire.from_kaggle(KAGGLE_SIMPSONS, False, lambda download: download)
         acquire.install(fetch, data_root, "simpsons", fix)
     nested = folder / "simpsons_dataset"
-    skipped = excluded(pd.Series([str(nested)]), "duplicate copy nested in the Kaggle archive")
-    if nested.is_dir():
-        # Copy the rest aside so that the duplicate is not mistaken for a character.
-        characters = [p.name for p in folder.iterdir() if p.is_dir() and p != nested]
-        wanted = characters if cfg.classes is None else cfg.classes
-    else:
-        skipped, wanted = skipped.iloc[:0], cfg.classes
+    wanted, skipped = cfg.classes, excluded(pd.Series(dtype=str), "")
+    if nested.is_dir():  # the duplicate copy must not be taken for a character
+        if wanted is None:
+            wanted = [p.name for p in folder.iterdir() if p.is_dir() and p != nested]
+        skipped = excluded(pd.Series([str(nested)]), "duplicate copy nested in the Kaggle archive")
     scan = scan_class_folders(folder, classes=wanted)
     return Source(Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True)), folder)
 
