@@ -21,6 +21,8 @@ log = logging.getLogger("benchmark")
 register_configs()
 # Lightning 2.6 on torch 2.14 warns about its own use of a torch API, once per loop.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# A frozen backbone runs in eval mode on purpose (TransferClassifier.train).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

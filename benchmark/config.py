@@ -61,6 +61,14 @@ class StrategyConfig:
     unfreeze_at_epoch: int | None = None
     unfreeze_stages: int | None = None
     unfreeze_lr_factor: float = 0.1
+    # false: training images get the evaluation transform, whatever `augment` says (freeze: the
+    # backbone's features are then computed once).
+    train_augmentation: bool = True
+    # How the head is fitted: `sgd` (Lightning epochs with the optim group) or `lbfgs` (the
+    # linear probe: logistic regression on cached features, its L2 strength chosen on val).
+    fit: str = "sgd"
+    # lbfgs: the inverse L2 strengths C tried (scikit-learn's LogisticRegression).
+    probe_c: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +124,25 @@ class DataConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """What a cell may skip recomputing; none of it changes what a deterministic cell computes."""
+
+    # Decode and resize each image once into a memory-mapped uint8 file in paths.cache_dir,
+    # shared by every cell, colour and seed (training crops then come from the central square).
+    image_cache: bool = True
+    # A frozen backbone (trainable_stages 0, bn eval): extract its features once and cache them,
+    # then train the head on them.
+    feature_cache: bool = True
+    # ...with augmentation on: cache this many augmented views of each training image (0: train
+    # from images instead, paying the backbone's forward pass every epoch).
+    augmented_views: int = 0
+    # On CUDA: backbone and batches in channels-last memory format (faster convolutions).
+    channels_last: bool = True
+    # torch.compile the model (pays a compilation at the start; pays off on long GPU cells).
+    compile: bool = False
+
+
+@dataclass
 class PathsConfig:
     data_root: str = "${oc.env:BENCHMARK_DATA_ROOT,data}"
     # Remembered image checks and the split manifests: beside the data, or where
@@ -144,6 +171,7 @@ class Config:
     trainer: Any = MISSING
     optim: OptimConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0

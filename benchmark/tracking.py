@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import matplotlib.pyplot as plt
@@ -26,6 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.utilities.plot import plot_confusion_matrix
 
 from benchmark.data import Manifest
+
+if TYPE_CHECKING:
+    from benchmark.probe import ProbeResult
 
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
@@ -185,6 +189,26 @@ def log_cost(wall_s: float, train_images_per_s: float, device: torch.device) -> 
     if device.type == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     mlflow.log_metrics(metrics)
+
+
+def log_input(kind: str) -> None:
+    """What the head trained on (images, or a frozen backbone's cached features)."""
+    mlflow.log_param("input", kind)
+
+
+def log_build(name: str, seconds: float) -> None:
+    """Time this run spent building a cache (0: it was there), kept apart from training."""
+    mlflow.log_metric(name, seconds)
+
+
+def log_probe(probe: ProbeResult) -> None:
+    """The linear probe's choice of C and what every C scored on validation."""
+    mlflow.log_param("probe_c_chosen", probe.c)
+    for step, (c, accuracy) in enumerate(sorted(probe.val_acc_by_c.items())):
+        mlflow.log_metrics({"probe_val_acc": accuracy, "probe_c": c}, step=step)
+    mlflow.log_metrics(
+        {"val_acc": probe.val_acc, "test_acc": probe.test_acc, "test_loss": probe.test_loss}
+    )
 
 
 class CellLogger(MLFlowLogger):

@@ -3,12 +3,15 @@ then test the selected checkpoint on the held-out split."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+import mlflow
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
@@ -20,7 +23,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from benchmark import tracking
 from benchmark.config import OptimConfig
 from benchmark.data import ManifestDataModule, build_augmentation, build_manifest
+from benchmark.data.cache import build_image_cache
+from benchmark.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.models import Backbone, create_backbone, stage_of, trainable_from
+from benchmark.probe import fit_probe
+
+log = logging.getLogger("benchmark")
 
 
 def build_head(
@@ -43,9 +51,10 @@ def build_head(
 class TransferClassifier(L.LightningModule):
     """A pretrained backbone and a new head; the strategy decides which backbone stages train.
 
-    Stages below `frozen_below` get no gradients; with `bn="eval"` their BatchNorm layers also stay
-    in eval mode while the module trains, so ImageNet statistics never drift. `bn="train"` lets
-    them drift, as the study's "freeze" did.
+    Stages below `frozen_below` get no gradients; with `bn="eval"` their BatchNorm and dropout
+    layers also stay in eval mode while the module trains, so ImageNet statistics never drift
+    (a wholly frozen backbone runs exactly as at inference, as its cached features did).
+    `bn="train"` lets them drift, as the study's "freeze" did.
     """
 
     def __init__(
@@ -91,11 +100,15 @@ class TransferClassifier(L.LightningModule):
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
-        if mode and self.hparams.bn == "eval":
-            for name, module in self.backbone.named_modules():
-                frozen = stage_of(name, self.hparams.stages) < self.frozen_below
-                if frozen and isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        if not (mode and self.hparams.bn == "eval"):
+            return self
+        if self.frozen_below > len(self.hparams.stages):  # nothing trains: run as at inference
+            self.backbone.eval()
+            return self
+        for name, module in self.backbone.named_modules():
+            frozen = stage_of(name, self.hparams.stages) < self.frozen_below
+            if frozen and isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+                module.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -158,7 +171,16 @@ class TransferClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.optim["label_smoothing"])
         accuracy = self.accuracy[f"{stage}_acc"]
         accuracy(logits, targets)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        # Under DDP each rank sees a shard: the loss is averaged over the ranks (sync_dist), the
+        # accuracy metric object gathers its counts across ranks itself.
+        self.log(
+            f"{stage}_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage != "train",
+            sync_dist=True,
+        )
         self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -208,7 +230,7 @@ class TrainThroughput(Callback):
         batch: tuple[torch.Tensor, torch.Tensor],
         batch_idx: int,
     ) -> None:
-        self.images += len(batch[1])
+        self.images += len(batch[1]) * trainer.world_size  # every DDP rank trains a batch
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.seconds += time.perf_counter() - self._started
@@ -277,6 +299,26 @@ def recipe_callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
+def input_kind(cfg: DictConfig, augmented: bool) -> str:
+    """What the head trains on: `features` (extracted once), `features:Kviews` (K augmented
+    views cached) or `images` (the backbone runs every epoch); a run param."""
+    strategy, speed = cfg.strategy, cfg.speed
+    frozen = (
+        strategy.trainable_stages == 0
+        and strategy.bn == "eval"
+        and strategy.unfreeze_at_epoch is None
+    )
+    if strategy.fit == "lbfgs":
+        if not frozen:
+            raise ValueError("strategy.fit=lbfgs needs a frozen backbone: trainable_stages=0.")
+        return "features"
+    if not (frozen and speed.feature_cache):
+        return "images"
+    if not augmented:
+        return "features"
+    return f"features:{speed.augmented_views}views" if speed.augmented_views else "images"
+
+
 def run_cell(cfg: DictConfig) -> CellResult:
     """Prepare, fit, select on validation, test; everything inside one MLflow run. A cell that
     already FINISHED (same config hash) is skipped unless `rerun=true`."""
@@ -299,35 +341,24 @@ def run_cell(cfg: DictConfig) -> CellResult:
         )
         tracking.log_manifest(manifest)
         backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights_path)
-        data = ManifestDataModule(
-            manifest.frame,
-            backbone.preprocess,
-            cfg.colour.grayscale,
-            cfg.data.batch_size,
-            cfg.data.num_workers,
-            build_augmentation(cfg.augment.transforms, backbone.preprocess),
-        )
-        model = make_model(cfg, backbone, len(data.classes))
-        checkpoint = ModelCheckpoint(
-            dirpath=Path(cfg.paths.output_dir) / "checkpoints",
-            monitor="val_acc",
-            mode="max",
-            save_top_k=1,
-            filename="best-{epoch}-{val_acc:.4f}",
-        )
-        throughput = TrainThroughput()
-        trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer,
-            callbacks=[checkpoint, throughput, *recipe_callbacks(cfg)],
-            logger=tracking.lightning_logger(run),
-            default_root_dir=cfg.paths.output_dir,
-        )
-        trainer.fit(model, datamodule=data)
-        (scores,) = trainer.test(model, datamodule=data, ckpt_path="best")
-        tracking.log_device(trainer)
-        tracking.log_confusion(model.test_confusion, data.classes)
+        data = image_data(cfg, manifest.frame, backbone)
+        kind = input_kind(cfg, bool(data.augmentation))
+        tracking.log_input(kind)
+        features = None
+        if kind.startswith("features"):
+            views = cfg.speed.augmented_views if kind != "features" else 0
+            features = cell_features(cfg, data, backbone, views)
+            tracking.log_build("feature_build_s", features.build_s)
+        if cfg.strategy.fit == "lbfgs":
+            probe = fit_probe(features, list(cfg.strategy.probe_c), len(data.classes))
+            tracking.log_probe(probe)
+            scores = {"test_acc": probe.test_acc, "test_loss": probe.test_loss}
+            confusion, images_per_s, device = probe.confusion, float("nan"), torch.device("cpu")
+        else:
+            scores, confusion, images_per_s, device = fit_and_test(cfg, data, backbone, features)
+        tracking.log_confusion(confusion, data.classes)
         wall_s = time.perf_counter() - start
-        tracking.log_cost(wall_s, throughput.images_per_s, trainer.strategy.root_device)
+        tracking.log_cost(wall_s, images_per_s, device)
     return CellResult(
         cell_name(cfg),
         scores["test_acc"],
@@ -336,3 +367,93 @@ def run_cell(cfg: DictConfig) -> CellResult:
         run.info.run_id,
         tracking.tracking_uri(cfg),
     )
+
+
+def image_data(cfg: DictConfig, manifest: pd.DataFrame, backbone: Backbone) -> ManifestDataModule:
+    """The image loaders, reading the decoded image cache when `speed.image_cache` is on."""
+    cache = None
+    if cfg.speed.image_cache:
+        cache, build_s = build_image_cache(
+            manifest.path.tolist(), backbone.preprocess, Path(cfg.paths.cache_dir)
+        )
+        tracking.log_build("image_cache_build_s", build_s)
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    augmentation = build_augmentation(cfg.augment.transforms, backbone.preprocess)
+    if augmentation and not cfg.strategy.train_augmentation:
+        log.info(
+            "strategy=%s trains without augmentation: augment=%s is not applied "
+            "(strategy.train_augmentation=true applies it).",
+            cfg.strategy.name,
+            cfg.augment.name,
+        )
+        augmentation = []
+    return ManifestDataModule(
+        manifest,
+        backbone.preprocess,
+        cfg.colour.grayscale,
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        augmentation,
+        cache=cache,
+        channels_last=cfg.speed.channels_last and on_gpu,
+    )
+
+
+def cell_features(
+    cfg: DictConfig, data: ManifestDataModule, backbone: Backbone, views: int
+) -> FeatureSet:
+    """The frozen backbone's features, extracted on the cell's accelerator and precision."""
+    extractor: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        devices=1,
+        strategy="auto",
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    identity = {
+        "grayscale": cfg.colour.grayscale,
+        "preprocess": asdict(backbone.preprocess),
+        "precision": str(cfg.trainer.precision),
+        "image_cache": cfg.speed.image_cache,
+    }
+    cache_dir = Path(cfg.paths.cache_dir)
+    return feature_set(data, backbone.model, extractor, cache_dir, identity, views, cfg.seed)
+
+
+def fit_and_test(
+    cfg: DictConfig, data: ManifestDataModule, backbone: Backbone, features: FeatureSet | None
+) -> tuple[dict[str, float], torch.Tensor, float, torch.device]:
+    """Lightning epochs on the images, or on cached features (then the model is the head
+    alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
+    draws random numbers while extracting) and a hit train the same head."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if features is None:
+        model = make_model(cfg, backbone, len(data.classes))
+        datamodule: L.LightningDataModule = data
+    else:
+        head_only = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
+        model = make_model(cfg, head_only, len(data.classes))
+        datamodule = FeatureDataModule(features, data.classes, cfg.data.batch_size, cfg.seed)
+    if data.normalize.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    checkpoint = ModelCheckpoint(
+        dirpath=Path(cfg.paths.output_dir) / "checkpoints",
+        monitor="val_acc",
+        mode="max",
+        save_top_k=1,
+        filename="best-{epoch}-{val_acc:.4f}",
+    )
+    throughput = TrainThroughput()
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=[checkpoint, throughput, *recipe_callbacks(cfg)],
+        logger=tracking.lightning_logger(mlflow.active_run()),
+        default_root_dir=cfg.paths.output_dir,
+    )
+    fitted = torch.compile(model) if cfg.speed.compile else model
+    trainer.fit(fitted, datamodule=datamodule)
+    (scores,) = trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
+    tracking.log_device(trainer)
+    return scores, model.test_confusion, throughput.images_per_s, trainer.strategy.root_device

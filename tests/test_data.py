@@ -84,7 +84,9 @@ def test_datamodule_batches_are_preprocessed_for_the_backbone(shared_data):
     manifest = build_manifest("hymenoptera", shared_data, 0.2, seed=0)
     data = ManifestDataModule(manifest, LITE, grayscale=False, batch_size=4, num_workers=0)
     assert data.classes == ["ants", "bees"]
-    images, targets = next(iter(data.test_dataloader()))
+    batch = next(iter(data.test_dataloader()))
+    assert batch[0].dtype == torch.uint8  # a quarter of the bytes to move to the device
+    images, targets = data.on_after_batch_transfer(batch, 0)
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
     assert images.min() >= -1.0 and images.max() <= 1.0  # mean = std = 0.5
     assert set(targets.tolist()) <= {0, 1}

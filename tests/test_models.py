@@ -26,7 +26,8 @@ def zero_shot_hits(backbone, preprocess, shared_data, per_class: int = 40) -> di
     backbone.model.eval()
     hits = {}
     with torch.inference_mode():
-        for images, targets in data.test_dataloader():
+        for batch in data.test_dataloader():
+            images, targets = data.on_after_batch_transfer(batch, 0)
             predicted = backbone.model(images).argmax(1)
             for label, index in (("ants", ANT), ("bees", BEE)):
                 mine = targets == data.classes.index(label)

@@ -1,0 +1,119 @@
+"""Decode once: every image of a dataset decoded, resized and centre-cropped to a square of the
+backbone's resize size, stored as uint8 in one memory-mapped file under `paths.cache_dir`.
+
+Built once (with a progress bar) and reused by every cell, colour mode and seed that needs the
+same images at the same size: the key is the image files (path, size, mtime) and the geometry,
+not the split. The evaluation crop of a cached image is the same pixels as the uncached path's
+(resize then centre crop); training augmentation sees the stored square, i.e. the central crop
+of each photo, not its full width. Pages come from the file on demand, so resident memory does
+not grow with the dataset, and DataLoader workers share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+from benchmark.data.loading import Preprocess, load_rgb
+
+
+def stored_size(preprocess: Preprocess) -> int:
+    """The side of the stored square: the shorter side the backbone resizes to before its crop."""
+    return int(preprocess.input_size / preprocess.crop_pct)
+
+
+def files_key(paths: list[str], *extra: object) -> str:
+    """Which files, in which state, and how they were stored: a changed file changes the key."""
+    digest = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
+    for path in sorted(paths):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+@dataclass
+class ImageCache:
+    """uint8 images (3, S, S) by path, from a read-only memory map."""
+
+    file: Path
+    rows: dict[str, int]
+    size: int
+
+    @classmethod
+    def open(cls, file: Path) -> ImageCache:
+        meta = json.loads(file.with_suffix(".json").read_text())
+        return cls(file, {path: i for i, path in enumerate(meta["paths"])}, meta["size"])
+
+    @property
+    def array(self) -> np.memmap:
+        # Opened lazily per process: a memmap does not survive pickling to a spawned worker.
+        if getattr(self, "_array", None) is None:
+            shape = (len(self.rows), 3, self.size, self.size)
+            self._array = np.memmap(self.file, dtype=np.uint8, mode="r", shape=shape)
+        return self._array
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[self.rows[path]]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def build_image_cache(
+    paths: list[str], preprocess: Preprocess, cache_dir: Path, threads: int | None = None
+) -> tuple[ImageCache, float]:
+    """The cache for these files at this backbone's geometry, built unless it exists; returns it
+    and the seconds spent building (0 when it was there). Concurrent cells wait for one builder;
+    a build that crashes leaves no file that looks complete."""
+    size = stored_size(preprocess)
+    key = files_key(paths, size, preprocess.interpolation)
+    folder = cache_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / f"{key}.u8"
+    with FileLock(str(file) + ".lock"):
+        if file.with_suffix(".json").is_file():
+            return ImageCache.open(file), 0.0
+        return _build(sorted(paths), size, preprocess.interpolation, file, threads)
+
+
+def _build(
+    paths: list[str], size: int, interpolation: str, file: Path, threads: int | None
+) -> tuple[ImageCache, float]:
+    start = time.perf_counter()
+    square = T.Compose(
+        [
+            T.Resize(size, interpolation=InterpolationMode(interpolation)),
+            T.CenterCrop(size),
+            T.ToImage(),
+        ]
+    )
+    partial = file.with_suffix(".partial")
+    array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=(len(paths), 3, size, size))
+
+    def store(row: int) -> None:
+        array[row] = square(load_rgb(paths[row])).numpy()
+
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL releases the GIL
+        done = pool.map(store, range(len(paths)))
+        for _ in tqdm(done, total=len(paths), desc=f"Decoding images once ({size}px)", unit="img"):
+            pass
+    array.flush()
+    partial.rename(file)
+    meta = {"paths": paths, "size": size, "interpolation": interpolation}
+    file.with_suffix(".json").write_text(json.dumps(meta))  # written last: the done-marker
+    return ImageCache.open(file), time.perf_counter() - start

@@ -1,0 +1,182 @@
+"""Frozen backbone => compute its features once.
+
+Under a strategy that trains no backbone parameter and keeps BatchNorm in eval mode, the backbone
+is a fixed function: its features for an image never change. They are extracted once per (image
+files, colour, backbone weights, geometry, precision), saved under `paths.cache_dir/features`,
+and every epoch of every seed trains the head on them. With augmentation on, the training split's
+features are those of `speed.augmented_views` augmented views per image (drawn with the run's
+seed, one picked at random per sample and epoch); with 0 views such a cell trains from images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from benchmark.data.cache import files_key
+from benchmark.data.loading import ManifestDataModule, Normalize
+
+
+def weights_digest(model: nn.Module) -> str:
+    """The backbone's identity is its weights, wherever they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class FeatureExtractor(L.LightningModule):
+    """The backbone in eval mode as a predict loop: Lightning places it on the device, applies
+    the precision and shows progress."""
+
+    def __init__(self, backbone: nn.Module, normalize: Normalize) -> None:
+        super().__init__()
+        self.backbone, self.normalize = backbone, normalize
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        return self.backbone(self.normalize(batch[0])).float().cpu()
+
+
+@dataclass
+class FeatureSet:
+    """Features of each split, and for `train` possibly several augmented views (V, N, D)."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    build_s: float  # seconds spent extracting in this run (0 when all came from the cache)
+
+    @property
+    def num_features(self) -> int:
+        return self.val.shape[-1]
+
+
+def extract(
+    data: ManifestDataModule,
+    trainer: L.Trainer,
+    backbone: nn.Module,
+    rows: list[str],
+    augment: bool,
+) -> torch.Tensor:
+    frame = data.manifest.set_index("path").loc[rows].reset_index()
+    loader = DataLoader(
+        data.dataset(frame, augment),
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    backbone.eval()
+    batches = trainer.predict(FeatureExtractor(backbone, data.normalize), loader)
+    return torch.cat(batches)
+
+
+def _cached(file: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The array in `file`, computed and saved first if missing (concurrent cells wait)."""
+    with FileLock(str(file) + ".lock"):
+        if not file.is_file():
+            start = time.perf_counter()
+            array = compute().numpy()
+            partial = file.with_suffix(".partial.npy")
+            np.save(partial, array)
+            partial.rename(file)
+            return torch.from_numpy(array), time.perf_counter() - start
+    return torch.from_numpy(np.load(file, mmap_mode="r").copy()), 0.0
+
+
+def feature_set(
+    data: ManifestDataModule,
+    backbone: nn.Module,
+    trainer: L.Trainer,
+    cache_dir: Path,
+    identity: dict[str, object],
+    views: int,
+    seed: int,
+) -> FeatureSet:
+    """Features for the three splits, from the cache where they are already there. `identity`
+    names what else decides them (colour, precision...)."""
+    folder = cache_dir / "features"
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = data.manifest
+    paths = sorted(frame.path)
+    key = files_key(paths, json.dumps(identity, sort_keys=True), weights_digest(backbone))
+    plain, build_s = _cached(
+        folder / f"{key}.npy", lambda: extract(data, trainer, backbone, paths, augment=False)
+    )
+    row = {path: i for i, path in enumerate(paths)}
+    split = {s: frame[frame.split == s].path.tolist() for s in ("train", "val", "test")}
+    by_split = {s: plain[[row[p] for p in split[s]]] for s in split}
+    train = by_split["train"].unsqueeze(0)
+    if data.augmentation and views:
+        train_key = hashlib.sha256(f"{key}{views}{seed}{split['train']}".encode()).hexdigest()
+        augmentation = json.dumps([repr(t) for t in data.augmentation])
+        train_key = hashlib.sha256(f"{train_key}{augmentation}".encode()).hexdigest()[:24]
+
+        def draw() -> torch.Tensor:
+            L.seed_everything(seed, workers=True, verbose=False)
+            return torch.stack(
+                [extract(data, trainer, backbone, split["train"], True) for _ in range(views)]
+            )
+
+        train, views_s = _cached(folder / f"{train_key}.views.npy", draw)
+        build_s += views_s
+    index = {label: i for i, label in enumerate(data.classes)}
+    targets = {s: torch.tensor(frame[frame.split == s].label.map(index).tolist()) for s in split}
+    return FeatureSet(train, by_split["val"], by_split["test"], targets, build_s)
+
+
+class RandomView(Dataset):
+    """One of V feature views per sample, drawn anew each time it is read (with a generator of
+    its own: the shuffling draws the same numbers as on images)."""
+
+    def __init__(self, views: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
+        self.views, self.targets = views, targets
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.views.shape[1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.views.shape[0]
+        view = int(torch.randint(count, (), generator=self.generator)) if count > 1 else 0
+        return self.views[view, index], self.targets[index]
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """The head's training data: cached features instead of images."""
+
+    def __init__(
+        self, features: FeatureSet, classes: list[str], batch_size: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.features, self.classes, self.batch_size = features, classes, batch_size
+        self.seed = seed
+
+    def _loader(self, split: str) -> DataLoader:
+        targets = self.features.targets[split]
+        if split == "train":
+            dataset: Dataset = RandomView(self.features.train, targets, self.seed)
+        else:
+            dataset = TensorDataset(getattr(self.features, split), targets)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

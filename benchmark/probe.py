@@ -1,0 +1,60 @@
+"""`strategy=linear_probe`: Kornblith et al.'s fixed-feature protocol.
+
+L2-regularised multinomial logistic regression, fitted with L-BFGS (scikit-learn) on the frozen
+backbone's cached features; the inverse strength C is the one with the best validation accuracy
+(ties: the stronger regularisation), and only that model is scored on the test split. Features
+are standardised with the training split's statistics, so one C grid suits every backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from benchmark.features import FeatureSet
+
+
+@dataclass
+class ProbeResult:
+    c: float
+    val_acc: float
+    test_acc: float
+    test_loss: float
+    val_acc_by_c: dict[float, float]
+    confusion: torch.Tensor  # rows: true class, columns: predicted
+
+
+def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> ProbeResult:
+    if not c_grid:
+        raise ValueError("strategy.probe_c is empty: give the C values to choose from.")
+    train_x, train_y = features.train[0].numpy(), features.targets["train"].numpy()
+    val_x, val_y = features.val.numpy(), features.targets["val"].numpy()
+
+    def fit(c: float) -> Pipeline:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+        return model.fit(train_x, train_y)
+
+    models = {c: fit(c) for c in sorted(c_grid)}
+    scores = {c: float(np.mean(m.predict(val_x) == val_y)) for c, m in models.items()}
+    best = max(scores, key=lambda c: (scores[c], -c))
+    test_x, test_y = features.test.numpy(), features.targets["test"].numpy()
+    probabilities = models[best].predict_proba(test_x)
+    predicted = probabilities.argmax(1)
+    confusion = multiclass_confusion_matrix(
+        torch.from_numpy(predicted), torch.from_numpy(test_y), num_classes
+    )
+    return ProbeResult(
+        c=best,
+        val_acc=scores[best],
+        test_acc=float(np.mean(predicted == test_y)),
+        test_loss=float(log_loss(test_y, probabilities, labels=range(num_classes))),
+        val_acc_by_c=scores,
+        confusion=confusion,
+    )

@@ -1,0 +1,159 @@
+"""The caches change what a cell costs, never what it computes: cached and uncached paths give
+the same pixels, features, logits and metrics for the same seed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from benchmark.data import build_manifest, build_transform, load_rgb
+from benchmark.data.cache import build_image_cache
+from benchmark.models import create_backbone
+from benchmark.training import cell_features, image_data, run_cell
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture
+def ants_and_bees(tmp_path: Path, shared_data: Path) -> Path:
+    """A small image folder of real photos: 15 ants and 15 bees."""
+    root = tmp_path / "antsbees"
+    for label in ("ants", "bees"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:15]:
+            shutil.copy(photo, root / label / photo.name)
+    return root
+
+
+def sample_photos(shared_data: Path) -> list[str]:
+    """Portrait, landscape and a 59x80-pixel photo (enlarged by the resize)."""
+    ants = sorted((shared_data / "hymenoptera_data/val/ants").glob("*.jpg"))[:4]
+    tiny = next(
+        p
+        for p in sorted((shared_data / "dogs-vs-cats/train").glob("*.jpg"))
+        if min(load_rgb(str(p)).size) < 100
+    )
+    return [str(p) for p in [*ants, tiny]]
+
+
+def test_cached_images_give_the_same_evaluation_pixels(lite0, shared_data, tmp_path):
+    paths = sample_photos(shared_data)
+    cache, build_s = build_image_cache(paths, lite0.preprocess, tmp_path)
+    assert build_s > 0 and len(cache) == len(paths)
+    again, build_s = build_image_cache(list(reversed(paths)), lite0.preprocess, tmp_path)
+    assert build_s == 0.0 and again.file == cache.file  # reused, whatever the order
+    evaluation = build_transform(lite0.preprocess, grayscale=False, normalize=False)
+    for path in paths:
+        stored = cache[path]
+        assert stored.shape == (3, 256, 256) and stored.dtype == torch.uint8
+        assert torch.equal(evaluation(stored), evaluation(load_rgb(path)))
+    gray = build_transform(lite0.preprocess, grayscale=True, normalize=False)
+    difference = (gray(cache[paths[0]]).int() - gray(load_rgb(paths[0])).int()).abs()
+    assert difference.float().mean() < 1.0  # grey after vs before the resize: rounding only
+
+
+def test_a_changed_file_rebuilds_the_image_cache(lite0, shared_data, tmp_path):
+    paths = [str(shutil.copy(p, tmp_path)) for p in sample_photos(shared_data)[:2]]
+    first, _ = build_image_cache(paths, lite0.preprocess, tmp_path / "cache")
+    os.utime(paths[0], ns=(1, 1))
+    second, build_s = build_image_cache(paths, lite0.preprocess, tmp_path / "cache")
+    assert build_s > 0 and second.file != first.file
+
+
+def test_image_cache_survives_pickling_to_workers(lite0, shared_data, tmp_path):
+    import pickle
+
+    paths = sample_photos(shared_data)[:2]
+    cache, _ = build_image_cache(paths, lite0.preprocess, tmp_path)
+    cache[paths[0]]  # maps the file in this process
+    copy = pickle.loads(pickle.dumps(cache))
+    assert torch.equal(copy[paths[1]], cache[paths[1]])
+
+
+def run(make_cfg, *overrides: str):
+    result = run_cell(make_cfg(*overrides))
+    mlflow.set_tracking_uri(result.tracking_uri)
+    return result, mlflow.get_run(result.run_id).data
+
+
+FEW = [o for o in TINY if not o.startswith("trainer.limit_")] + [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+]
+
+
+def test_freeze_on_cached_features_matches_freeze_on_images(make_cfg, ants_and_bees):
+    dataset = ["dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze", *FEW]
+    _, images_run = run(make_cfg, *dataset, "speed.feature_cache=false")
+    _, features_run = run(make_cfg, *dataset, "rerun=true")
+    assert images_run.params["input"] == "images" and features_run.params["input"] == "features"
+    assert features_run.metrics["feature_build_s"] > 0
+    for metric in ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss"):
+        assert features_run.metrics[metric] == pytest.approx(
+            images_run.metrics[metric], abs=1e-4
+        ), metric
+    # A second cell (another seed) reads the features back instead of extracting them.
+    _, second = run(make_cfg, *dataset, "seed=1")
+    assert second.metrics["feature_build_s"] == 0.0
+
+
+def test_cached_features_are_the_backbone_outputs(make_cfg, ants_and_bees, lite0):
+    cfg = make_cfg("dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze", *FEW)
+
+    manifest = build_manifest(cfg.dataset, Path(cfg.paths.data_root), 0, Path(cfg.paths.cache_dir))
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    with mlflow.start_run():  # image_data logs the cache's build time
+        data = image_data(cfg, manifest.frame, lite0)
+    features = cell_features(cfg, data, lite0, views=0)
+    test = data.split("test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    lite0.model.eval()
+    with torch.inference_mode():
+        direct = lite0.model(data.normalize(images))
+    assert features.test.shape == direct.shape == (len(test), 1280)
+    torch.testing.assert_close(features.test, direct, atol=1e-4, rtol=1e-4)
+    assert features.targets["test"].tolist() == test.targets
+
+
+def test_augmented_views_are_cached_per_training_image(make_cfg, ants_and_bees):
+    _, run_data = run(
+        make_cfg,
+        "dataset=imagefolder",
+        f"dataset.root={ants_and_bees}",
+        "strategy=freeze",
+        "strategy.train_augmentation=true",
+        "speed.augmented_views=2",
+        *FEW,
+    )
+    assert run_data.params["input"] == "features:2views"
+    n_train = int(run_data.params["n_train"])
+    (views_file,) = (Path(make_cfg().paths.cache_dir) / "features").glob("*.views.npy")
+    views = np.load(views_file)
+    assert views.shape == (2, n_train, 1280)
+    assert not np.allclose(views[0], views[1])  # two different random crops of each image
+
+
+def test_linear_probe_chooses_c_on_validation_and_scores_the_test_split(make_cfg, ants_and_bees):
+    result, run_data = run(
+        make_cfg, "dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=linear_probe"
+    )
+    client = mlflow.MlflowClient()
+    by_c = {c.step: c.value for c in client.get_metric_history(result.run_id, "probe_c")}
+    val = {a.step: a.value for a in client.get_metric_history(result.run_id, "probe_val_acc")}
+    assert len(by_c) == len(val) == 12
+    chosen = float(run_data.params["probe_c_chosen"])
+    best = max(val.values())
+    assert val[next(s for s, c in by_c.items() if c == chosen)] == best
+    assert chosen == min(c for s, c in by_c.items() if val[s] == best)  # ties: stronger L2
+    assert run_data.params["input"] == "features"
+    assert result.test_acc >= 0.75  # ImageNet features separate ants from bees
