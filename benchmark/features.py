@@ -170,7 +170,12 @@ class FeatureDataModule(L.LightningDataModule):
             dataset: Dataset = RandomView(self.features.train, targets, self.seed)
         else:
             dataset = TensorDataset(getattr(self.features, split), targets)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=split == "train")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=split == "train",
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -178,13 +178,23 @@ def plot_confusion(matrix: torch.Tensor, classes: list[str], title: str = "test 
     return figure
 
 
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark. Linux's VmHWM belongs to the process's
+    own address space; ru_maxrss would carry over the peak of a large parent that started it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, not macOS
+
+
 def log_cost(wall_s: float, train_images_per_s: float, device: torch.device) -> None:
     """What the cell cost: time, speed and the memory high-water marks."""
     metrics = {
         "wall_time_s": wall_s,
         "train_images_per_s": train_images_per_s,
-        # ru_maxrss is in KiB on Linux
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     if device.type == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import mlflow
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
+from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -355,7 +355,9 @@ def run_cell(cfg: DictConfig) -> CellResult:
             scores = {"test_acc": probe.test_acc, "test_loss": probe.test_loss}
             confusion, images_per_s, device = probe.confusion, float("nan"), torch.device("cpu")
         else:
-            scores, confusion, images_per_s, device = fit_and_test(cfg, data, backbone, features)
+            scores, confusion, images_per_s, device = fit_and_test(
+                cfg, data, backbone, features, run
+            )
         tracking.log_confusion(confusion, data.classes)
         wall_s = time.perf_counter() - start
         tracking.log_cost(wall_s, images_per_s, device)
@@ -423,7 +425,11 @@ def cell_features(
 
 
 def fit_and_test(
-    cfg: DictConfig, data: ManifestDataModule, backbone: Backbone, features: FeatureSet | None
+    cfg: DictConfig,
+    data: ManifestDataModule,
+    backbone: Backbone,
+    features: FeatureSet | None,
+    run: Run,
 ) -> tuple[dict[str, float], torch.Tensor, float, torch.device]:
     """Lightning epochs on the images, or on cached features (then the model is the head
     alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
@@ -449,7 +455,7 @@ def fit_and_test(
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[checkpoint, throughput, *recipe_callbacks(cfg)],
-        logger=tracking.lightning_logger(mlflow.active_run()),
+        logger=tracking.lightning_logger(run),
         default_root_dir=cfg.paths.output_dir,
     )
     fitted = torch.compile(model) if cfg.speed.compile else model

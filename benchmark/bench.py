@@ -1,0 +1,348 @@
+"""`make bench`: what a cell costs, against what the hardware must spend and against the study.
+
+For each dataset and strategy it measures:
+- our cell, run as users run it (`python -m benchmark`), with the caches' first build timed
+  apart: freeze runs first and builds them (decoded images, features), and a freeze cell of
+  another seed is measured on them; finetune then finds the image cache built;
+- the study's loop, written plainly below: a folder dataset that opens and decodes every JPEG
+  with PIL and transforms it every epoch, the same backbone, epochs, batch size and workers;
+- the compute-only limit: the same model on ready tensors (forward, and forward + backward +
+  step), times the images each cell must push through it.
+It prints a table and ends with one JSON line holding every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from benchmark.config import DatasetConfig
+from benchmark.data import build_manifest
+from benchmark.models import create_backbone
+from benchmark.tracking import peak_rss_mb
+
+DEFAULT_DATA = os.environ.get("BENCHMARK_DATA_ROOT", "data")
+
+
+# ---------------------------------------------------------------- the compute-only limit
+
+
+def images_per_second(model: nn.Module, batch: int, size: int, train: bool, steps: int) -> float:
+    """The model alone on ready tensors: no data loading, no logging."""
+    images = torch.randn(batch, 3, size, size)
+    targets = torch.randint(0, 2, (batch,))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train(train)
+
+    def step() -> None:
+        if train:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), targets).backward()
+            optimizer.step()
+        else:
+            with torch.inference_mode():
+                model(images)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def compute_limit(backbone: str, classes: int, batch: int, steps: int) -> dict[str, float]:
+    made = create_backbone(backbone)
+    model = nn.Sequential(made.model, nn.Linear(made.num_features, classes))
+    size = made.preprocess.input_size
+    return {
+        "forward_img_s": images_per_second(model, batch, size, train=False, steps=steps),
+        "train_step_img_s": images_per_second(model, batch, size, train=True, steps=steps),
+    }
+
+
+# ---------------------------------------------------------------- the study's loop
+
+
+class StudyFolder(Dataset):
+    """What ImageFolder does: open, decode and transform the file, every time it is read."""
+
+    def __init__(self, paths: list[str], targets: list[int], transform: T.Compose) -> None:
+        self.paths, self.targets, self.transform = paths, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB")), self.targets[index]
+
+
+def study_loop(args: argparse.Namespace) -> dict[str, float]:
+    """The study's training loop (Resize 256, random-resized crop, flip; SGD lr 0.001 momentum
+    0.9, StepLR 10/0.1; BatchNorm left in training mode under freeze), timed per epoch."""
+    manifest = build_manifest(
+        DatasetConfig(name=args.dataset), Path(args.data_root), 0, Path(args.cache_dir)
+    ).frame
+    made = create_backbone(args.backbone)
+    p = made.preprocess
+    normalize = T.Normalize(p.mean, p.std)
+    resize = int(p.input_size / p.crop_pct)
+    train_tf = T.Compose(
+        [
+            T.Resize(resize),
+            T.RandomResizedCrop(p.input_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = T.Compose([T.Resize(resize), T.CenterCrop(p.input_size), T.ToTensor(), normalize])
+    classes = sorted(manifest.label.unique())
+
+    def loader(split: str, transform: T.Compose, shuffle: bool) -> DataLoader:
+        rows = manifest[manifest.split == split]
+        targets = [classes.index(label) for label in rows.label]
+        dataset = StudyFolder(rows.path.tolist(), targets, transform)
+        return DataLoader(dataset, args.batch_size, shuffle=shuffle, num_workers=args.workers)
+
+    train, val = loader("train", train_tf, True), loader("val", val_tf, False)
+    model = nn.Sequential(made.model, nn.Linear(made.num_features, len(classes)))
+    if args.strategy == "freeze":
+        for parameter in made.model.parameters():
+            parameter.requires_grad = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.001, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.1)
+    best, seconds = 0.0, []
+    for _ in range(args.epochs):
+        start = time.perf_counter()
+        model.train()
+        for images, targets in train:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), targets).backward()
+            optimizer.step()
+        schedule.step()
+        model.eval()
+        hits = 0
+        with torch.no_grad():
+            for images, targets in val:
+                hits += int((model(images).argmax(1) == targets).sum())
+        best = max(best, hits / len(val.dataset))
+        seconds.append(time.perf_counter() - start)
+    return {
+        "epoch_s": sum(seconds) / len(seconds),
+        "max_val_acc": best,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ---------------------------------------------------------------- our cell
+
+
+def our_cell(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -> dict:
+    """One cell through the command line; its figures read back from its MLflow run."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmark",
+        f"dataset={dataset}",
+        f"strategy={strategy}",
+        f"backbone={args.backbone}",
+        f"seed={seed}",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.enable_progress_bar=false",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.workers}",
+        f"paths.data_root={args.data_root}",
+        f"paths.cache_dir={args.cache_dir}",
+        f"tracking.uri={args.tracking_uri}",
+        f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}",
+        "rerun=true",
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    process_s = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(
+            f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    mlflow.set_tracking_uri(args.tracking_uri)
+    run = mlflow.search_runs(
+        experiment_names=["benchmark"],
+        filter_string=f"params.dataset = '{dataset}' and params.strategy = '{strategy}' "
+        f"and params.seed = '{seed}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    ).iloc[0]
+    metrics = {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
+    return {**metrics, "process_s": process_s, "input": run["params.input"]}
+
+
+def split_sizes(dataset: str, args: argparse.Namespace) -> dict[str, int]:
+    manifest = build_manifest(
+        DatasetConfig(name=dataset), Path(args.data_root), 0, Path(args.cache_dir)
+    ).frame
+    return manifest.split.value_counts().to_dict()
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def study(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, float]:
+    """The study's loop in a fresh process (its own peak memory), for `reference_epochs`."""
+    out = Path(args.work) / f"study-{dataset}-{strategy}.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmark.bench",
+        "--study-loop",
+        f"--dataset={dataset}",
+        f"--strategy={strategy}",
+        f"--epochs={args.reference_epochs or args.epochs}",
+        f"--backbone={args.backbone}",
+        f"--batch-size={args.batch_size}",
+        f"--workers={args.workers}",
+        f"--data-root={args.data_root}",
+        f"--cache-dir={args.cache_dir}",
+        f"--out={out}",
+    ]
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())
+
+
+def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
+    sizes = split_sizes(dataset, args)
+    n_train, n_val, n_test = sizes["train"], sizes["val"], sizes["test"]
+    limit = compute_limit(args.backbone, 2, args.batch_size, args.compute_steps)
+    forward, train_step = limit["forward_img_s"], limit["train_step_img_s"]
+    one_pass_s = (n_train + n_val + n_test) / forward
+    floors = {
+        # Every epoch trains on the training split and evaluates the validation split.
+        "finetune": args.epochs * (n_train / train_step + n_val / forward) + n_test / forward,
+        # The frozen backbone's features: one forward pass over every image.
+        "freeze": one_pass_s,
+    }
+    print(
+        f"{dataset}: {n_train}/{n_val}/{n_test} images; forward {forward:.1f} img/s, "
+        f"train step {train_step:.1f} img/s; one forward pass {one_pass_s:.1f}s",
+        flush=True,
+    )
+    rows = []
+    # freeze first: its first cell builds the image cache and the features (timed apart).
+    for strategy in [s for s in ("freeze", "finetune") if s in args.strategies]:
+        first = our_cell(dataset, strategy, 0, args)
+        built_s = first.get("image_cache_build_s", 0.0) + first.get("feature_build_s", 0.0)
+        # A cell that built a cache is measured again (another seed) on the warm cache; a long
+        # one that found them warm already is measured once.
+        cell = our_cell(dataset, strategy, 1, args) if built_s > 0 else first
+        reference = study(dataset, strategy, args)
+        study_s = reference["epoch_s"] * args.epochs
+        cell_s = cell["wall_time_s"]
+        row = {
+            "dataset": dataset,
+            "strategy": strategy,
+            "input": cell["input"],
+            "epochs": args.epochs,
+            "cell_s": cell_s,
+            "process_s": cell["process_s"],
+            "first_cell_s": first["wall_time_s"],
+            "image_cache_build_s": first.get("image_cache_build_s", 0.0),
+            "feature_build_s": first.get("feature_build_s", 0.0),
+            "train_img_s": cell["train_images_per_s"],
+            "peak_rss_mb": cell["peak_rss_mb"],
+            "test_acc": cell["test_acc"],
+            "study_s": study_s,
+            "study_epochs_timed": args.reference_epochs or args.epochs,
+            "study_max_val_acc": reference["max_val_acc"],
+            "study_peak_rss_mb": reference["peak_rss_mb"],
+            "compute_floor_s": floors[strategy],
+            "one_forward_pass_s": one_pass_s,
+            "speedup_vs_study": study_s / cell_s,
+            "ratio_to_floor": cell_s / floors[strategy],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    freeze = next((r for r in rows if r["strategy"] == "freeze"), None)
+    finetune = next((r for r in rows if r["strategy"] == "finetune"), None)
+    if freeze and finetune:
+        for row in (freeze, finetune):
+            row["freeze_vs_finetune"] = finetune["cell_s"] / freeze["cell_s"]
+            row["study_freeze_vs_finetune"] = finetune["study_s"] / freeze["study_s"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.bench", description=__doc__)
+    parser.add_argument("--datasets", default="hymenoptera,dogs_vs_cats")
+    parser.add_argument("--strategies", default="finetune,freeze")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument(
+        "--reference-epochs",
+        type=int,
+        default=None,
+        help="time the study's loop over this many epochs and scale to --epochs (default: all)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--compute-steps", type=int, default=5)
+    parser.add_argument("--data-root", default=DEFAULT_DATA)
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
+    parser.add_argument("--work", default=None, help="runs and store; default: temporary")
+    # the study's loop, in its own process
+    parser.add_argument("--study-loop", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.study_loop:
+        Path(args.out).write_text(json.dumps(study_loop(args)))
+        return 0
+    args.work = args.work or tempfile.mkdtemp(prefix="bench-")
+    args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
+    args.tracking_uri = f"sqlite:///{Path(args.work).resolve() / 'mlflow.db'}"
+    args.strategies = args.strategies.split(",")
+    print(
+        f"bench: {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.workers} loader workers, {torch.get_num_threads()} torch threads; in {args.work}"
+    )
+    rows = [row for d in args.datasets.split(",") for row in bench_dataset(d, args)]
+    table = pd.DataFrame(rows)
+    shown = [
+        "dataset",
+        "strategy",
+        "input",
+        "cell_s",
+        "first_cell_s",
+        "image_cache_build_s",
+        "feature_build_s",
+        "train_img_s",
+        "peak_rss_mb",
+        "test_acc",
+        "study_s",
+        "compute_floor_s",
+        "speedup_vs_study",
+        "ratio_to_floor",
+    ]
+    shown += [c for c in ("freeze_vs_finetune", "study_freeze_vs_finetune") if c in table]
+    print(table[shown].round(3).to_string(index=False))
+    print(json.dumps({"bench": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
