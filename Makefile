@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The store: $MLFLOW_TRACKING_URI, else ./mlflow.db (what `python -m benchmark` uses too).
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test test-slow run grid ui report report-check data-stats clean
+.PHONY: install test test-slow run grid ui report report-check data-stats bench clean
 
 install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ report-check: report  ## render results/report.html in headless Chromium -> resu
 DATASET ?= hymenoptera
 data-stats:  ## per-split class counts and skipped files: make data-stats DATASET=simpsons
 	$(BIN)/python -m benchmark.data stats dataset=$(DATASET)
+
+BENCH_ARGS ?=
+bench:  ## cell cost vs the study's loop and the compute-only limit (long: see README)
+	$(BIN)/python -m benchmark.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
