@@ -18,11 +18,14 @@ import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 import torch
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from matplotlib.figure import Figure
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.utilities.plot import plot_confusion_matrix
 
@@ -46,15 +49,30 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns)."""
+    """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns).
+
+    Processes that open a fresh SQLite store at the same moment race through MLflow's schema
+    migrations ("table ... already exists", alembic version errors) and to create the experiment:
+    a file lock beside the store lets one of them create both while the others wait.
+    """
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
+    if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
+        return _get_or_create_experiment(name, None)
+    store = Path(uri.removeprefix("sqlite:///"))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{store}.lock", timeout=600):
+        return _get_or_create_experiment(name, (store.parent / "mlartifacts").as_uri())
+
+
+def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
+    if (experiment := mlflow.get_experiment_by_name(name)) is not None:
         return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as error:  # another process created it since we looked
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def git_commit() -> str:
