@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from benchmark.config import register_configs
 from benchmark.data import DatasetError
+from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
 from benchmark.models import BackboneError
 from benchmark.sweep import CellOutcome
 from benchmark.training import cell_name, run_cell
@@ -30,6 +31,9 @@ def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
     hydra_cfg = HydraConfig.get()
     folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
+        log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
+        raise SystemExit(2)  # before any cell starts ranks; stops the sweep
     try:
         result = run_cell(cfg)
     except Exception as error:

@@ -17,6 +17,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 log = logging.getLogger("benchmark")
@@ -32,6 +33,7 @@ class CellOutcome:
     run_id: str | None = None
     error: str | None = None
 
+    @rank_zero_only  # a DDP cell's ranks share its folder: rank 0 speaks for the cell
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))

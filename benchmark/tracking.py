@@ -21,9 +21,10 @@ import torch
 from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import MLFlowLogger
 from matplotlib.figure import Figure
-from mlflow.entities import Run
+from mlflow.entities import Run, RunData, RunInfo, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# In a cell's output folder once its run has started: which run to end FAILED if the process is
+# killed before `cell_run` can (benchmark.launcher).
+RUN_FILE = "mlflow_run.json"
+# Rank 0's run id, inherited by the ranks that Lightning's DDP launcher starts as subprocesses.
+RUN_ID_ENV = "BENCHMARK_RUN_ID"
 
 
 def default_tracking_uri() -> str:
@@ -116,6 +122,8 @@ def _key(params: dict[str, object]) -> str:
 
 def finished_run(cfg: DictConfig) -> Run | None:
     """The latest FINISHED run of this very cell in the experiment, if any."""
+    if rank_zero_only.rank != 0 and os.environ.get(RUN_ID_ENV):
+        return None  # a DDP rank started by rank 0, which has already decided to run the cell
     exp_id = experiment_id(tracking_uri(cfg), cfg.tracking.experiment)
     runs = mlflow.search_runs(
         [exp_id],
@@ -130,7 +138,16 @@ def finished_run(cfg: DictConfig) -> Run | None:
 @contextmanager
 def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
     """An MLflow run for one cell: FINISHED when the block completes, FAILED (with the error
-    text as a tag and the traceback as an artifact) when anything inside it raises."""
+    text as a tag and the traceback as an artifact) when anything inside it raises.
+
+    Under DDP only global rank 0 opens the run and logs (the other ranks get a stand-in holding
+    rank 0's run id). The run id goes to RUN_FILE in the output folder, so that a launcher that
+    sees the process killed can end the run FAILED, and to RUN_ID_ENV for DDP's child ranks.
+    """
+    if rank_zero_only.rank != 0:
+        mlflow.set_tracking_uri(tracking_uri(cfg))  # for its Lightning logger; opens nothing
+        yield _other_rank_run()
+        return
     uri = tracking_uri(cfg)
     exp_id = experiment_id(uri, cfg.tracking.experiment)
     tags = {
@@ -148,6 +165,11 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
     elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         tags["sweep"] = str(Path(HydraConfig.get().sweep.dir).resolve())
     with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
+        output = Path(cfg.paths.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        started = {"run_id": run.info.run_id, "tracking_uri": uri}
+        (output / RUN_FILE).write_text(json.dumps(started))
+        os.environ[RUN_ID_ENV] = run.info.run_id
         mlflow.log_params(params)
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
         try:
@@ -156,8 +178,26 @@ def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
+        finally:
+            os.environ.pop(RUN_ID_ENV, None)
 
 
+def _other_rank_run() -> Run:
+    """A DDP rank other than 0 holds no MLflow run: a stand-in with rank 0's run id (when
+    Lightning started this rank from rank 0's process), built without touching the store."""
+    info = RunInfo(
+        run_id=os.environ.get(RUN_ID_ENV, ""),
+        experiment_id="",
+        user_id="",
+        status=RunStatus.to_string(RunStatus.RUNNING),
+        start_time=0,
+        end_time=None,
+        lifecycle_stage="active",
+    )
+    return Run(info, RunData())
+
+
+@rank_zero_only
 def log_manifest(manifest: Manifest) -> None:
     """The exact images and splits behind this run's numbers, and what was left out and why."""
     mlflow.log_text(manifest.csv, "manifest.csv")
@@ -173,12 +213,14 @@ def log_manifest(manifest: Manifest) -> None:
     )
 
 
+@rank_zero_only
 def log_device(trainer: L.Trainer) -> None:
     device = trainer.strategy.root_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     mlflow.set_tags({"device": name, "precision": str(trainer.precision)})
 
 
+@rank_zero_only
 def log_confusion(matrix: torch.Tensor, classes: list[str]) -> None:
     """The test split's confusion matrix, as numbers (for the report) and as a picture."""
     mlflow.log_dict({"classes": classes, "matrix": matrix.tolist()}, "confusion_matrix.json")
@@ -196,6 +238,7 @@ def plot_confusion(matrix: torch.Tensor, classes: list[str], title: str = "test 
     return figure
 
 
+@rank_zero_only
 def peak_rss_mb() -> float:
     """This process's resident-memory high-water mark. Linux's VmHWM belongs to the process's
     own address space; ru_maxrss would carry over the peak of a large parent that started it."""
@@ -219,16 +262,19 @@ def log_cost(wall_s: float, train_images_per_s: float, device: torch.device) -> 
     mlflow.log_metrics(metrics)
 
 
+@rank_zero_only
 def log_input(kind: str) -> None:
     """What the head trained on (images, or a frozen backbone's cached features)."""
     mlflow.log_param("input", kind)
 
 
+@rank_zero_only
 def log_build(name: str, seconds: float) -> None:
     """Time this run spent building a cache (0: it was there), kept apart from training."""
     mlflow.log_metric(name, seconds)
 
 
+@rank_zero_only
 def log_probe(probe: ProbeResult) -> None:
     """The linear probe's choice of C and what every C scored on validation."""
     mlflow.log_param("probe_c_chosen", probe.c)
@@ -256,5 +302,8 @@ class CellLogger(MLFlowLogger):
         super().log_metrics(metrics, step=step if epoch is None else int(epoch))
 
 
-def lightning_logger(run: Run) -> CellLogger:
-    return CellLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+def lightning_logger(run: Run | None) -> CellLogger:
+    """The cell's run for Lightning. A DDP rank other than 0 has none: its logger opens no run
+    and logs nothing, Lightning's logger methods being rank-zero only."""
+    run_id = run.info.run_id if run is not None else os.environ.get(RUN_ID_ENV)
+    return CellLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
