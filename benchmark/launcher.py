@@ -3,14 +3,18 @@
 Each cell runs in a fresh `python -m benchmark` process with CUDA_VISIBLE_DEVICES set before CUDA
 starts (the proven pattern of DomainBed's multi-GPU launcher; Hydra's joblib and submitit local
 launchers reuse processes or stack every job on one GPU). The next cell starts as soon as a GPU
-frees up. Without a GPU, `hydra.launcher.workers` cells run at a time on the CPU. Each cell's
-output goes to `cell.log` in its folder and its outcome to `outcome.json`, read back here.
+frees up; `gpus_per_cell=K` gives each cell K GPUs (for trainer=ddp). Without a GPU,
+`hydra.launcher.workers` cells run at a time on the CPU. Each cell's output goes to `cell.log` in
+its folder and its outcome to `outcome.json`, read back here. A cell killed before it could write
+one (SIGKILL, out of memory) is failed, and its MLflow run is ended FAILED rather than left RUNNING.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from benchmark.sweep import CellOutcome
+from benchmark.sweep import OUTCOME_FILE, CellOutcome
 
 log = logging.getLogger("benchmark")
 SWEEP_ENV = "BENCHMARK_SWEEP"  # the sweep folder, for the cells' `sweep` tag
@@ -36,6 +41,9 @@ class GpuLauncherConf:
     _target_: str = "hydra_plugins.benchmark_launcher.GpuLauncher"
     # GPU indices to use; None: every visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi).
     gpus: list[int] | None = None
+    # GPUs each cell gets (CUDA_VISIBLE_DEVICES=a,b): K > 1 for trainer=ddp, whose devices=-1
+    # takes every GPU it sees.
+    gpus_per_cell: int = 1
     # Cells at a time when there is no GPU.
     workers: int = 1
     poll_seconds: float = 0.5
@@ -60,10 +68,20 @@ def visible_gpus() -> list[int]:
 
 
 class DevicePool:
-    """Slots for concurrent cells: one per GPU ("0", "1", ...), or `workers` CPU slots (None)."""
+    """Slots for concurrent cells: one per GPU ("0", "1", ...) or per group of `gpus_per_cell`
+    GPUs ("0,1", "2,3"; GPUs left over are not used), or `workers` CPU slots (None)."""
 
-    def __init__(self, gpus: list[int], workers: int) -> None:
-        self.free: list[str | None] = [str(g) for g in gpus] if gpus else [None] * workers
+    def __init__(self, gpus: list[int], workers: int, gpus_per_cell: int = 1) -> None:
+        if gpus_per_cell < 1 or (gpus and len(gpus) < gpus_per_cell):
+            raise ValueError(
+                f"hydra.launcher.gpus_per_cell={gpus_per_cell}, but the GPUs are {gpus}: "
+                "use 1 to len(gpus)."
+            )
+        whole = len(gpus) - len(gpus) % gpus_per_cell
+        groups = [gpus[i : i + gpus_per_cell] for i in range(0, whole, gpus_per_cell)]
+        self.free: list[str | None] = (
+            [",".join(map(str, group)) for group in groups] if gpus else [None] * workers
+        )
 
     def acquire(self) -> str | None:
         """A free slot; raises IndexError when all are taken (check `available` first)."""
@@ -92,11 +110,13 @@ class CellProcessLauncher(Launcher):
     def __init__(
         self,
         gpus: list[int] | None = None,
+        gpus_per_cell: int = 1,
         workers: int = 1,
         poll_seconds: float = 0.5,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.gpus, self.workers, self.poll_seconds = gpus, workers, poll_seconds
+        self.gpus, self.gpus_per_cell = gpus, gpus_per_cell
+        self.workers, self.poll_seconds = workers, poll_seconds
         self.env = dict(env or {})
 
     def setup(
@@ -116,8 +136,9 @@ class CellProcessLauncher(Launcher):
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         gpus = visible_gpus() if self.gpus is None else list(self.gpus)
-        pool = DevicePool(gpus, self.workers)
-        where = f"GPUs {','.join(map(str, gpus))}" if gpus else f"{self.workers} CPU worker(s)"
+        pool = DevicePool(gpus, self.workers, self.gpus_per_cell)
+        slots = " | ".join(map(str, pool.free))
+        where = f"GPUs {slots}" if gpus else f"{self.workers} CPU worker(s)"
         log.info("Launching %d cells on %s", len(job_overrides), where)
         pending = deque(enumerate(job_overrides, start=initial_job_idx))
         running: list[Running] = []
@@ -125,12 +146,20 @@ class CellProcessLauncher(Launcher):
         while pending or running:
             while pending and pool.available:
                 index, overrides = pending.popleft()
-                running.append(self._start(index, list(overrides), pool.acquire(), sweep_dir))
+                config, folder = self._prepare(index, list(overrides), sweep_dir)
+                if (done := self._finished_earlier(config, folder, list(overrides))) is not None:
+                    log.info("\t#%d skipped: FINISHED earlier in MLflow run %s", index, done.run_id)
+                    done.save(folder)
+                    returns[index] = self._finish(list(overrides), config, folder, done)
+                    continue
+                running.append(
+                    self._start(index, list(overrides), config, folder, pool.acquire(), sweep_dir)
+                )
             time.sleep(self.poll_seconds)
             for cell in [c for c in running if c.process.poll() is not None]:
                 running.remove(cell)
                 pool.release(cell.slot)
-                outcome = CellOutcome.load(cell.folder, " ".join(cell.overrides))
+                outcome = self._outcome(cell)
                 log.info(
                     "\t#%d %s after %.0fs: %s",
                     cell.index,
@@ -143,14 +172,55 @@ class CellProcessLauncher(Launcher):
                 )
         return [returns[i] for i in sorted(returns)]
 
-    def _start(
-        self, index: int, overrides: list[str], slot: str | None, sweep_dir: Path
-    ) -> Running:
+    def _prepare(
+        self, index: int, overrides: list[str], sweep_dir: Path
+    ) -> tuple[DictConfig, Path]:
+        """The cell's config (hydra node included) and its output folder."""
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
             config.hydra.job.id = config.hydra.job.num = index
-        folder = sweep_dir / str(config.hydra.sweep.subdir)
+            folder = sweep_dir / str(config.hydra.sweep.subdir)
+            config.hydra.runtime.output_dir = str(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        return config, folder
+
+    def _finished_earlier(
+        self, config: DictConfig, folder: Path, overrides: list[str]
+    ) -> CellOutcome | None:
+        """A cell already FINISHED in the store is not started at all, so that a relaunched
+        sweep pays a process only for its missing cells. The key comes from the config as the
+        cell would see it (as Hydra's run_job prepares it); if it cannot be computed here, the
+        cell's own process decides."""
+        if config.rerun:
+            return None
+        from benchmark import tracking
+
+        saved = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
+        try:
+            cell_cfg = copy.deepcopy(config)
+            with open_dict(cell_cfg):
+                del cell_cfg["hydra"]
+            run = tracking.finished_run(cell_cfg)
+        except Exception:
+            log.debug("Cell %s not checked here", folder, exc_info=True)
+            return None
+        finally:
+            HydraConfig.instance().cfg = saved
+        if run is None:
+            return None
+        test_acc = run.data.metrics.get("test_acc")
+        return CellOutcome(" ".join(overrides), "skipped", test_acc, run.info.run_id)
+
+    def _start(
+        self,
+        index: int,
+        overrides: list[str],
+        config: DictConfig,
+        folder: Path,
+        slot: str | None,
+        sweep_dir: Path,
+    ) -> Running:
         env = {**os.environ, **self.env, SWEEP_ENV: str(sweep_dir)}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
@@ -160,6 +230,26 @@ class CellProcessLauncher(Launcher):
         device = f"GPU {slot}" if slot is not None else "CPU"
         log.info("\t#%d on %s: %s", index, device, " ".join(filter_overrides(overrides)))
         return Running(process, index, overrides, slot, folder, config, time.time())
+
+    def _outcome(self, cell: Running) -> CellOutcome:
+        """What the cell reported. One that died before it could say is failed, with the signal
+        or exit code, and the MLflow run it had started is ended FAILED with that reason."""
+        if (cell.folder / OUTCOME_FILE).is_file():
+            return CellOutcome.load(cell.folder, " ".join(cell.overrides))
+        from benchmark import tracking
+
+        code = cell.process.returncode
+        if code < 0:
+            reason = f"killed by signal {-code} ({signal.Signals(-code).name})"
+        else:
+            reason = f"exited with code {code} without an outcome"
+        try:
+            run_id = tracking.fail_abandoned_run(cell.folder, reason)
+        except Exception:  # the store is unreachable: the run stays RUNNING, the sweep goes on
+            log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
+            run_id = None
+        error = f"{reason}; see {cell.folder / 'cell.log'}"
+        return CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
 
     def _finish(
         self,

@@ -197,6 +197,21 @@ def _other_rank_run() -> Run:
     return Run(info, RunData())
 
 
+def fail_abandoned_run(folder: Path, reason: str) -> str | None:
+    """End FAILED, with `reason` as its `error` tag, the run that a cell killed in `folder` left
+    RUNNING (the process could not end it itself); its id, or None if there was none."""
+    file = folder / RUN_FILE
+    if not file.is_file():
+        return None
+    started = json.loads(file.read_text())
+    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
+    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        return None
+    client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run_id
+
+
 @rank_zero_only
 def log_manifest(manifest: Manifest) -> None:
     """The exact images and splits behind this run's numbers, and what was left out and why."""

@@ -3,12 +3,24 @@ stop the others, and the sweep says what happened."""
 
 from __future__ import annotations
 
-import mlflow
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
-from benchmark.launcher import DevicePool, visible_gpus
+import mlflow
+import pytest
+from omegaconf import DictConfig
+
+from benchmark import tracking
+from benchmark.launcher import CellProcessLauncher, DevicePool, Running, visible_gpus
 from benchmark.tracking import cell_key
 from benchmark.training import run_cell
-from tests.conftest import TINY
+from tests.conftest import PROJECT, TINY
 from tests.test_e2e import benchmark, runs_in
 
 
@@ -62,6 +74,17 @@ def test_device_pool_gives_each_running_cell_its_own_gpu_and_reuses_freed_ones()
     assert [cpu.acquire(), cpu.acquire()] == [None, None] and not cpu.available
 
 
+def test_device_pool_gives_a_ddp_cell_a_group_of_gpus():
+    pool = DevicePool([0, 1, 2, 3, 5], workers=8, gpus_per_cell=2)
+    assert pool.acquire() == "0,1" and pool.acquire() == "2,3"  # CUDA_VISIBLE_DEVICES of a cell
+    assert not pool.available  # GPU 5 alone is not a group of 2: never half a cell
+    pool.release("2,3")
+    assert pool.acquire() == "2,3"
+    with pytest.raises(ValueError, match="gpus_per_cell=4"):
+        DevicePool([0, 1], workers=1, gpus_per_cell=4)
+    assert DevicePool([], workers=3, gpus_per_cell=2).free == [None] * 3  # no GPU: CPU workers
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert visible_gpus() == [2, 5]
@@ -92,3 +115,92 @@ def test_gpu_launcher_runs_cells_in_parallel_processes_and_isolates_failures(tmp
     assert second_started < first_ended, "the two finished cells did not run at the same time"
     logs = list((tmp_path / "multirun").rglob("cell.log"))
     assert len(logs) == 4 and all((log.parent / "outcome.json").is_file() for log in logs)
+
+
+def _pid_of_cell(folder: Path) -> int | None:
+    """The process that the gpus launcher started for the cell in `folder` (its argv names it)."""
+    wanted = f"hydra.run.dir={folder}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:  # ended meanwhile
+            continue
+    return None
+
+
+@pytest.mark.slow  # 4 + 1 cell processes: ~4 min on a loaded 2-core machine
+def test_a_killed_cell_fails_in_mlflow_and_a_relaunch_runs_only_the_missing_cell(
+    tmp_path, shared_data
+):
+    command = [
+        sys.executable,
+        "-m",
+        "benchmark",
+        "-m",
+        "hydra/launcher=gpus",
+        "hydra.launcher.workers=2",
+        "seed=0,1,2,3",
+        "strategy=finetune",
+        *TINY,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "BENCHMARK_DATA_ROOT": str(shared_data), "PYTHONPATH": str(PROJECT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # Kill the first cell whose MLflow run has started (it wrote mlflow_run.json), mid-run.
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and time.monotonic() < deadline and sweep.poll() is None:
+        for started in (tmp_path / "multirun").rglob("mlflow_run.json"):
+            if (pid := _pid_of_cell(started.parent)) is not None:
+                os.kill(pid, signal.SIGKILL)
+                victim = started.parent
+                break
+        time.sleep(0.1)
+    output, _ = sweep.communicate(timeout=600)
+    assert victim is not None, output
+    assert not (victim / "outcome.json").exists()  # it really died before it could say
+    assert sweep.returncode != 0
+    assert "Sweep done: 4 cells: 3 finished, 0 skipped, 1 failed." in output, output
+    assert "killed by signal 9 (SIGKILL)" in output
+    runs = runs_in(tmp_path / "mlflow.db")
+    killed = runs[runs["tags.hydra_output_dir"] == str(victim)]
+    assert list(killed.status) == ["FAILED"]  # not left RUNNING
+    assert killed["tags.error"].iloc[0].startswith("killed by signal 9")
+    assert (runs.status == "FINISHED").sum() == 3
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Sweep done: 4 cells: 1 finished, 3 skipped, 0 failed." in again.stdout
+    runs = runs_in(tmp_path / "mlflow.db")
+    finished = runs[runs.status == "FINISHED"]
+    assert len(runs) == 5 and len(finished) == 4  # the killed cell ran once more, only it
+    assert finished["tags.cell_key"].is_unique
+    assert killed["tags.cell_key"].iloc[0] in set(finished["tags.cell_key"])
+
+
+def _die_inside_a_cell_run(cfg: DictConfig) -> None:
+    with tracking.cell_run(cfg, "doomed"):
+        os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: the run is left RUNNING
+
+
+def test_the_launcher_ends_the_run_of_a_killed_cell_failed_with_the_signal(make_cfg):
+    cfg = make_cfg(*TINY)
+    cell = multiprocessing.get_context("fork").Process(target=_die_inside_a_cell_run, args=(cfg,))
+    cell.start()
+    cell.join(timeout=120)
+    assert cell.exitcode == -signal.SIGKILL
+    folder = Path(cfg.paths.output_dir)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    (left,) = mlflow.search_runs(experiment_names=["benchmark"], output_format="list")
+    assert left.info.status == "RUNNING"  # what MLflow shows after a SIGKILL, unless ended
+
+    killed = Running(SimpleNamespace(returncode=cell.exitcode), 0, ["seed=0"], None, folder, cfg, 0)
+    outcome = CellProcessLauncher()._outcome(killed)
+    assert outcome.status == "failed" and outcome.run_id == left.info.run_id
+    assert outcome.error.startswith("killed by signal 9 (SIGKILL); see ")
+    ended = mlflow.MlflowClient().get_run(left.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.data.tags["error"] == "killed by signal 9 (SIGKILL)"
