@@ -267,3 +267,21 @@ class CellProcessLauncher(Launcher):
         job.return_value = outcome
         self.hydra_context.callbacks.on_job_end(config=config, job_return=job)
         return job
+
+
+class ReportsCellsHere:
+    """Mixin for launchers that run each cell in another process and get its JobReturn back
+    (hydra-submitit: SLURM jobs or local processes). Hydra calls the callbacks' `on_job_end` in
+    that other process, so the sweep's own SweepSummary would hear of no cell: each returned
+    JobReturn (its return value the cell's CellOutcome) is reported in the sweep's process too.
+    """
+
+    hydra_context: HydraContext
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        returns = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        for job in returns:
+            self.hydra_context.callbacks.on_job_end(config=job.cfg, job_return=job)
+        return returns

@@ -65,6 +65,14 @@ class SweepSummary(Callback):
             self.failed.append(f"{overrides}: {outcome.error}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.outcomes:  # e.g. stock submitit launchers: the cells ended elsewhere
+            log.warning(
+                "Sweep done: no cell reported its outcome to this process; each cell's %s is in "
+                "its folder under %s (hydra/launcher=slurm or slurm_local report them here).",
+                OUTCOME_FILE,
+                config.hydra.sweep.dir,
+            )
+            return
         counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         for failure in self.failed:

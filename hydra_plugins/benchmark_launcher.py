@@ -1,7 +1,7 @@
 """Hydra instantiates launchers only from classes defined in the `hydra_plugins` namespace:
-benchmark's launcher is named here, and implemented in `benchmark.launcher`."""
+benchmark's launchers are named here, and implemented in `benchmark.launcher`."""
 
-from benchmark.launcher import CellProcessLauncher, register
+from benchmark.launcher import CellProcessLauncher, ReportsCellsHere, register
 
 
 class GpuLauncher(CellProcessLauncher):
@@ -9,3 +9,18 @@ class GpuLauncher(CellProcessLauncher):
 
 
 register()
+
+try:  # hydra/launcher=slurm and slurm_local: the `slurm` extra (hydra-submitit-launcher)
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+        LocalLauncher,
+        SlurmLauncher,
+    )
+except ImportError:
+    pass
+else:
+
+    class SlurmCellLauncher(ReportsCellsHere, SlurmLauncher):
+        """`hydra/launcher=slurm`: each cell a SLURM job (conf/hydra/launcher/slurm.yaml)."""
+
+    class LocalCellLauncher(ReportsCellsHere, LocalLauncher):
+        """`hydra/launcher=slurm_local`: the same through submitit's local processes."""
