@@ -308,11 +308,16 @@ def input_kind(cfg: DictConfig, augmented: bool) -> str:
         and strategy.bn == "eval"
         and strategy.unfreeze_at_epoch is None
     )
+    # DDP's ranks would each extract the features; a frozen backbone's head needs no DDP.
+    distributed = "ddp" in str(cfg.trainer.get("strategy", "")).lower()
     if strategy.fit == "lbfgs":
-        if not frozen:
-            raise ValueError("strategy.fit=lbfgs needs a frozen backbone: trainable_stages=0.")
+        if not frozen or distributed:
+            raise ValueError(
+                "strategy.fit=lbfgs fits on one device's features of a frozen backbone: use "
+                "trainable_stages=0 and a single-device trainer (not trainer=ddp)."
+            )
         return "features"
-    if not (frozen and speed.feature_cache):
+    if not (frozen and speed.feature_cache) or distributed:
         return "images"
     if not augmented:
         return "features"

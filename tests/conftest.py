@@ -26,6 +26,9 @@ TINY = [
     "+trainer.enable_model_summary=false",
     "data.batch_size=4",
     "data.num_workers=0",
+    # A frozen backbone's features would be extracted for every image, whatever the limits
+    # above; tests/test_speed.py covers that path on a small folder.
+    "speed.feature_cache=false",
 ]
 
 

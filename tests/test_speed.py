@@ -86,7 +86,7 @@ def run(make_cfg, *overrides: str):
     return result, mlflow.get_run(result.run_id).data
 
 
-FEW = [o for o in TINY if not o.startswith("trainer.limit_")] + [
+FEW = [o for o in TINY if not o.startswith(("trainer.limit_", "speed."))] + [
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=3",
 ]
