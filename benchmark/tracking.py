@@ -229,7 +229,11 @@ def log_manifest(manifest: Manifest) -> None:
 
 
 @rank_zero_only
-def log_device(trainer: L.Trainer) -> None:
+def log_device(trainer: L.Trainer | None) -> None:
+    """The trainer's device and precision; None: fitted on the CPU in float64 (scikit-learn)."""
+    if trainer is None:
+        mlflow.set_tags({"device": "cpu", "precision": "64 (scikit-learn)"})
+        return
     device = trainer.strategy.root_device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     mlflow.set_tags({"device": name, "precision": str(trainer.precision)})
@@ -265,13 +269,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, not macOS
 
 
-def log_cost(wall_s: float, train_images_per_s: float, device: torch.device) -> None:
-    """What the cell cost: time, speed and the memory high-water marks."""
-    metrics = {
-        "wall_time_s": wall_s,
-        "train_images_per_s": train_images_per_s,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+def log_cost(wall_s: float, train_images_per_s: float | None, device: torch.device) -> None:
+    """What the cell cost: time, speed (None: no training loop) and memory high-water marks."""
+    metrics = {"wall_time_s": wall_s, "peak_rss_mb": peak_rss_mb()}
+    if train_images_per_s is not None:
+        metrics["train_images_per_s"] = train_images_per_s
     if device.type == "cuda":
         metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     mlflow.log_metrics(metrics)

@@ -358,7 +358,8 @@ def run_cell(cfg: DictConfig) -> CellResult:
             probe = fit_probe(features, list(cfg.strategy.probe_c), len(data.classes))
             tracking.log_probe(probe)
             scores = {"test_acc": probe.test_acc, "test_loss": probe.test_loss}
-            confusion, images_per_s, device = probe.confusion, float("nan"), torch.device("cpu")
+            tracking.log_device(None)
+            confusion, images_per_s, device = probe.confusion, None, torch.device("cpu")
         else:
             scores, confusion, images_per_s, device = fit_and_test(
                 cfg, data, backbone, features, run

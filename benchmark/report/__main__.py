@@ -56,10 +56,11 @@ def best_confusions(curves: pd.DataFrame) -> list[tuple[str, dict]]:
 def write_tables(table: pd.DataFrame, out: Path, source: str) -> list[Path]:
     accuracy, cost = accuracy_table(table), cost_table(table)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
+    markdown = {"index": False, "missingval": "—"}  # a cost a cell does not have (no GPU...)
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
-        f"Source: `{source}`.\n\n{RULES}\n\n{accuracy.to_markdown(index=False)}\n\n"
-        f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(index=False)}\n"
+        f"Source: `{source}`.\n\n{RULES}\n\n{accuracy.to_markdown(**markdown)}\n\n"
+        f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(**markdown)}\n"
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
     paths[2].write_text(
