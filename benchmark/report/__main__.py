@@ -57,6 +57,7 @@ def write_tables(table: pd.DataFrame, out: Path, source: str) -> list[Path]:
     accuracy, cost = accuracy_table(table), cost_table(table)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
     markdown = {"index": False, "missingval": "—"}  # a cost a cell does not have (no GPU...)
+    cost = cost.astype(object).where(cost.notna(), None)  # tabulate prints NaN as "nan"
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
         f"Source: `{source}`.\n\n{RULES}\n\n{accuracy.to_markdown(**markdown)}\n\n"
