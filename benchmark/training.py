@@ -308,6 +308,8 @@ def input_kind(cfg: DictConfig, augmented: bool) -> str:
         and strategy.bn == "eval"
         and strategy.unfreeze_at_epoch is None
     )
+    if strategy.fit not in ("sgd", "lbfgs"):
+        raise ValueError(f"strategy.fit={strategy.fit!r}: use sgd or lbfgs.")
     # DDP's ranks would each extract the features; a frozen backbone's head needs no DDP.
     distributed = "ddp" in str(cfg.trainer.get("strategy", "")).lower()
     if strategy.fit == "lbfgs":
