@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from benchmark.data.cache import files_key
-from benchmark.data.loading import ManifestDataModule, Normalize
+from benchmark.data.loading import ManifestDataModule, Normalize, SplitLoaders
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -93,7 +93,7 @@ def _cached(file: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tens
             np.save(partial, array)
             partial.rename(file)
             return torch.from_numpy(array), time.perf_counter() - start
-    return torch.from_numpy(np.load(file, mmap_mode="r").copy()), 0.0
+    return torch.from_numpy(np.load(file)), 0.0
 
 
 def feature_set(
@@ -120,9 +120,9 @@ def feature_set(
     by_split = {s: plain[[row[p] for p in split[s]]] for s in split}
     train = by_split["train"].unsqueeze(0)
     if data.augmentation and views:
-        train_key = hashlib.sha256(f"{key}{views}{seed}{split['train']}".encode()).hexdigest()
-        augmentation = json.dumps([repr(t) for t in data.augmentation])
-        train_key = hashlib.sha256(f"{train_key}{augmentation}".encode()).hexdigest()[:24]
+        # Views are drawn with the run's seed, from its training split, by its augmentation.
+        drawn = [key, views, seed, split["train"], [repr(t) for t in data.augmentation]]
+        train_key = hashlib.sha256(json.dumps(drawn).encode()).hexdigest()[:24]
 
         def draw() -> torch.Tensor:
             L.seed_everything(seed, workers=True, verbose=False)
@@ -132,8 +132,7 @@ def feature_set(
 
         train, views_s = _cached(folder / f"{train_key}.views.npy", draw)
         build_s += views_s
-    index = {label: i for i, label in enumerate(data.classes)}
-    targets = {s: torch.tensor(frame[frame.split == s].label.map(index).tolist()) for s in split}
+    targets = {s: torch.tensor(data.split(s).targets) for s in split}
     return FeatureSet(train, by_split["val"], by_split["test"], targets, build_s)
 
 
@@ -154,7 +153,7 @@ class RandomView(Dataset):
         return self.views[view, index], self.targets[index]
 
 
-class FeatureDataModule(L.LightningDataModule):
+class FeatureDataModule(SplitLoaders):
     """The head's training data: cached features instead of images."""
 
     def __init__(
@@ -176,12 +175,3 @@ class FeatureDataModule(L.LightningDataModule):
             shuffle=split == "train",
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

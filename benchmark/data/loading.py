@@ -138,7 +138,23 @@ class ImageDataset(Dataset):
         return self.transform(image), self.targets[index]
 
 
-class ManifestDataModule(L.LightningDataModule):
+class SplitLoaders(L.LightningDataModule):
+    """Lightning's three loader hooks, each the `_loader` of its split."""
+
+    def _loader(self, split: str) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class ManifestDataModule(SplitLoaders):
     """Loaders for the three splits of a manifest, preprocessed for one backbone.
 
     Workers yield uint8 images (decoded from the files, or read from an `ImageCache`); they are
@@ -190,12 +206,3 @@ class ManifestDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
