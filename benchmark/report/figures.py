@@ -126,7 +126,10 @@ def cost_vs_accuracy(table: pd.DataFrame) -> Figure:
     done = done[done.wall_time_s > 0]
     several_colours = done.colour.nunique() > 1
     group = done.dataset + " / " + done.colour if several_colours else done.dataset
-    groups, strategies = list(dict.fromkeys(group)), list(dict.fromkeys(done.strategy))
+    # In the table's order, as in the other pictures, whichever cells are left out.
+    everywhere = table.dataset + " / " + table.colour if several_colours else table.dataset
+    groups = [name for name in dict.fromkeys(everywhere) if name in set(group)]
+    strategies = [name for name in dict.fromkeys(table.strategy) if name in set(done.strategy)]
     colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
     markers = {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(strategies)}
     figure, axes = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
