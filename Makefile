@@ -13,6 +13,7 @@ install:  ## virtual environment with the package, torch and the dev tools
 
 test:  ## the default suite (no slow, no gpu); real images from ../shared/data
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 test-slow:  ## full-length trainings on the real data (minutes each)

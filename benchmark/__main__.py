@@ -1,4 +1,6 @@
-"""`python -m benchmark [-m] key=value ...`: one cell, or with -m a sweep over the grid."""
+"""`python -m benchmark [-m] key=value ...` (or `benchmark ...`): one cell, or with -m a sweep over
+the grid. Only the config is read before the cell starts: torch, Lightning and MLflow are
+imported when a cell runs, so `--help`, `--cfg job` and a config error answer at once."""
 
 from __future__ import annotations
 
@@ -12,11 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from benchmark.config import register_configs
-from benchmark.data import DatasetError
-from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
-from benchmark.models import BackboneError
+from benchmark.identity import cell_name
 from benchmark.sweep import CellOutcome
-from benchmark.training import cell_name, run_cell
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -29,6 +28,11 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
+    from benchmark.cell import run_cell
+    from benchmark.data import DatasetError
+    from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
+    from benchmark.models import BackboneError
+
     hydra_cfg = HydraConfig.get()
     folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
@@ -49,7 +53,7 @@ def main(cfg: DictConfig) -> CellOutcome:
         if bad_input:
             raise SystemExit(1) from None
         raise
-    log.info("%s", result.summary())
+    log.info("%s", result.line())
     log.info("Browse runs: mlflow ui --backend-store-uri %s", result.tracking_uri)
     status = "skipped" if result.skipped else "finished"
     outcome = CellOutcome(name, status, result.test_acc, result.run_id)

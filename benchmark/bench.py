@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from benchmark.config import DatasetConfig
+from benchmark.cost import peak_rss_mb
 from benchmark.data import build_manifest
 from benchmark.models import create_backbone
-from benchmark.tracking import peak_rss_mb
 
 DEFAULT_DATA = os.environ.get("BENCHMARK_DATA_ROOT", "data")
 

@@ -157,6 +157,10 @@ class TrackingConfig:
     # None: a SQLite store `mlflow.db` in the current directory (MLflow's own default).
     uri: str | None = "${oc.env:MLFLOW_TRACKING_URI,null}"
     experiment: str = "benchmark"
+    # The checkpoint selected on validation as the run's MLflow logged model.
+    log_model: bool = True
+    # MLflow's system metrics (CPU, memory, GPU) sampled while the cell runs.
+    system_metrics: bool = True
 
 
 @dataclass
@@ -169,6 +173,8 @@ class Config:
     augment: AugmentConfig = MISSING
     # Keyword arguments of lightning.pytorch.Trainer, instantiated as they are.
     trainer: Any = MISSING
+    # Lightning loggers by name (conf/logger/): the cell's MLflow run, plus any others.
+    logger: Any = MISSING
     optim: OptimConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
@@ -180,7 +186,5 @@ class Config:
 
 
 def register_configs() -> None:
-    from benchmark.launcher import register as register_launcher
-
+    """The schema behind conf/config.yaml (launchers register themselves: hydra_plugins/)."""
     ConfigStore.instance().store(name="schema", node=Config)
-    register_launcher()  # hydra/launcher=gpus

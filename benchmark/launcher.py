@@ -33,7 +33,6 @@ from omegaconf import DictConfig, open_dict
 from benchmark.sweep import OUTCOME_FILE, CellOutcome
 
 log = logging.getLogger("benchmark")
-SWEEP_ENV = "BENCHMARK_SWEEP"  # the sweep folder, for the cells' `sweep` tag
 
 
 @dataclass
@@ -127,12 +126,12 @@ class CellProcessLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from benchmark import tracking  # the store and experiment exist before cells race
+        from benchmark import identity, store  # the store and experiment exist before cells race
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-        tracking.experiment_id(tracking.tracking_uri(self.config), self.config.tracking.experiment)
+        store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         gpus = visible_gpus() if self.gpus is None else list(self.gpus)
@@ -193,7 +192,7 @@ class CellProcessLauncher(Launcher):
         cell's own process decides."""
         if config.rerun:
             return None
-        from benchmark import tracking
+        from benchmark import identity, resume
 
         saved = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
@@ -201,16 +200,16 @@ class CellProcessLauncher(Launcher):
             cell_cfg = copy.deepcopy(config)
             with open_dict(cell_cfg):
                 del cell_cfg["hydra"]
-            run = tracking.finished_run(cell_cfg)
-        except Exception:
+            key = identity.cell_key(cell_cfg, resume.cell_manifest(cell_cfg).sha256)
+            done = resume.finished_earlier(cell_cfg, key)
+        except Exception:  # bad data, say: the cell's own process reports it
             log.debug("Cell %s not checked here", folder, exc_info=True)
             return None
         finally:
             HydraConfig.instance().cfg = saved
-        if run is None:
+        if done is None:
             return None
-        test_acc = run.data.metrics.get("test_acc")
-        return CellOutcome(" ".join(overrides), "skipped", test_acc, run.info.run_id)
+        return CellOutcome(" ".join(overrides), "skipped", done.test_acc, done.run_id)
 
     def _start(
         self,
@@ -221,7 +220,7 @@ class CellProcessLauncher(Launcher):
         slot: str | None,
         sweep_dir: Path,
     ) -> Running:
-        env = {**os.environ, **self.env, SWEEP_ENV: str(sweep_dir)}
+        env = {**os.environ, **self.env}  # with the sweep folder and parent run (SweepSummary)
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
         command = [sys.executable, "-m", "benchmark", *overrides, f"hydra.run.dir={folder}"]
@@ -236,7 +235,7 @@ class CellProcessLauncher(Launcher):
         or exit code, and the MLflow run it had started is ended FAILED with that reason."""
         if (cell.folder / OUTCOME_FILE).is_file():
             return CellOutcome.load(cell.folder, " ".join(cell.overrides))
-        from benchmark import tracking
+        from benchmark import store
 
         code = cell.process.returncode
         if code < 0:
@@ -244,7 +243,7 @@ class CellProcessLauncher(Launcher):
         else:
             reason = f"exited with code {code} without an outcome"
         try:
-            run_id = tracking.fail_abandoned_run(cell.folder, reason)
+            run_id = store.fail_abandoned_run(cell.folder, reason)
         except Exception:  # the store is unreachable: the run stays RUNNING, the sweep goes on
             log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
             run_id = None

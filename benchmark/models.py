@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmark.data import Preprocess
+from benchmark.images import Preprocess
 from benchmark.registry import Registry
 
 IMAGENET_CLASSES = 1000

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
+
+from benchmark import identity
 
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = "outcome.json"
@@ -33,8 +35,11 @@ class CellOutcome:
     run_id: str | None = None
     error: str | None = None
 
-    @rank_zero_only  # a DDP cell's ranks share its folder: rank 0 speaks for the cell
     def save(self, folder: Path) -> None:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only  # a cell has Lightning
+
+        if rank_zero_only.rank != 0:  # a DDP cell's ranks share its folder: rank 0 speaks
+            return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
 
@@ -48,11 +53,28 @@ class CellOutcome:
 
 
 class SweepSummary(Callback):
-    """A Hydra callback: counts each cell's outcome as it ends, summarises at the sweep's end."""
+    """A Hydra callback: opens the sweep's parent MLflow run (the cells are its children, in this
+    process or in others), counts each cell's outcome as it ends, summarises at the sweep's end
+    and ends the parent run FINISHED, or FAILED if a cell failed."""
 
     def __init__(self) -> None:
         self.outcomes: Counter[str] = Counter()
         self.failed: list[str] = []
+        self.parent: tuple[str, str] | None = None  # (tracking URI, run id)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from benchmark import store
+
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        os.environ[identity.SWEEP_ENV] = sweep_dir
+        uri = config.tracking.uri or identity.default_tracking_uri()
+        try:
+            run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
+        except Exception as error:  # the cells will say what is wrong with the store
+            log.warning("No parent run for the sweep in %s: %s", uri, error)
+            return
+        os.environ[identity.PARENT_RUN_ENV] = run_id
+        self.parent = (uri, run_id)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         overrides = " ".join(job_return.overrides or [])
@@ -73,6 +95,10 @@ class SweepSummary(Callback):
                 config.hydra.sweep.dir,
             )
             return
+        if self.parent is not None:
+            from benchmark import store
+
+            store.end_sweep_run(*self.parent, dict(self.outcomes))
         counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         for failure in self.failed:

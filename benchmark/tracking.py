@@ -1,192 +1,119 @@
-"""MLflow: where runs go, what each run records, and no run left RUNNING after a crash."""
+"""A cell's MLflow run: opened with what the cell is (params, tags, config, data), then, once the
+cell has computed everything, its result logged in one call; FAILED when anything raises.
+
+Under DDP only global rank 0 opens the run and logs; the other ranks hold a stand-in with rank
+0's run id, and every function here that writes is rank-zero only.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
-import resource
-import subprocess
+import threading
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import lightning as L
+import hydra
+import matplotlib
+
+matplotlib.use("Agg")  # the per-run confusion picture is drawn without a display
+
 import matplotlib.pyplot as plt
 import mlflow
-import pandas as pd
+import mlflow.data
 import torch
-from filelock import FileLock
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.loggers import MLFlowLogger
-from matplotlib.figure import Figure
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.entities import Run, RunData, RunInfo, RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.utilities.plot import plot_confusion_matrix
+from sklearn.metrics import ConfusionMatrixDisplay
 
-from benchmark.data import Manifest
+from benchmark import identity, store
+from benchmark.data.manifest import Manifest
+from benchmark.result import CellResult
 
-if TYPE_CHECKING:
-    from benchmark.probe import ProbeResult
-
-# The names users filter and group by: params.dataset, params.colour, ...
-CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-# In a cell's output folder once its run has started: which run to end FAILED if the process is
-# killed before `cell_run` can (benchmark.launcher).
-RUN_FILE = "mlflow_run.json"
-# Rank 0's run id, inherited by the ranks that Lightning's DDP launcher starts as subprocesses.
-RUN_ID_ENV = "BENCHMARK_RUN_ID"
+SPLITS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's contexts
 
 
-def default_tracking_uri() -> str:
-    """MLflow's own default store, with the path made absolute so every process agrees."""
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    return cfg.tracking.uri or default_tracking_uri()
-
-
-def experiment_id(uri: str, name: str) -> str:
-    """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns).
-
-    Processes that open a fresh SQLite store at the same moment race through MLflow's schema
-    migrations ("table ... already exists", alembic version errors) and to create the experiment:
-    a file lock beside the store lets one of them create both while the others wait.
-    """
-    mlflow.set_tracking_uri(uri)
-    if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
-        return _get_or_create_experiment(name, None)
-    store = Path(uri.removeprefix("sqlite:///"))
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{store}.lock", timeout=600):
-        return _get_or_create_experiment(name, (store.parent / "mlartifacts").as_uri())
-
-
-def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
-    if (experiment := mlflow.get_experiment_by_name(name)) is not None:
-        return experiment.experiment_id
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
-    except MlflowException as error:  # another process created it since we looked
-        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return mlflow.get_experiment_by_name(name).experiment_id
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run_params(cfg: DictConfig) -> dict[str, object]:
-    """The cell's flat names first, then every key of the resolved config (`optim.momentum`...)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    flat = pd.json_normalize(resolved, sep=".").iloc[0].to_dict()
-    cell = {name: cfg[name].name for name in CELL_PARAMS}
-    return {**cell, "seed": cfg.seed, **flat}
-
-
-# Where a cell writes and how it shows progress, not what it computes: left out of its identity.
-VOLATILE_KEYS = ("paths", "tracking", "rerun", "trainer.enable_progress_bar", "data.num_workers")
-
-
-def cell_key(cfg: DictConfig) -> str:
-    """A stable hash of what the cell computes (its resolved config less VOLATILE_KEYS): the
-    same command relaunched finds the cells it already finished."""
-    return _key(run_params(cfg))
-
-
-def _key(params: dict[str, object]) -> str:
-    volatile = tuple(f"{key}." for key in VOLATILE_KEYS)
-    kept = {
-        k: v for k, v in params.items() if k not in VOLATILE_KEYS and not k.startswith(volatile)
+def cell_tags(cfg: DictConfig, key: str) -> dict[str, str]:
+    tags = {
+        identity.HARNESS_TAG: "benchmark",
+        identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
+        identity.KIND_TAG: "cell",
+        identity.CELL_KEY_TAG: key,
+        identity.CELL_GROUP_TAG: identity.cell_group(cfg),
+        identity.DEBUG_TAG: str(identity.is_debug(cfg)).lower(),
+        identity.GIT_COMMIT_TAG: identity.git_commit(),
+        "cell": identity.cell_name(cfg),
+        "torch_version": torch.__version__,
+        "hydra_output_dir": str(cfg.paths.output_dir),
+        **store.heartbeat_tags(),
     }
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def finished_run(cfg: DictConfig) -> Run | None:
-    """The latest FINISHED run of this very cell in the experiment, if any."""
-    if rank_zero_only.rank != 0 and os.environ.get(RUN_ID_ENV):
-        return None  # a DDP rank started by rank 0, which has already decided to run the cell
-    exp_id = experiment_id(tracking_uri(cfg), cfg.tracking.experiment)
-    runs = mlflow.search_runs(
-        [exp_id],
-        f"tags.cell_key = '{cell_key(cfg)}' and attributes.status = 'FINISHED'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-    return runs[0] if runs else None
+    if sweep := os.environ.get(identity.SWEEP_ENV):
+        tags["sweep"] = sweep
+    return tags
 
 
 @contextmanager
-def cell_run(cfg: DictConfig, name: str) -> Iterator[Run]:
-    """An MLflow run for one cell: FINISHED when the block completes, FAILED (with the error
-    text as a tag and the traceback as an artifact) when anything inside it raises.
-
-    Under DDP only global rank 0 opens the run and logs (the other ranks get a stand-in holding
-    rank 0's run id). The run id goes to RUN_FILE in the output folder, so that a launcher that
-    sees the process killed can end the run FAILED, and to RUN_ID_ENV for DDP's child ranks.
-    """
+def cell_run(cfg: DictConfig, key: str, manifest: Manifest) -> Iterator[Run]:
+    """The cell's run, nested under its sweep's run when there is one: FINISHED when the block
+    completes, FAILED (the error as the tag `error`, the traceback as `error.txt`) when anything
+    inside raises. A heartbeat says the process is alive while the block runs."""
     if rank_zero_only.rank != 0:
-        mlflow.set_tracking_uri(tracking_uri(cfg))  # for its Lightning logger; opens nothing
+        mlflow.set_tracking_uri(identity.tracking_uri(cfg))  # for its Lightning logger
         yield _other_rank_run()
         return
-    uri = tracking_uri(cfg)
-    exp_id = experiment_id(uri, cfg.tracking.experiment)
-    tags = {
-        "cell": name,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "hydra_output_dir": str(cfg.paths.output_dir),
-    }
-    params = run_params(cfg)
-    tags["cell_key"] = _key(params)
-    # The sweep folder groups a sweep's cells (report --sweep); a launcher that starts each cell
-    # as its own process passes it in the environment.
-    if sweep := os.environ.get("BENCHMARK_SWEEP"):
-        tags["sweep"] = sweep
-    elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        tags["sweep"] = str(Path(HydraConfig.get().sweep.dir).resolve())
-    with mlflow.start_run(experiment_id=exp_id, run_name=name.replace("/", "-"), tags=tags) as run:
+    uri = identity.tracking_uri(cfg)
+    exp_id = store.experiment_id(uri, cfg.tracking.experiment)
+    with mlflow.start_run(
+        experiment_id=exp_id,
+        run_name=identity.cell_name(cfg).replace("/", "-"),
+        tags=cell_tags(cfg, key),
+        parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
+        log_system_metrics=cfg.tracking.system_metrics,
+    ) as run:
         output = Path(cfg.paths.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         started = {"run_id": run.info.run_id, "tracking_uri": uri}
-        (output / RUN_FILE).write_text(json.dumps(started))
-        os.environ[RUN_ID_ENV] = run.info.run_id
-        mlflow.log_params(params)
-        mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
+        (output / identity.RUN_FILE).write_text(json.dumps(started))
+        os.environ[identity.RUN_ID_ENV] = run.info.run_id
+        stop_heartbeat = _heartbeat(uri, run.info.run_id)
         try:
+            log_identity(cfg, manifest)
             yield run
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             raise
         finally:
-            os.environ.pop(RUN_ID_ENV, None)
+            stop_heartbeat()
+            os.environ.pop(identity.RUN_ID_ENV, None)
+
+
+def _heartbeat(uri: str, run_id: str) -> callable:
+    """A daemon thread that tags the run as alive every store.HEARTBEAT_S; returns its stop."""
+    stop = threading.Event()
+    client = mlflow.MlflowClient(uri)
+
+    def beat() -> None:
+        while not stop.wait(store.HEARTBEAT_S):
+            try:
+                store.beat(client, run_id)
+            except Exception:  # an unreachable store must not kill the cell: the next try
+                continue
+
+    threading.Thread(target=beat, daemon=True, name="benchmark-heartbeat").start()
+    return stop.set
 
 
 def _other_rank_run() -> Run:
     """A DDP rank other than 0 holds no MLflow run: a stand-in with rank 0's run id (when
     Lightning started this rank from rank 0's process), built without touching the store."""
     info = RunInfo(
-        run_id=os.environ.get(RUN_ID_ENV, ""),
+        run_id=os.environ.get(identity.RUN_ID_ENV, ""),
         experiment_id="",
         user_id="",
         status=RunStatus.to_string(RunStatus.RUNNING),
@@ -197,109 +124,98 @@ def _other_rank_run() -> Run:
     return Run(info, RunData())
 
 
-def fail_abandoned_run(folder: Path, reason: str) -> str | None:
-    """End FAILED, with `reason` as its `error` tag, the run that a cell killed in `folder` left
-    RUNNING (the process could not end it itself); its id, or None if there was none."""
-    file = folder / RUN_FILE
-    if not file.is_file():
-        return None
-    started = json.loads(file.read_text())
-    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
-    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
-        return None
-    client.set_tag(run_id, "error", reason)
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-    return run_id
+def split_datasets(cfg: DictConfig, manifest: Manifest) -> dict[str, mlflow.data.Dataset]:
+    """Each split as an MLflow dataset: its rows of the manifest, digest = the manifest hash."""
+    frames = manifest.relative_frame()
+    return {
+        split: mlflow.data.from_pandas(
+            frames[frames.split == split].reset_index(drop=True),
+            source=str(manifest.root),
+            targets="label",
+            name=f"{cfg.dataset.name}-{split}",
+            digest=manifest.sha256[:16],
+        )
+        for split in SPLITS
+    }
 
 
 @rank_zero_only
-def log_manifest(manifest: Manifest) -> None:
-    """The exact images and splits behind this run's numbers, and what was left out and why."""
-    mlflow.log_text(manifest.csv, "manifest.csv")
-    mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
+def log_identity(cfg: DictConfig, manifest: Manifest) -> None:
+    """What the cell is, before it computes: params, its config and Hydra's overrides, and the
+    exact images of each split (as MLflow datasets and as the manifest file)."""
+    mlflow.log_params(identity.run_params(cfg))
     counts = manifest.frame.groupby("split").size()
-    mlflow.log_params({f"n_{split}": int(n) for split, n in counts.items()})
     mlflow.log_params(
         {
+            **{f"n_{split}": int(n) for split, n in counts.items()},
             "n_classes": len(manifest.classes),
             "n_skipped": len(manifest.skipped),
             "manifest_sha256": manifest.sha256,
         }
     )
+    mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
+    hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
+    if hydra_dir.is_dir():  # config.yaml, hydra.yaml and overrides.yaml as Hydra wrote them
+        mlflow.log_artifacts(str(hydra_dir), "hydra")
+    mlflow.log_text(manifest.csv, "manifest.csv")
+    mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
+    for split, dataset in split_datasets(cfg, manifest).items():
+        mlflow.log_input(dataset, context=SPLITS[split])
 
 
 @rank_zero_only
-def log_device(trainer: L.Trainer | None) -> None:
-    """The trainer's device and precision; None: fitted on the CPU in float64 (scikit-learn)."""
-    if trainer is None:
-        mlflow.set_tags({"device": "cpu", "precision": "64 (scikit-learn)"})
-        return
-    device = trainer.strategy.root_device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    mlflow.set_tags({"device": name, "precision": str(trainer.precision)})
-
-
-@rank_zero_only
-def log_confusion(matrix: torch.Tensor, classes: list[str]) -> None:
-    """The test split's confusion matrix, as numbers (for the report) and as a picture."""
-    mlflow.log_dict({"classes": classes, "matrix": matrix.tolist()}, "confusion_matrix.json")
-    figure = plot_confusion(matrix, classes)
+def log_result(cfg: DictConfig, result: CellResult) -> None:
+    """Everything the cell computed, once it is complete."""
+    mlflow.log_param("input", result.input)
+    mlflow.set_tags({"device": result.device, "precision": result.precision})
+    cost = {
+        "wall_time_s": result.wall_time_s,
+        "peak_rss_mb": result.peak_rss_mb,
+        "train_images_per_s": result.train_images_per_s,
+        "peak_gpu_mem_mb": result.peak_gpu_mem_mb,
+        **result.build_s,
+    }
+    mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})
+    if result.probe_val_acc is not None:
+        mlflow.log_param("probe_c_chosen", result.probe_c)
+        grid = sorted(result.probe_val_acc.items())
+        table = {"C": [c for c, _ in grid], "val_acc": [a for _, a in grid]}
+        mlflow.log_table(table, "probe_c_grid.json")
+    mlflow.log_dict(
+        {"classes": result.classes, "matrix": result.confusion}, "confusion_matrix.json"
+    )
+    figure = plot_confusion(result.confusion, result.classes)
     mlflow.log_figure(figure, "confusion_matrix.png")
     plt.close(figure)
+    model_id = None
+    if cfg.tracking.log_model and result.checkpoint:
+        model_id = log_checkpoint(cfg, result.checkpoint)
+    mlflow.log_metrics(result.scores, model_id=model_id)
 
 
-def plot_confusion(matrix: torch.Tensor, classes: list[str], title: str = "test split") -> Figure:
+def log_checkpoint(cfg: DictConfig, checkpoint: str) -> str:
+    """The checkpoint selected on validation as an MLflow logged model of the run (the UI's
+    Models column), its weights the Lightning checkpoint file."""
+    run = mlflow.active_run()
+    model = mlflow.initialize_logged_model(
+        name=f"{cfg.backbone.name}-{cfg.strategy.name}",
+        source_run_id=run.info.run_id,
+        model_type="lightning-checkpoint",
+        params={"dataset": cfg.dataset.name, "colour": cfg.colour.name, "seed": str(cfg.seed)},
+    )
+    mlflow.MlflowClient().log_model_artifact(model.model_id, checkpoint)
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str]) -> plt.Figure:
     size = min(12.0, 2.5 + 0.45 * len(classes))
     figure, axes = plt.subplots(figsize=(size, size))
-    plot_confusion_matrix(matrix, ax=axes, add_text=len(classes) <= 30, labels=classes)
-    axes.set_title(title)
+    display = ConfusionMatrixDisplay(torch.tensor(matrix).numpy(), display_labels=classes)
+    display.plot(ax=axes, include_values=len(classes) <= 30, colorbar=False, xticks_rotation=45)
+    axes.set_title("test split")
     figure.tight_layout()
     return figure
-
-
-@rank_zero_only
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark. Linux's VmHWM belongs to the process's
-    own address space; ru_maxrss would carry over the peak of a large parent that started it."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, not macOS
-
-
-def log_cost(wall_s: float, train_images_per_s: float | None, device: torch.device) -> None:
-    """What the cell cost: time, speed (None: no training loop) and memory high-water marks."""
-    metrics = {"wall_time_s": wall_s, "peak_rss_mb": peak_rss_mb()}
-    if train_images_per_s is not None:
-        metrics["train_images_per_s"] = train_images_per_s
-    if device.type == "cuda":
-        metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    mlflow.log_metrics(metrics)
-
-
-@rank_zero_only
-def log_input(kind: str) -> None:
-    """What the head trained on (images, or a frozen backbone's cached features)."""
-    mlflow.log_param("input", kind)
-
-
-@rank_zero_only
-def log_build(name: str, seconds: float) -> None:
-    """Time this run spent building a cache (0: it was there), kept apart from training."""
-    mlflow.log_metric(name, seconds)
-
-
-@rank_zero_only
-def log_probe(probe: ProbeResult) -> None:
-    """The linear probe's choice of C and what every C scored on validation."""
-    mlflow.log_param("probe_c_chosen", probe.c)
-    for step, (c, accuracy) in enumerate(sorted(probe.val_acc_by_c.items())):
-        mlflow.log_metrics({"probe_val_acc": accuracy, "probe_c": c}, step=step)
-    mlflow.log_metrics(
-        {"val_acc": probe.val_acc, "test_acc": probe.test_acc, "test_loss": probe.test_loss}
-    )
 
 
 class CellLogger(MLFlowLogger):
@@ -319,8 +235,16 @@ class CellLogger(MLFlowLogger):
         super().log_metrics(metrics, step=step if epoch is None else int(epoch))
 
 
-def lightning_logger(run: Run | None) -> CellLogger:
-    """The cell's run for Lightning. A DDP rank other than 0 has none: its logger opens no run
-    and logs nothing, Lightning's logger methods being rank-zero only."""
-    run_id = run.info.run_id if run is not None else os.environ.get(RUN_ID_ENV)
-    return CellLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+def lightning_loggers(cfg: DictConfig, run: Run | None) -> list[Logger]:
+    """The `logger` group's Lightning loggers. An entry with `_partial_: true` (the `mlflow` one)
+    receives the cell's run id and store. A DDP rank other than 0 has no run: its logger opens
+    none and logs nothing, Lightning's logger methods being rank-zero only."""
+    run_id = run.info.run_id if run is not None else None
+    run_id = run_id or os.environ.get(identity.RUN_ID_ENV)
+    loggers = []
+    for spec in cfg.logger.values():
+        logger = hydra.utils.instantiate(spec)
+        if isinstance(logger, functools.partial):
+            logger = logger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+        loggers.append(logger)
+    return loggers

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.entities import ViewType
 from omegaconf import DictConfig
 
 from benchmark.config import register_configs
+from benchmark.identity import HARNESS_TAG
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
@@ -58,3 +61,26 @@ def make_cfg(tmp_path: Path, shared_data: Path) -> Callable[..., DictConfig]:
             )
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def no_stray_runs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """After every test, every run in the test's store (tmp_path/mlflow.db), in any experiment,
+    is the harness's: a cell or a sweep, tagged as such, none in MLflow's "Default" experiment
+    (where a run opened by mistake, e.g. by a DDP rank other than 0, would land). Tests that
+    write foreign runs on purpose are marked `foreign_runs`."""
+    yield
+    store = tmp_path / "mlflow.db"
+    if request.node.get_closest_marker("foreign_runs") or not store.is_file():
+        return
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in experiments], run_view_type=ViewType.ALL)
+    names = {e.experiment_id: e.name for e in experiments}
+    stray = [
+        f"{run.info.run_name} in {names[run.info.experiment_id]!r}"
+        for run in runs
+        if run.data.tags.get(HARNESS_TAG) != "benchmark"
+        or names[run.info.experiment_id] == "Default"
+    ]
+    assert not stray, f"runs the harness did not mean to make: {stray}"

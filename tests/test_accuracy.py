@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.training import run_cell
+from benchmark.cell import run_cell
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["finetune", "freeze"])
 def test_defaults_reach_093_test_accuracy_on_hymenoptera_rgb(make_cfg, strategy):
     result = run_cell(make_cfg(f"strategy={strategy}", "trainer.enable_progress_bar=false"))
-    assert result.test_acc >= 0.93, result.summary()
+    assert result.test_acc >= 0.93, result.line()

@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from benchmark.tracking import run_params
+from benchmark.identity import run_params
 
 
 def test_defaults_compose_to_the_documented_cell(make_cfg):

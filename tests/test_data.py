@@ -8,16 +8,10 @@ import torch
 from PIL import Image
 
 from benchmark.config import DatasetConfig
-from benchmark.data import (
-    DatasetError,
-    ManifestDataModule,
-    Preprocess,
-    acquire,
-    build_transform,
-    scan_class_folders,
-    sources,
-)
+from benchmark.data import DatasetError, acquire, scan_class_folders, sources
 from benchmark.data import build_manifest as build
+from benchmark.data.loading import ManifestDataModule, build_transform
+from benchmark.images import Preprocess
 
 LITE = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

@@ -32,9 +32,12 @@ def benchmark(*args: str, cwd: Path, data_root: Path) -> subprocess.CompletedPro
     )
 
 
-def runs_in(store: Path) -> pd.DataFrame:
+def runs_in(store: Path, kind: str = "cell") -> pd.DataFrame:
+    """The cells' runs (kind="sweep": the sweeps' parent runs)."""
     mlflow.set_tracking_uri(f"sqlite:///{store}")
-    return mlflow.search_runs(experiment_names=["benchmark"])
+    return mlflow.search_runs(
+        experiment_names=["benchmark"], filter_string=f"tags.`benchmark.kind` = '{kind}'"
+    )
 
 
 def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
@@ -66,6 +69,12 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     for cost in ("wall_time_s", "train_images_per_s", "peak_rss_mb"):
         assert (runs[f"metrics.{cost}"] > 0).all(), cost
     assert runs["tags.sweep"].nunique() == 1  # the sweep's cells are grouped
+    sweeps = runs_in(tmp_path / "mlflow.db", kind="sweep")
+    assert len(sweeps) == 1 and sweeps.status.iloc[0] == "FINISHED"
+    assert sweeps["metrics.cells_finished"].iloc[0] == 4
+    assert set(runs["tags.mlflow.parentRunId"]) == {sweeps.run_id.iloc[0]}  # the sweep is a tree
+    assert set(runs["tags.benchmark.harness"]) == {"benchmark"}
+    assert (runs["metrics.best_val_acc"] >= 0).all() and runs["params.input"].notna().all()
 
     run_id = runs.run_id.iloc[0]
     client = mlflow.MlflowClient()
@@ -93,15 +102,16 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     assert "| hymenoptera | gray" in markdown and "study 0.961" in markdown
 
 
-def test_missing_dataset_fails_clearly_and_leaves_no_run_running(tmp_path, shared_data):
+def test_missing_dataset_fails_clearly_before_any_run_opens(tmp_path, shared_data):
     empty = tmp_path / "no-data"
     failed = benchmark("benchmark", "dataset.download=false", *TINY, cwd=tmp_path, data_root=empty)
     assert failed.returncode != 0
     assert f"Hymenoptera not found at {empty / 'hymenoptera_data'}" in failed.stdout
     assert "Traceback" not in failed.stdout + failed.stderr
-    runs = runs_in(tmp_path / "mlflow.db")
-    assert list(runs.status) == ["FAILED"]
-    assert "Hymenoptera not found" in runs["tags.error"].iloc[0]
+    store = tmp_path / "mlflow.db"  # bad input is refused before a run opens: nothing to clean
+    assert not store.exists() or runs_in(store).empty
+    (outcome,) = (tmp_path / "outputs").rglob("outcome.json")
+    assert "Hymenoptera not found" in json.loads(outcome.read_text())["error"]
 
 
 def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):

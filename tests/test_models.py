@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 from benchmark.config import DatasetConfig
-from benchmark.data import ManifestDataModule, build_manifest
+from benchmark.data import build_manifest
+from benchmark.data.loading import ManifestDataModule
 from benchmark.models import IMAGENET_CLASSES, BackboneError, create_backbone
 
 ANT, BEE = 310, 309  # ImageNet class indices

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.data import build_manifest, build_transform, load_rgb
+from benchmark.cell import cell_features, image_data, run_cell
+from benchmark.data import build_manifest
 from benchmark.data.cache import build_image_cache
+from benchmark.data.loading import build_transform
+from benchmark.images import load_rgb
 from benchmark.models import create_backbone
-from benchmark.training import cell_features, image_data, run_cell
 from tests.conftest import TINY
 
 
@@ -111,9 +113,7 @@ def test_cached_features_are_the_backbone_outputs(make_cfg, ants_and_bees, lite0
     cfg = make_cfg("dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze", *FEW)
 
     manifest = build_manifest(cfg.dataset, Path(cfg.paths.data_root), 0, Path(cfg.paths.cache_dir))
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    with mlflow.start_run():  # image_data logs the cache's build time
-        data = image_data(cfg, manifest.frame, lite0)
+    data, _ = image_data(cfg, manifest.frame, lite0)
     features = cell_features(cfg, data, lite0, views=0)
     test = data.split("test")
     images = torch.stack([test[i][0] for i in range(len(test))])
@@ -147,13 +147,13 @@ def test_linear_probe_chooses_c_on_validation_and_scores_the_test_split(make_cfg
     result, run_data = run(
         make_cfg, "dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=linear_probe"
     )
-    client = mlflow.MlflowClient()
-    by_c = {c.step: c.value for c in client.get_metric_history(result.run_id, "probe_c")}
-    val = {a.step: a.value for a in client.get_metric_history(result.run_id, "probe_val_acc")}
-    assert len(by_c) == len(val) == 12
+    grid = mlflow.load_table("probe_c_grid.json", run_ids=[result.run_id])  # a table, not steps
+    val = dict(zip(grid.C, grid.val_acc, strict=True))
+    assert len(val) == 12
     chosen = float(run_data.params["probe_c_chosen"])
     best = max(val.values())
-    assert val[next(s for s, c in by_c.items() if c == chosen)] == best
-    assert chosen == min(c for s, c in by_c.items() if val[s] == best)  # ties: stronger L2
+    assert val[chosen] == best
+    assert chosen == min(c for c, a in val.items() if a == best)  # ties: stronger L2
+    assert run_data.metrics["best_val_acc"] == best
     assert run_data.params["input"] == "features"
     assert result.test_acc >= 0.75  # ImageNet features separate ants from bees

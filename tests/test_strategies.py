@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from benchmark.cell import run_cell
+from benchmark.classifier import TransferClassifier
 from benchmark.models import BACKBONES, create_backbone, stage_of
-from benchmark.training import StagedUnfreeze, TransferClassifier, run_cell
 from tests.conftest import TINY
 
 
@@ -136,7 +138,7 @@ def test_mlp_head(lite0):
     assert model.eval()(torch.randn(2, 3, 224, 224)).shape == (2, 3)
 
 
-class Recorder(StagedUnfreeze.__base__.__base__):  # lightning Callback
+class Recorder(Callback):
     """Per epoch: which backbone stages train and the optimizer's learning rates."""
 
     def __init__(self) -> None:
@@ -148,16 +150,8 @@ class Recorder(StagedUnfreeze.__base__.__base__):  # lightning Callback
             self.epochs.append((trainable(module), lrs))
 
 
-def test_two_stage_unfreezes_the_top_stages_at_the_epoch_with_a_lower_lr(make_cfg, monkeypatch):
+def test_two_stage_unfreezes_the_top_stages_at_the_epoch_with_a_lower_lr(make_cfg):
     recorder = Recorder()
-    original = run_cell.__globals__["hydra"].utils.instantiate
-
-    def with_recorder(config, *args, **kwargs):
-        if "callbacks" in kwargs:  # the Trainer
-            kwargs["callbacks"] = [*kwargs["callbacks"], recorder]
-        return original(config, *args, **kwargs)
-
-    monkeypatch.setattr(run_cell.__globals__["hydra"].utils, "instantiate", with_recorder)
     cfg = make_cfg(
         "strategy=two_stage",
         "strategy.unfreeze_at_epoch=1",
@@ -166,7 +160,7 @@ def test_two_stage_unfreezes_the_top_stages_at_the_epoch_with_a_lower_lr(make_cf
         "strategy.lr=0.03",
         "strategy.unfreeze_lr_factor=0.1",
     )
-    run_cell(cfg)
+    run_cell(cfg, callbacks=[recorder])
     (first_stages, first_lrs), (second_stages, second_lrs) = recorder.epochs
     assert first_stages == set() and len(first_lrs) == 1
     assert second_stages == {4, 5}  # the top 2 of EfficientNet's 5 stages
@@ -220,7 +214,8 @@ def mlflow_history(run_id: str, uri: str) -> list[float]:
 
 @pytest.mark.parametrize("policy", ["none", "standard", "strong"])
 def test_augmentation_policies_give_backbone_sized_tensors(policy, make_cfg, shared_data):
-    from benchmark.data import build_augmentation, build_transform, load_rgb
+    from benchmark.data.loading import build_augmentation, build_transform
+    from benchmark.images import load_rgb
 
     cfg = make_cfg(f"augment={policy}", "backbone=efficientnet_lite1")
     preprocess = create_backbone("efficientnet_lite1").preprocess

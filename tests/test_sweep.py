@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 from omegaconf import DictConfig
 
 from benchmark import tracking
+from benchmark.cell import run_cell
+from benchmark.identity import cell_key
 from benchmark.launcher import CellProcessLauncher, DevicePool, Running, visible_gpus
-from benchmark.tracking import cell_key
-from benchmark.training import run_cell
+from benchmark.resume import cell_manifest
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import benchmark, runs_in
 
@@ -33,7 +35,25 @@ def test_a_finished_cell_is_skipped_and_rerun_runs_it_again(make_cfg):
     assert not forced.skipped and forced.run_id != first.run_id
     mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=["benchmark"])
-    assert len(runs) == 2 and set(runs["tags.cell_key"]) == {cell_key(cfg)}
+    key = cell_key(cfg, cell_manifest(cfg).sha256)
+    assert len(runs) == 2 and set(runs["tags.cell_key"]) == {key}
+
+
+def test_a_cell_whose_images_changed_runs_again(make_cfg, tmp_path, shared_data):
+    folder = tmp_path / "mine"
+    for name in ("ants", "bees"):
+        photos = sorted((shared_data / "hymenoptera_data" / "val" / name).glob("*.jpg"))[:6]
+        (folder / name).mkdir(parents=True)
+        for photo in photos:
+            shutil.copy(photo, folder / name / photo.name)
+    overrides = ("dataset=imagefolder", f"dataset.root={folder}", "strategy=freeze", *TINY)
+    first = run_cell(make_cfg(*overrides))
+    assert run_cell(make_cfg(*overrides)).skipped  # same config, same files
+    edited = sorted((folder / "ants").glob("*.jpg"))[0]
+    other = sorted((folder / "bees").glob("*.jpg"))[0]
+    edited.write_bytes(other.read_bytes())  # one image's content replaced, same name
+    again = run_cell(make_cfg(*overrides))
+    assert not again.skipped and again.run_id != first.run_id
 
 
 def test_cell_key_ignores_where_and_how_but_not_what(make_cfg, tmp_path):
@@ -54,9 +74,11 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_relaunch_skips_the_rest(tmp_
     assert first.returncode != 0
     assert "Sweep done: 2 cells: 1 finished, 0 skipped, 1 failed." in first.stdout
     assert "dataset=imagefolder needs dataset.root" in first.stdout
-    runs = runs_in(tmp_path / "mlflow.db").set_index("params.dataset")
-    assert runs.loc["hymenoptera", "status"] == "FINISHED"
-    assert runs.loc["imagefolder", "status"] == "FAILED"
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert list(runs["params.dataset"]) == ["hymenoptera"]  # bad input opens no run
+    assert list(runs.status) == ["FINISHED"]
+    (sweep,) = runs_in(tmp_path / "mlflow.db", kind="sweep").status
+    assert sweep == "FAILED"  # the sweep's parent run says a cell failed
 
     again = benchmark(*command, cwd=tmp_path, data_root=shared_data)
     assert "Sweep done: 2 cells: 0 finished, 1 skipped, 1 failed." in again.stdout
@@ -182,7 +204,8 @@ def test_a_killed_cell_fails_in_mlflow_and_a_relaunch_runs_only_the_missing_cell
 
 
 def _die_inside_a_cell_run(cfg: DictConfig) -> None:
-    with tracking.cell_run(cfg, "doomed"):
+    manifest = cell_manifest(cfg)
+    with tracking.cell_run(cfg, "doomed", manifest):
         os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: the run is left RUNNING
 
 

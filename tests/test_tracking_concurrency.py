@@ -10,17 +10,20 @@ import traceback
 from pathlib import Path
 
 import mlflow
+import pytest
 
-from benchmark import tracking
+from benchmark import store
 
 PROCESSES = 4
 STEPS = 100  # x 3 metrics, one call each: many small write transactions
+
+pytestmark = pytest.mark.foreign_runs  # runs written by hand, as another tool would
 
 
 def log_a_run(uri: str, index: int, start: multiprocessing.synchronize.Barrier) -> None:
     """What one cell does to the store, started in step with the others on a fresh store."""
     start.wait()
-    exp_id = tracking.experiment_id(uri, "benchmark")
+    exp_id = store.experiment_id(uri, "benchmark")
     with mlflow.start_run(experiment_id=exp_id, run_name=f"writer-{index}", tags={"i": index}):
         mlflow.log_params({f"param_{k}": k * index for k in range(50)})
         for step in range(STEPS):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from lightning.pytorch.callbacks import Callback
 
-from benchmark.training import TransferClassifier, run_cell
+from benchmark.cell import run_cell
 from tests.conftest import TINY
 
 
@@ -22,14 +23,15 @@ def test_same_seed_gives_the_same_metrics(make_cfg):
         assert history(first.run_id, key) == history(second.run_id, key), key
 
 
-def test_a_crash_inside_training_ends_the_run_failed_with_the_error(make_cfg, monkeypatch):
-    def broken(self, batch, index):
+class Explode(Callback):
+    def on_train_batch_start(self, trainer, module, batch, index) -> None:
         raise RuntimeError("exploded on purpose")
 
-    monkeypatch.setattr(TransferClassifier, "training_step", broken)
+
+def test_a_crash_inside_training_ends_the_run_failed_with_the_error(make_cfg):
     cfg = make_cfg(*TINY)
     with pytest.raises(RuntimeError, match="exploded on purpose"):
-        run_cell(cfg)
+        run_cell(cfg, callbacks=[Explode()])
     mlflow.set_tracking_uri(cfg.tracking.uri)
     (run,) = mlflow.search_runs(experiment_names=["benchmark"], output_format="list")
     assert run.info.status == "FAILED"

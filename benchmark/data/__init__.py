@@ -1,14 +1,8 @@
-"""Datasets as split manifests (sources -> scan -> manifest), and loaders that feed a backbone."""
+"""Datasets as split manifests: sources (each dataset's official layout) -> scan (file checks) ->
+manifest (splits). Light to import (pandas, Pillow); the loaders that feed a backbone are in
+`benchmark.data.loading` (torch, Lightning) and the decoded-image cache in `benchmark.data.cache`.
+"""
 
-from benchmark.data.loading import (
-    ImageDataset,
-    ManifestDataModule,
-    Preprocess,
-    build_augmentation,
-    build_transform,
-    load_rgb,
-    to_rgb,
-)
 from benchmark.data.manifest import Manifest, assign_splits, build_manifest
 from benchmark.data.scan import DatasetError, Scan, scan_class_folders, unusable_reason
 from benchmark.data.sources import PREPARERS, Source, register_dataset
@@ -16,19 +10,12 @@ from benchmark.data.sources import PREPARERS, Source, register_dataset
 __all__ = [
     "PREPARERS",
     "DatasetError",
-    "ImageDataset",
     "Manifest",
-    "ManifestDataModule",
-    "Preprocess",
     "Scan",
     "Source",
     "assign_splits",
-    "build_augmentation",
     "build_manifest",
-    "build_transform",
-    "load_rgb",
     "register_dataset",
     "scan_class_folders",
-    "to_rgb",
     "unusable_reason",
 ]

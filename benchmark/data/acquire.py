@@ -11,9 +11,20 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
-
 from benchmark.data.scan import DatasetError
+
+
+def download_and_extract_archive(url: str, download_root: str, remove_finished: bool) -> None:
+    """torchvision's downloader, imported when used (it brings torch)."""
+    from torchvision.datasets import utils
+
+    utils.download_and_extract_archive(url, download_root, remove_finished=remove_finished)
+
+
+def extract_archive(archive: str, to: str, remove_finished: bool) -> None:
+    from torchvision.datasets import utils
+
+    utils.extract_archive(archive, to, remove_finished=remove_finished)
 
 
 def tree_digest(folder: Path) -> str:

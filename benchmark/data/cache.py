@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from benchmark.data.loading import Preprocess, load_rgb
+from benchmark.images import Preprocess, load_rgb
 
 
 def stored_size(preprocess: Preprocess) -> int:

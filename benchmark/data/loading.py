@@ -6,54 +6,20 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import hydra
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from benchmark.images import Preprocess, load_rgb
+
 if TYPE_CHECKING:
     from benchmark.data.cache import ImageCache
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The input a backbone was trained on; it belongs to the backbone, never to the dataset."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode becomes RGB: 16-bit scaled (not clipped) to 8 bits, transparency composited on
-    white (not on whatever colour hides under alpha 0), palette and CMYK converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        image = Image.fromarray(np.round(pixels / peak * 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(canvas, image)
-    return image.convert("RGB")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """An upright (EXIF orientation applied) RGB image."""
-    with Image.open(path) as image:
-        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def build_augmentation(specs: list, preprocess: Preprocess) -> list[Callable]:

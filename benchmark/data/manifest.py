@@ -37,14 +37,19 @@ def _relative_to(root: Path) -> Callable[[str], str]:
 
 @dataclass
 class Manifest:
-    frame: pd.DataFrame  # path (absolute), label, split
+    frame: pd.DataFrame  # path (absolute), label, split, sha256 (of the file's bytes)
     skipped: pd.DataFrame  # path, reason
     root: Path  # manifest paths are stored relative to it
 
+    def relative_frame(self) -> pd.DataFrame:
+        """The rows with paths relative to the dataset's root (as in the manifest file)."""
+        return self.frame.assign(path=self.frame.path.map(_relative_to(self.root)))
+
     @cached_property
     def csv(self) -> str:
-        relative = self.frame.path.map(_relative_to(self.root))
-        return self.frame.assign(path=relative).to_csv(index=False)
+        """path, label, split and each file's content SHA-256: the hash of this text changes
+        when any image is added, removed, moved between splits or edited."""
+        return self.relative_frame().to_csv(index=False)
 
     @cached_property
     def sha256(self) -> str:
@@ -95,7 +100,7 @@ def assign_splits(images: pd.DataFrame, cfg: DatasetConfig, seed: int) -> pd.Dat
     if not (frame.split == "val").any() and cfg.val_fraction > 0:
         train = frame[frame.split == "train"]
         frame.loc[_stratified(train, cfg.val_fraction, seed, "val"), "split"] = "val"
-    return frame[["path", "label", "split"]]
+    return frame[["path", "label", "split", "sha256"]]
 
 
 def build_manifest(

@@ -7,6 +7,7 @@ never stop an epoch) or skipped with the reason, for the stats output and the ru
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,58 +70,62 @@ def _candidate(path: Path, placeholders: set[str]) -> str | None:
     return None
 
 
-# Verdicts of files already decoded, by (path, size, mtime): a dataset is decoded once, not per
-# run. Filled from and saved to a CSV by `remembered_verdicts`.
-_VERDICTS: dict[tuple[str, int, int], str | None] = {}
+# Verdicts of files already decoded, and their content digests, by (path, size, mtime): a dataset
+# is decoded and hashed once, not per run. Filled from and saved to a CSV by `remembered_verdicts`.
+_VERDICTS: dict[tuple[str, int, int], tuple[str | None, str]] = {}
+VERDICT_COLUMNS = ["path", "size", "mtime_ns", "reason", "sha256"]
 
 
 @contextmanager
 def remembered_verdicts(file: Path | None) -> Iterator[None]:
     """Reuse and extend the verdicts stored in `file` (no file: decode everything)."""
     if file is not None and file.is_file():
-        table = pd.read_csv(file, dtype={"reason": object}, keep_default_na=False)
-        _VERDICTS.update(
-            ((p, int(s), int(m)), r or None)
-            for p, s, m, r in table[["path", "size", "mtime_ns", "reason"]].itertuples(index=False)
-        )
+        table = pd.read_csv(file, dtype={"reason": object, "sha256": object}, keep_default_na=False)
+        if set(VERDICT_COLUMNS) <= set(table.columns):  # older caches lack digests: redo them
+            _VERDICTS.update(
+                ((p, int(s), int(m)), (r or None, d))
+                for p, s, m, r, d in table[VERDICT_COLUMNS].itertuples(index=False)
+            )
     try:
         yield
     finally:
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
-            rows = [(*key, reason or "") for key, reason in _VERDICTS.items()]
+            rows = [(*key, reason or "", digest) for key, (reason, digest) in _VERDICTS.items()]
             # Written aside then renamed: cells of a parallel sweep never read a half-written file.
             partial = file.with_name(f".{file.name}.{os.getpid()}")
-            pd.DataFrame(rows, columns=["path", "size", "mtime_ns", "reason"]).to_csv(
-                partial, index=False
-            )
+            pd.DataFrame(rows, columns=VERDICT_COLUMNS).to_csv(partial, index=False)
             partial.replace(file)
         _VERDICTS.clear()
 
 
-def _verdict(path: Path) -> str | None:
+def _verdict(path: Path) -> tuple[str | None, str]:
+    """Why the file is unusable (None: it decodes), and the SHA-256 of its bytes."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _VERDICTS:
-        _VERDICTS[key] = unusable_reason(path)
+        _VERDICTS[key] = (unusable_reason(path), hashlib.sha256(path.read_bytes()).hexdigest())
     return _VERDICTS[key]
 
 
 def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = "") -> Scan:
-    """Check every (path, label) row; decoding runs on all cores with a progress bar."""
+    """Check every (path, label) row; decoding runs on all cores with a progress bar. Usable
+    images get their content digest (`sha256`), which the manifest and its hash carry."""
     placeholders = set(placeholders)
     reasons = [_candidate(Path(p), placeholders) for p in files.path]
+    digests: list[str | None] = [None] * len(reasons)
     to_decode = [i for i, reason in enumerate(reasons) if reason is None]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = pool.map(_verdict, (Path(files.path.iloc[i]) for i in to_decode))
         progress = tqdm(
             decoded, total=len(to_decode), desc=desc, unit="img", disable=len(to_decode) < 500
         )
-        for i, reason in zip(to_decode, progress, strict=True):
-            reasons[i] = reason
+        for i, (reason, digest) in zip(to_decode, progress, strict=True):
+            reasons[i], digests[i] = reason, digest
     bad = pd.Series(reasons, index=files.index)
+    images = files.assign(sha256=digests)[bad.isna()].reset_index(drop=True)
     return Scan(
-        files[bad.isna()].reset_index(drop=True),
+        images,
         files[bad.notna()]
         .assign(reason=bad[bad.notna()])[["path", "reason"]]
         .reset_index(drop=True),

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from torchvision.datasets import Caltech256
 
 from benchmark.config import DatasetConfig
 from benchmark.data import acquire
@@ -156,6 +155,8 @@ def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
 
 
 def _caltech_layout(tmp: Path) -> Path:
+    from torchvision.datasets import Caltech256  # torch: imported only to download
+
     Caltech256(str(tmp), download=True)  # torchvision knows the official archive and its md5
     return tmp / "caltech256" / "256_ObjectCategories"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from benchmark.identity import default_tracking_uri
 from benchmark.report import figures
 from benchmark.report.tables import (
     CELL,
@@ -23,7 +24,6 @@ from benchmark.report.tables import (
     load_runs,
     summarise,
 )
-from benchmark.tracking import default_tracking_uri
 
 
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:

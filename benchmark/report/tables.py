@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from benchmark.tracking import CELL_PARAMS
+from benchmark.identity import CELL_PARAMS
 
 CELL = list(CELL_PARAMS)
 RULES = (

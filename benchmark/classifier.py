@@ -1,34 +1,22 @@
-"""One cell of the grid as a Lightning run: fit with checkpoint selection on validation accuracy,
-then test the selected checkpoint on the held-out split."""
+"""The model of a cell: a pretrained backbone and a new head, trained as its strategy says, and
+the Lightning callbacks of the recipes (two-stage unfreezing, early stopping, throughput)."""
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
-import hydra
 import lightning as L
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ModelCheckpoint
-from mlflow.entities import Run
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from benchmark import tracking
 from benchmark.config import OptimConfig
-from benchmark.data import ManifestDataModule, build_augmentation, build_manifest
-from benchmark.data.cache import build_image_cache
-from benchmark.features import FeatureDataModule, FeatureSet, feature_set
-from benchmark.models import Backbone, create_backbone, stage_of, trainable_from
-from benchmark.probe import fit_probe
-
-log = logging.getLogger("benchmark")
+from benchmark.models import Backbone, stage_of, trainable_from
 
 
 def build_head(
@@ -171,6 +159,7 @@ class TransferClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.optim["label_smoothing"])
         accuracy = self.accuracy[f"{stage}_acc"]
         accuracy(logits, targets)
+        logged = stage != "test"  # the test scores are part of the cell's result, logged once
         # Under DDP each rank sees a shard: the loss is averaged over the ranks (sync_dist), the
         # accuracy metric object gathers its counts across ranks itself.
         self.log(
@@ -180,8 +169,11 @@ class TransferClassifier(L.LightningModule):
             on_epoch=True,
             prog_bar=stage != "train",
             sync_dist=True,
+            logger=logged,
         )
-        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(
+            f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, logger=logged
+        )
         return loss
 
 
@@ -240,35 +232,6 @@ class TrainThroughput(Callback):
         return self.images / self.seconds if self.seconds else float("nan")
 
 
-@dataclass
-class CellResult:
-    cell: str
-    test_acc: float
-    test_loss: float
-    wall_s: float
-    run_id: str
-    tracking_uri: str
-    skipped: bool = False  # already FINISHED in an earlier run: not run again
-
-    def summary(self) -> str:
-        if self.skipped:
-            return (
-                f"{self.cell}: skipped, FINISHED earlier in MLflow run {self.run_id} "
-                f"(test_acc={self.test_acc:.4f}); rerun=true runs it again"
-            )
-        return (
-            f"{self.cell}: test_acc={self.test_acc:.4f} test_loss={self.test_loss:.4f} "
-            f"wall={self.wall_s:.1f}s | MLflow run {self.run_id} in {self.tracking_uri}"
-        )
-
-
-def cell_name(cfg: DictConfig) -> str:
-    return (
-        f"{cfg.dataset.name}/{cfg.colour.name}/{cfg.strategy.name}/"
-        f"{cfg.backbone.name}/seed={cfg.seed}"
-    )
-
-
 def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> TransferClassifier:
     strategy, head = cfg.strategy, cfg.head
     return TransferClassifier(
@@ -297,177 +260,3 @@ def recipe_callbacks(cfg: DictConfig) -> list[Callback]:
         lr = strategy.lr * strategy.unfreeze_lr_factor
         callbacks.append(StagedUnfreeze(strategy.unfreeze_at_epoch, strategy.unfreeze_stages, lr))
     return callbacks
-
-
-def input_kind(cfg: DictConfig, augmented: bool) -> str:
-    """What the head trains on: `features` (extracted once), `features:Kviews` (K augmented
-    views cached) or `images` (the backbone runs every epoch); a run param."""
-    strategy, speed = cfg.strategy, cfg.speed
-    frozen = (
-        strategy.trainable_stages == 0
-        and strategy.bn == "eval"
-        and strategy.unfreeze_at_epoch is None
-    )
-    if strategy.fit not in ("sgd", "lbfgs"):
-        raise ValueError(f"strategy.fit={strategy.fit!r}: use sgd or lbfgs.")
-    # DDP's ranks would each extract the features; a frozen backbone's head needs no DDP.
-    distributed = "ddp" in str(cfg.trainer.get("strategy", "")).lower()
-    if strategy.fit == "lbfgs":
-        if not frozen or distributed:
-            raise ValueError(
-                "strategy.fit=lbfgs fits on one device's features of a frozen backbone: use "
-                "trainable_stages=0 and a single-device trainer (not trainer=ddp)."
-            )
-        return "features"
-    if not (frozen and speed.feature_cache) or distributed:
-        return "images"
-    if not augmented:
-        return "features"
-    return f"features:{speed.augmented_views}views" if speed.augmented_views else "images"
-
-
-def run_cell(cfg: DictConfig) -> CellResult:
-    """Prepare, fit, select on validation, test; everything inside one MLflow run. A cell that
-    already FINISHED (same config hash) is skipped unless `rerun=true`."""
-    start = time.perf_counter()
-    if not cfg.rerun and (done := tracking.finished_run(cfg)) is not None:
-        metrics = done.data.metrics
-        return CellResult(
-            cell_name(cfg),
-            metrics["test_acc"],
-            metrics["test_loss"],
-            0.0,
-            done.info.run_id,
-            tracking.tracking_uri(cfg),
-            skipped=True,
-        )
-    L.seed_everything(cfg.seed, workers=True)
-    with tracking.cell_run(cfg, cell_name(cfg)) as run:
-        manifest = build_manifest(
-            cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
-        )
-        tracking.log_manifest(manifest)
-        backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights_path)
-        data = image_data(cfg, manifest.frame, backbone)
-        kind = input_kind(cfg, bool(data.augmentation))
-        tracking.log_input(kind)
-        features = None
-        if kind.startswith("features"):
-            views = cfg.speed.augmented_views if kind != "features" else 0
-            features = cell_features(cfg, data, backbone, views)
-            tracking.log_build("feature_build_s", features.build_s)
-        if cfg.strategy.fit == "lbfgs":
-            probe = fit_probe(features, list(cfg.strategy.probe_c), len(data.classes))
-            tracking.log_probe(probe)
-            scores = {"test_acc": probe.test_acc, "test_loss": probe.test_loss}
-            tracking.log_device(None)
-            confusion, images_per_s, device = probe.confusion, None, torch.device("cpu")
-        else:
-            scores, confusion, images_per_s, device = fit_and_test(
-                cfg, data, backbone, features, run
-            )
-        tracking.log_confusion(confusion, data.classes)
-        wall_s = time.perf_counter() - start
-        tracking.log_cost(wall_s, images_per_s, device)
-    return CellResult(
-        cell_name(cfg),
-        scores["test_acc"],
-        scores["test_loss"],
-        wall_s,
-        run.info.run_id,
-        tracking.tracking_uri(cfg),
-    )
-
-
-def image_data(cfg: DictConfig, manifest: pd.DataFrame, backbone: Backbone) -> ManifestDataModule:
-    """The image loaders, reading the decoded image cache when `speed.image_cache` is on."""
-    cache = None
-    if cfg.speed.image_cache:
-        cache, build_s = build_image_cache(
-            manifest.path.tolist(), backbone.preprocess, Path(cfg.paths.cache_dir)
-        )
-        tracking.log_build("image_cache_build_s", build_s)
-    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    augmentation = build_augmentation(cfg.augment.transforms, backbone.preprocess)
-    if augmentation and not cfg.strategy.train_augmentation:
-        log.info(
-            "strategy=%s trains without augmentation: augment=%s is not applied "
-            "(strategy.train_augmentation=true applies it).",
-            cfg.strategy.name,
-            cfg.augment.name,
-        )
-        augmentation = []
-    return ManifestDataModule(
-        manifest,
-        backbone.preprocess,
-        cfg.colour.grayscale,
-        cfg.data.batch_size,
-        cfg.data.num_workers,
-        augmentation,
-        cache=cache,
-        channels_last=cfg.speed.channels_last and on_gpu,
-    )
-
-
-def cell_features(
-    cfg: DictConfig, data: ManifestDataModule, backbone: Backbone, views: int
-) -> FeatureSet:
-    """The frozen backbone's features, extracted on the cell's accelerator and precision."""
-    extractor: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        devices=1,
-        strategy="auto",
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    identity = {
-        "grayscale": cfg.colour.grayscale,
-        "preprocess": asdict(backbone.preprocess),
-        "precision": str(cfg.trainer.precision),
-        "image_cache": cfg.speed.image_cache,
-    }
-    cache_dir = Path(cfg.paths.cache_dir)
-    return feature_set(data, backbone.model, extractor, cache_dir, identity, views, cfg.seed)
-
-
-def fit_and_test(
-    cfg: DictConfig,
-    data: ManifestDataModule,
-    backbone: Backbone,
-    features: FeatureSet | None,
-    run: Run,
-) -> tuple[dict[str, float], torch.Tensor, float, torch.device]:
-    """Lightning epochs on the images, or on cached features (then the model is the head
-    alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
-    draws random numbers while extracting) and a hit train the same head."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if features is None:
-        model = make_model(cfg, backbone, len(data.classes))
-        datamodule: L.LightningDataModule = data
-    else:
-        head_only = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
-        model = make_model(cfg, head_only, len(data.classes))
-        datamodule = FeatureDataModule(features, data.classes, cfg.data.batch_size, cfg.seed)
-    if data.normalize.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    checkpoint = ModelCheckpoint(
-        dirpath=Path(cfg.paths.output_dir) / "checkpoints",
-        monitor="val_acc",
-        mode="max",
-        save_top_k=1,
-        filename="best-{epoch}-{val_acc:.4f}",
-    )
-    throughput = TrainThroughput()
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=[checkpoint, throughput, *recipe_callbacks(cfg)],
-        logger=tracking.lightning_logger(run),
-        default_root_dir=cfg.paths.output_dir,
-    )
-    fitted = torch.compile(model) if cfg.speed.compile else model
-    trainer.fit(fitted, datamodule=datamodule)
-    (scores,) = trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
-    tracking.log_device(trainer)
-    return scores, model.test_confusion, throughput.images_per_s, trainer.strategy.root_device

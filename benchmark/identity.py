@@ -1,0 +1,128 @@
+"""What a cell is and what its run is called: names, params, the hashes that identify a cell, and
+where runs are stored. No torch, Lightning or MLflow here: the report, the launchers and the
+command line read it without paying for them.
+
+- `cell_key`: what the cell computes, on which data (its resolved config less the volatile keys,
+  plus the data's fingerprint): a relaunch skips a cell whose key FINISHED; changed data is a new
+  key, so it runs again.
+- `cell_group`: the same config less the seed (and without the data's fingerprint): the runs
+  that the report may average over seeds. Runs that differ in anything else (epochs, lr,
+  classes, a user dataset's folder...) are different groups, never pooled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+# The names users filter and group by: params.dataset, params.colour, ...
+CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
+# Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
+NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "logger")
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+# Tags every run of the harness carries; anything else in an experiment is not a result of ours.
+HARNESS_TAG = "benchmark.harness"
+SCHEMA_TAG = "benchmark.schema"
+SCHEMA_VERSION = "2"
+KIND_TAG = "benchmark.kind"  # "cell", or "sweep" for a sweep's parent run
+CELL_KEY_TAG = "cell_key"
+CELL_GROUP_TAG = "cell_group"
+DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+# In a cell's output folder once its run has started: which run to end FAILED if the process is
+# killed before the cell can (launchers, and the stale-run rule of `benchmark.store`).
+RUN_FILE = "mlflow_run.json"
+# Rank 0's run id, inherited by the ranks that Lightning's DDP launcher starts as subprocesses.
+RUN_ID_ENV = "BENCHMARK_RUN_ID"
+# The sweep folder and its parent run, for cells that run in processes of their own.
+SWEEP_ENV = "BENCHMARK_SWEEP"
+PARENT_RUN_ENV = "BENCHMARK_PARENT_RUN_ID"
+
+# Where a cell writes and how it shows progress or logs, not what it computes: left out of its
+# identity.
+VOLATILE_KEYS = (
+    "paths",
+    "tracking",
+    "rerun",
+    "logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "data.num_workers",
+)
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own default store, with the path made absolute so every process agrees."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    return cfg.tracking.uri or default_tracking_uri()
+
+
+def cell_name(cfg: DictConfig) -> str:
+    return (
+        f"{cfg.dataset.name}/{cfg.colour.name}/{cfg.strategy.name}/"
+        f"{cfg.backbone.name}/seed={cfg.seed}"
+    )
+
+
+def run_params(cfg: DictConfig) -> dict[str, object]:
+    """Every key of the resolved config once: a group's choice under the group's name
+    (`dataset`, `head`), everything else flattened (`strategy.lr`, `optim.momentum`...)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat = pd.json_normalize(resolved, sep=".").iloc[0].to_dict()
+    named = {group: flat.pop(f"{group}.name") for group in NAMED_GROUPS if f"{group}.name" in flat}
+    return {**named, **flat}
+
+
+def _kept(params: dict[str, object], also: tuple[str, ...] = ()) -> dict[str, object]:
+    dropped = (*VOLATILE_KEYS, *also)
+    prefixes = tuple(f"{key}." for key in dropped)
+    return {k: v for k, v in params.items() if k not in dropped and not k.startswith(prefixes)}
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cell_key(cfg: DictConfig, data_sha256: str | None = None) -> str:
+    """A stable hash of what the cell computes and on which data: the same command relaunched
+    on the same files finds the cells it already finished."""
+    return _digest([_kept(run_params(cfg)), data_sha256])
+
+
+def cell_group(cfg: DictConfig) -> str:
+    """The hash of the config less the seed: runs with one group differ only in their seed."""
+    return _digest(_kept(run_params(cfg), also=("seed",)))
+
+
+def is_debug(cfg: DictConfig) -> bool:
+    """A partial budget: fewer batches than the data holds, a fast dev run or a step limit."""
+    trainer = cfg.trainer
+    limits = [trainer.get(f"limit_{split}_batches", 1.0) for split in ("train", "val", "test")]
+    partial = any(
+        limit is not None and (isinstance(limit, int) or float(limit) < 1.0) for limit in limits
+    )
+    steps = trainer.get("max_steps", -1)
+    return partial or bool(trainer.get("fast_dev_run", False)) or (steps not in (None, -1))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,0 +1,40 @@
+"""Which cells of a relaunched sweep are already done, decided without torch: a cell is done when
+the store holds a FINISHED run with its key (its config and the fingerprint of its data), so a
+relaunch runs the failed, interrupted and missing cells, and those whose data changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from benchmark import identity, store
+from benchmark.data.manifest import Manifest, build_manifest
+from benchmark.result import CellSummary
+
+
+def cell_manifest(cfg: DictConfig) -> Manifest:
+    """The cell's images and splits (files checked once, verdicts remembered in the cache)."""
+    return build_manifest(
+        cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
+    )
+
+
+def finished_earlier(cfg: DictConfig, key: str) -> CellSummary | None:
+    """The summary of this cell's latest FINISHED run, if there is one."""
+    if os.environ.get(identity.RUN_ID_ENV):
+        return None  # a DDP rank started by rank 0, which has already decided to run the cell
+    uri = identity.tracking_uri(cfg)
+    run = store.finished_run(uri, cfg.tracking.experiment, key)
+    if run is None:
+        return None
+    metrics = run.data.metrics
+    return CellSummary(
+        identity.cell_name(cfg),
+        run.info.run_id,
+        uri,
+        metrics["test_acc"],
+        metrics.get("test_loss"),
+        skipped=True,
+    )

@@ -1,0 +1,163 @@
+"""The MLflow store as the harness uses it, without torch or Lightning: the experiment, the search
+for a cell that already FINISHED, and the rule that ends FAILED a run whose process is gone.
+
+Every run of a cell carries a heartbeat (host, pid, the process's start time, and the time of
+its last sign of life). A RUNNING run whose process no longer exists on this host, or whose
+heartbeat is older than `STALE_AFTER_S` on another host, is ended FAILED ("killed") by whoever
+looks next: a relaunch deciding what to skip, a launcher, or the report. All of them call
+`end_stale_runs`, so they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+from filelock import FileLock
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+from benchmark.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, RUN_FILE
+
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
+BEAT_TAG = "heartbeat.last"
+HEARTBEAT_S = 30.0  # how often a running cell says it is alive
+STALE_AFTER_S = 600.0  # silence after which a run on another host counts as dead
+# The MLflow UI opens an experiment of this kind on its runs (not on the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns).
+
+    Processes that open a fresh SQLite store at the same moment race through MLflow's schema
+    migrations ("table ... already exists", alembic version errors) and to create the experiment:
+    a file lock beside the store lets one of them create both while the others wait.
+    """
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
+        return _get_or_create_experiment(name, None)
+    store = Path(uri.removeprefix("sqlite:///"))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{store}.lock", timeout=600):
+        return _get_or_create_experiment(name, (store.parent / "mlartifacts").as_uri())
+
+
+def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
+    if (experiment := mlflow.get_experiment_by_name(name)) is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    except MlflowException as error:  # another process created it since we looked
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def finished_run(uri: str, experiment: str, key: str) -> Run | None:
+    """The latest FINISHED run of the cell with this key, if any (stale runs ended first)."""
+    exp_id = experiment_id(uri, experiment)
+    end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
+    runs = mlflow.search_runs(
+        [exp_id],
+        f"tags.{CELL_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+# ---------------------------------------------------------------- heartbeat
+
+
+def heartbeat_tags() -> dict[str, str]:
+    """Who runs this cell: set when its run starts."""
+    process = psutil.Process()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(process.pid),
+        PID_STARTED_TAG: f"{process.create_time():.3f}",
+        BEAT_TAG: f"{time.time():.0f}",
+    }
+
+
+def beat(client: mlflow.MlflowClient, run_id: str) -> None:
+    client.set_tag(run_id, BEAT_TAG, f"{time.time():.0f}")
+
+
+def gone_reason(tags: dict[str, str], now: float | None = None) -> str | None:
+    """Why the process behind a RUNNING run is gone, or None while it may still be alive."""
+    if PID_TAG not in tags:
+        return None  # not one of ours, or from before heartbeats: left alone
+    now = time.time() if now is None else now
+    if tags.get(HOST_TAG) == socket.gethostname():
+        pid, started = int(tags[PID_TAG]), float(tags.get(PID_STARTED_TAG, 0))
+        try:
+            alive = abs(psutil.Process(pid).create_time() - started) < 1.0  # not a reused pid
+        except psutil.Error:
+            alive = False
+        return None if alive else f"killed: its process {pid} on this host is gone"
+    silent = now - float(tags.get(BEAT_TAG, 0))
+    if silent > STALE_AFTER_S:
+        return f"killed: no heartbeat from {tags.get(HOST_TAG)} for {silent:.0f}s"
+    return None
+
+
+def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """End FAILED every RUNNING run of the harness whose process is gone; their ids."""
+    running = client.search_runs(
+        experiment_ids,
+        f"attributes.status = 'RUNNING' and tags.`{HARNESS_TAG}` = 'benchmark'",
+        max_results=10_000,
+    )
+    ended = []
+    for run in running:
+        if (reason := gone_reason(run.data.tags)) is not None:
+            client.set_tag(run.info.run_id, "error", reason)
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            ended.append(run.info.run_id)
+    return ended
+
+
+def fail_abandoned_run(folder: Path, reason: str) -> str | None:
+    """End FAILED, with `reason` as its `error` tag, the run that a cell killed in `folder` left
+    RUNNING (the process could not end it itself); its id, or None if there was none."""
+    file = folder / RUN_FILE
+    if not file.is_file():
+        return None
+    started = json.loads(file.read_text())
+    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
+    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        return None
+    client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run_id
+
+
+# ---------------------------------------------------------------- a sweep's parent run
+
+
+def start_sweep_run(uri: str, experiment: str, sweep_dir: str) -> str:
+    """The parent run of a sweep; its cells nest under it (tag mlflow.parentRunId)."""
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(
+        experiment_id(uri, experiment),
+        run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
+        tags={HARNESS_TAG: "benchmark", KIND_TAG: "sweep", "sweep": sweep_dir, **heartbeat_tags()},
+    )
+    return run.info.run_id
+
+
+def end_sweep_run(uri: str, run_id: str, outcomes: dict[str, int]) -> None:
+    """FINISHED, or FAILED when a cell failed; the counts of each outcome as metrics."""
+    client = mlflow.MlflowClient(uri)
+    for state, count in outcomes.items():
+        client.log_metric(run_id, f"cells_{state}", count)
+    status = RunStatus.FAILED if outcomes.get("failed") else RunStatus.FINISHED
+    client.set_terminated(run_id, RunStatus.to_string(status))
