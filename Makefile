@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The store: $MLFLOW_TRACKING_URI, else ./mlflow.db (what `python -m benchmark` uses too).
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test test-slow run grid ui report report-check data-stats bench clean
+.PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench clean
 
 install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ report-check: report  ## render results/report.html in headless Chromium -> resu
 	  --disable-background-networking --disable-component-update --disable-sync \
 	  --user-data-dir=$$(mktemp -d) --window-size=1200,3000 \
 	  --screenshot=$(CURDIR)/results/report.png file://$(CURDIR)/results/report.html
+
+UI_STORE ?= $(TRACKING_URI)
+ui-check:  ## the MLflow UI in headless Chromium (needs chromium, chromium-driver, selenium)
+	$(BIN)/python scripts/mlflow_ui_check.py --tracking-uri $(UI_STORE) --out results/ui
 
 DATASET ?= hymenoptera
 data-stats:  ## per-split class counts and skipped files: make data-stats DATASET=simpsons

@@ -56,7 +56,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     experiment = mlflow.MlflowClient(args.tracking_uri).get_experiment_by_name(args.experiment)
     cells = mlflow.MlflowClient(args.tracking_uri).search_runs(
-        [experiment.experiment_id], "tags.`benchmark.kind` = 'cell'", max_results=1
+        [experiment.experiment_id],
+        "tags.`benchmark.kind` = 'cell'",
+        max_results=1,
+        order_by=["metrics.wall_time_s DESC"],  # the longest cell: the most system metrics
     )
     port = free_port()
     server = subprocess.Popen(
@@ -72,8 +75,14 @@ def main() -> int:
         try:
             driver.get(f"{base}/#/experiments/{experiment.experiment_id}/runs")
             time.sleep(8)
-            for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label*='xpand']"):
-                button.click()  # open each sweep's parent run to show its cells
+            for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+                if close.is_displayed():
+                    close.click()  # the assistant's side panel
+            expanders = driver.find_elements(
+                By.CSS_SELECTOR, "button[data-component-id$='runnamecellrenderer.tsx_46']"
+            )
+            for button in expanders:  # open each sweep's parent run to show its cells
+                button.click()
                 time.sleep(1)
             time.sleep(3)
             driver.save_screenshot(str(args.out / "mlflow-ui-sweep.png"))
