@@ -17,7 +17,6 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 log = logging.getLogger("benchmark")
@@ -33,8 +32,14 @@ class CellOutcome:
     run_id: str | None = None
     error: str | None = None
 
-    @rank_zero_only  # a DDP cell's ranks share its folder: rank 0 speaks for the cell
     def save(self, folder: Path) -> None:
+        """A DDP cell's ranks share its folder: rank 0 speaks for the cell."""
+        # Imported here: `benchmark --help`, `--cfg` and shell completion import this module
+        # (through the gpus launcher's registration) and need no Lightning.
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank != 0:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
 
