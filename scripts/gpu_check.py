@@ -310,10 +310,15 @@ def main() -> int:
     check.say("imports: hydra, mlflow (SQLite store), the Lite0 weights and benchmark work")
     probe = check.machine()
     if not probe.get("cuda_available"):
+        checked = (
+            f"the pack ({pack['wheels']} wheels, {pack['images']} images) and the imports are fine"
+            if pack["present"]
+            else "the imports are fine (no .gpu-pack here)"
+        )
         return check.finish(
             2,
-            "no CUDA device here; the pack and the imports are fine, the gpu tests and the bench "
-            f"need one (torch {probe.get('torch')}, Python {probe.get('python')})",
+            f"no CUDA device here; {checked}; the gpu tests and the bench need one "
+            f"(torch {probe.get('torch')}, Python {probe.get('python')})",
         )
     check.say(f"{probe['gpu']}, torch {probe['torch']} (CUDA {probe['torch_cuda']})")
     check.cli()
