@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # The store: $MLFLOW_TRACKING_URI, else ./mlflow.db (what `python -m benchmark` uses too).
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench clean
+.PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench \
+	gpu-pack gpu-check clean
 
 install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,15 @@ data-stats:  ## per-split class counts and skipped files: make data-stats DATASE
 BENCH_ARGS ?=
 bench:  ## cell cost vs the study's loop and the compute-only limit (long: see README)
 	$(BIN)/python -m benchmark.bench $(BENCH_ARGS)
+
+GPU_PACK_ARGS ?=
+gpu-pack:  ## .gpu-pack/: the wheels and images a lent GPU machine lacks (fails over 64 MiB)
+	$(BIN)/python scripts/gpu_pack.py $(GPU_PACK_ARGS)
+
+# On the GPU machine there is no .venv: its python3 holds torch.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:  ## on a GPU: install the pack, CUDA, pytest -m gpu, a short bench -> gpu-check.json
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -8,7 +8,10 @@ For each dataset and strategy it measures:
   with PIL and transforms it every epoch, the same backbone, epochs, batch size and workers;
 - the compute-only limit: the same model on ready tensors (forward, and forward + backward +
   step), times the images each cell must push through it.
-It prints a table and ends with one JSON line holding every figure.
+On a GPU (`--device cuda`, the default when there is one) our cells run with `trainer=gpu` (bf16,
+channels-last), the compute limit in the same bf16 autocast and memory format, and the study's
+loop as the study ran it (float32, the model and each batch moved to the GPU).
+It prints a table and ends with one JSON line holding every figure (`--json FILE` writes it too).
 """
 
 from __future__ import annotations
@@ -41,36 +44,62 @@ DEFAULT_DATA = os.environ.get("BENCHMARK_DATA_ROOT", "data")
 # ---------------------------------------------------------------- the compute-only limit
 
 
-def images_per_second(model: nn.Module, batch: int, size: int, train: bool, steps: int) -> float:
-    """The model alone on ready tensors: no data loading, no logging."""
-    images = torch.randn(batch, 3, size, size)
-    targets = torch.randint(0, 2, (batch,))
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(
+    model: nn.Module,
+    batch: int,
+    size: int,
+    train: bool,
+    steps: int,
+    device: torch.device | None = None,
+) -> float:
+    """The model alone on ready tensors: no data loading, no logging. On CUDA as our cells run
+    there (`trainer=gpu`): channels-last, bf16 autocast."""
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    model = model.to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size, device=device)
+    if cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 2, (batch,), device=device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train(train)
 
     def step() -> None:
-        if train:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), targets).backward()
-            optimizer.step()
-        else:
-            with torch.inference_mode():
-                model(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            if train:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(images), targets).backward()
+                optimizer.step()
+            else:
+                with torch.inference_mode():
+                    model(images)
 
     step()  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 
-def compute_limit(backbone: str, classes: int, batch: int, steps: int) -> dict[str, float]:
+def compute_limit(
+    backbone: str, classes: int, batch: int, steps: int, device: torch.device | None = None
+) -> dict[str, float]:
     made = create_backbone(backbone)
     model = nn.Sequential(made.model, nn.Linear(made.num_features, classes))
     size = made.preprocess.input_size
     return {
-        "forward_img_s": images_per_second(model, batch, size, train=False, steps=steps),
-        "train_step_img_s": images_per_second(model, batch, size, train=True, steps=steps),
+        "forward_img_s": images_per_second(model, batch, size, False, steps, device),
+        "train_step_img_s": images_per_second(model, batch, size, True, steps, device),
     }
 
 
@@ -120,7 +149,8 @@ def study_loop(args: argparse.Namespace) -> dict[str, float]:
         return DataLoader(dataset, args.batch_size, shuffle=shuffle, num_workers=args.workers)
 
     train, val = loader("train", train_tf, True), loader("val", val_tf, False)
-    model = nn.Sequential(made.model, nn.Linear(made.num_features, len(classes)))
+    device = torch.device(args.device)
+    model = nn.Sequential(made.model, nn.Linear(made.num_features, len(classes))).to(device)
     if args.strategy == "freeze":
         for parameter in made.model.parameters():
             parameter.requires_grad = False
@@ -132,6 +162,7 @@ def study_loop(args: argparse.Namespace) -> dict[str, float]:
         start = time.perf_counter()
         model.train()
         for images, targets in train:
+            images, targets = images.to(device), targets.to(device)
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), targets).backward()
             optimizer.step()
@@ -140,6 +171,7 @@ def study_loop(args: argparse.Namespace) -> dict[str, float]:
         hits = 0
         with torch.no_grad():
             for images, targets in val:
+                images, targets = images.to(device), targets.to(device)
                 hits += int((model(images).argmax(1) == targets).sum())
         best = max(best, hits / len(val.dataset))
         seconds.append(time.perf_counter() - start)
@@ -172,6 +204,8 @@ def our_cell(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -
         f"tracking.uri={args.tracking_uri}",
         f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}",
         "rerun=true",
+        # bf16 and channels-last on a GPU, as users run a GPU cell; the CPU otherwise.
+        "trainer=gpu" if args.device == "cuda" else "trainer.accelerator=cpu",
     ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -218,6 +252,7 @@ def study(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, fl
         f"--workers={args.workers}",
         f"--data-root={args.data_root}",
         f"--cache-dir={args.cache_dir}",
+        f"--device={args.device}",
         f"--out={out}",
     ]
     subprocess.run(command, check=True)
@@ -227,7 +262,8 @@ def study(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, fl
 def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
     sizes = split_sizes(dataset, args)
     n_train, n_val, n_test = sizes["train"], sizes["val"], sizes["test"]
-    limit = compute_limit(args.backbone, 2, args.batch_size, args.compute_steps)
+    device = torch.device(args.device)
+    limit = compute_limit(args.backbone, 2, args.batch_size, args.compute_steps, device)
     forward, train_step = limit["forward_img_s"], limit["train_step_img_s"]
     one_pass_s = (n_train + n_val + n_test) / forward
     floors = {
@@ -264,6 +300,8 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
             "feature_build_s": first.get("feature_build_s", 0.0),
             "train_img_s": cell["train_images_per_s"],
             "peak_rss_mb": cell["peak_rss_mb"],
+            "peak_gpu_mem_mb": cell.get("peak_gpu_mem_mb"),
+            "device": args.device_name,
             "test_acc": cell["test_acc"],
             "study_s": study_s,
             "study_epochs_timed": args.reference_epochs or args.epochs,
@@ -300,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compute-steps", type=int, default=5)
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where cells, the study's loop and the compute limit run (auto: cuda if there is one)",
+    )
+    parser.add_argument("--json", help="also write the final JSON object to this file")
     parser.add_argument("--data-root", default=DEFAULT_DATA)
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
     parser.add_argument("--work", default=None, help="runs and store; default: temporary")
@@ -309,16 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.study_loop:
         Path(args.out).write_text(json.dumps(study_loop(args)))
         return 0
+    args.device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     args.work = args.work or tempfile.mkdtemp(prefix="bench-")
     args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
     args.tracking_uri = f"sqlite:///{Path(args.work).resolve() / 'mlflow.db'}"
     args.strategies = args.strategies.split(",")
     print(
         f"bench: {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, "
-        f"{args.workers} loader workers, {torch.get_num_threads()} torch threads; in {args.work}"
+        f"{args.workers} loader workers, {torch.get_num_threads()} torch threads, "
+        f"on {args.device_name}; in {args.work}"
     )
     rows = [row for d in args.datasets.split(",") for row in bench_dataset(d, args)]
     table = pd.DataFrame(rows)
@@ -340,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     shown += [c for c in ("freeze_vs_finetune", "study_freeze_vs_finetune") if c in table]
     print(table[shown].round(3).to_string(index=False))
-    print(json.dumps({"bench": rows}))
+    figures = json.dumps({"bench": rows})
+    print(figures)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(figures + "\n")
     return 0
 
 

@@ -36,9 +36,12 @@ class CellOutcome:
     error: str | None = None
 
     def save(self, folder: Path) -> None:
-        from lightning.fabric.utilities.rank_zero import rank_zero_only  # a cell has Lightning
+        """A DDP cell's ranks share its folder: rank 0 speaks for the cell."""
+        # Imported here: `benchmark --help`, `--cfg` and shell completion import this module
+        # (through the gpus launcher's registration) and need no Lightning.
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        if rank_zero_only.rank != 0:  # a DDP cell's ranks share its folder: rank 0 speaks
+        if rank_zero_only.rank != 0:
             return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from benchmark.identity import HARNESS_TAG
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
-SHARED_DATA = PROJECT.parent / "shared" / "data"
+# The real images: ../shared/data, or where BENCHMARK_TEST_DATA says (make gpu-check points it at
+# the images of .gpu-pack on a GPU machine, where ../shared does not travel).
+SHARED_DATA = Path(os.environ.get("BENCHMARK_TEST_DATA", PROJECT.parent / "shared" / "data"))
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 
 # Tiny settings that still run every stage (fit, validation, checkpoint, test) on real images.
