@@ -25,7 +25,11 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# Absolute: the installed `benchmark` command finds conf/ from any folder.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
     from benchmark.cell import run_cell

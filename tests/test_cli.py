@@ -66,11 +66,6 @@ def test_help_describes_the_tool_its_groups_and_examples(tmp_path):
     assert "== Config ==" not in text  # the composed config is `--cfg job`'s, not the help's
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the installed command finds conf/ only once benchmark/__main__.py gives "
-    "hydra.main an absolute config_path (a relative one becomes pkg://conf there)",
-)
 def test_bash_completion_of_the_installed_command(tmp_path):
     """What `eval "$(benchmark -sc install=bash)"` then <TAB> does in bash, from any folder."""
     script = console_script(tmp_path / "bin", tmp_path / "site")

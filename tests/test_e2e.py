@@ -63,7 +63,7 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     for metric in ("train_loss", "val_loss", "val_acc", "test_acc", "test_loss"):
         assert runs[f"metrics.{metric}"].notna().all(), metric
     assert runs["metrics.test_acc"].between(0, 1).all()
-    for tag in ("git_commit", "torch_version", "device"):
+    for tag in ("mlflow.source.git.commit", "torch_version", "device", "cell_group", "debug"):
         assert runs[f"tags.{tag}"].notna().all(), tag
 
     for cost in ("wall_time_s", "train_images_per_s", "peak_rss_mb"):
