@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -147,7 +148,8 @@ def test_linear_probe_chooses_c_on_validation_and_scores_the_test_split(make_cfg
     result, run_data = run(
         make_cfg, "dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=linear_probe"
     )
-    grid = mlflow.load_table("probe_c_grid.json", run_ids=[result.run_id])  # a table, not steps
+    table = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/probe_c_grid.json")  # an MLflow
+    grid = pd.DataFrame(table["data"], columns=table["columns"])  # table, not step metrics
     val = dict(zip(grid.C, grid.val_acc, strict=True))
     assert len(val) == 12
     chosen = float(run_data.params["probe_c_chosen"])
