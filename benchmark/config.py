@@ -3,7 +3,7 @@ before any data is touched or any run is opened.
 
 Each dataclass is the schema of one config group, and each group mirrors one module:
 `dataset` -> `benchmark.data`, `backbone` and `strategy` -> `benchmark.models`, `head` ->
-`benchmark.training`,
+`benchmark.classifier`,
 `trainer` -> Lightning's Trainer (arguments pass through), `tracking` -> `benchmark.tracking`.
 """
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from benchmark.config import DatasetConfig
-from benchmark.data import ManifestDataModule, build_manifest
+from benchmark.data import build_manifest
+from benchmark.data.loading import ManifestDataModule
 from benchmark.models import create_backbone
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import runs_in
