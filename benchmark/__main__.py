@@ -15,7 +15,9 @@ from benchmark.config import register_configs
 from benchmark.data import DatasetError
 from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
 from benchmark.models import BackboneError
+from benchmark.store import TrackingUnreachable, explained
 from benchmark.sweep import CellOutcome
+from benchmark.tracking import tracking_uri
 from benchmark.training import cell_name, run_cell
 
 log = logging.getLogger("benchmark")
@@ -35,9 +37,10 @@ def main(cfg: DictConfig) -> CellOutcome:
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
     try:
-        result = run_cell(cfg)
+        with explained(tracking_uri(cfg)):  # the tracking server went away: one line
+            result = run_cell(cfg)
     except Exception as error:
-        bad_input = isinstance(error, DatasetError | BackboneError)
+        bad_input = isinstance(error, DatasetError | BackboneError | TrackingUnreachable)
         if bad_input:  # not a bug: say what and how to fix it, without a traceback
             log.error("%s", error)
         else:

@@ -127,12 +127,18 @@ class CellProcessLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from benchmark import tracking  # the store and experiment exist before cells race
+        from benchmark import store, tracking  # the store and experiment exist before cells race
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-        tracking.experiment_id(tracking.tracking_uri(self.config), self.config.tracking.experiment)
+        try:
+            tracking.experiment_id(
+                tracking.tracking_uri(self.config), self.config.tracking.experiment
+            )
+        except store.TrackingUnreachable as error:  # said in one line, before any cell starts
+            log.error("%s", error)
+            raise SystemExit(1) from None
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         gpus = visible_gpus() if self.gpus is None else list(self.gpus)
@@ -170,6 +176,7 @@ class CellProcessLauncher(Launcher):
                 returns[cell.index] = self._finish(
                     cell.overrides, cell.config, cell.folder, outcome
                 )
+        self._end_runs_left_running([returns[i] for i in sorted(returns)])
         return [returns[i] for i in sorted(returns)]
 
     def _prepare(
@@ -250,6 +257,32 @@ class CellProcessLauncher(Launcher):
             run_id = None
         error = f"{reason}; see {cell.folder / 'cell.log'}"
         return CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
+
+    def _end_runs_left_running(self, returns: Sequence[JobReturn]) -> None:
+        """A cell that failed because the tracking server went away could neither end nor tag
+        its run (nor could `_outcome`, while the server was down): it would stay RUNNING. Once
+        the sweep is over, each failed cell's run is ended FAILED with the cell's error, if the
+        store answers by then (benchmark.store.settle_failed_run)."""
+        from benchmark import store, tracking
+
+        failed = [
+            (Path(job.working_dir) / tracking.RUN_FILE, job.return_value.error or "failed")
+            for job in returns
+            if job.working_dir and job.return_value.status == "failed"
+        ]
+        if not failed:
+            return
+        try:
+            store.check_reachable(tracking.tracking_uri(self.config))
+        except store.TrackingUnreachable as error:
+            log.warning("%s The runs of the failed cells may stay RUNNING.", error)
+            return
+        for run_file, error in failed:
+            try:
+                if (run_id := store.settle_failed_run(run_file, error)) is not None:
+                    log.info("\tRun %s of %s ended FAILED, with its error", run_id, run_file.parent)
+            except Exception:
+                log.warning("Could not end the MLflow run of %s", run_file.parent, exc_info=True)
 
     def _finish(
         self,

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.utilities.plot import plot_confusion_matrix
 
 from benchmark.data import Manifest
+from benchmark.store import check_reachable, settle_abandoned_runs
 
 if TYPE_CHECKING:
     from benchmark.probe import ProbeResult
@@ -61,6 +62,7 @@ def experiment_id(uri: str, name: str) -> str:
     migrations ("table ... already exists", alembic version errors) and to create the experiment:
     a file lock beside the store lets one of them create both while the others wait.
     """
+    check_reachable(uri)  # a server that is down: one line at once, not minutes
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
         return _get_or_create_experiment(name, None)
@@ -125,6 +127,7 @@ def finished_run(cfg: DictConfig) -> Run | None:
     if rank_zero_only.rank != 0 and os.environ.get(RUN_ID_ENV):
         return None  # a DDP rank started by rank 0, which has already decided to run the cell
     exp_id = experiment_id(tracking_uri(cfg), cfg.tracking.experiment)
+    settle_abandoned_runs(exp_id, cell_key(cfg))  # its runs a failed process left RUNNING
     runs = mlflow.search_runs(
         [exp_id],
         f"tags.cell_key = '{cell_key(cfg)}' and attributes.status = 'FINISHED'",

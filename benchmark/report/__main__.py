@@ -23,6 +23,7 @@ from benchmark.report.tables import (
     load_runs,
     summarise,
 )
+from benchmark.store import TrackingUnreachable, check_reachable
 from benchmark.tracking import default_tracking_uri
 
 
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     try:
+        check_reachable(uri)  # a tracking server that is down: said at once
         runs = load_runs(uri, args.experiment, args.sweep)
-    except LookupError as error:
+    except (LookupError, TrackingUnreachable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if runs.empty:
