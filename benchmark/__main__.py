@@ -35,7 +35,9 @@ def main(cfg: DictConfig) -> CellOutcome:
     from benchmark.cell import run_cell
     from benchmark.data import DatasetError
     from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
+    from benchmark.identity import tracking_uri
     from benchmark.models import BackboneError
+    from benchmark.server import TrackingUnreachable, explained
 
     hydra_cfg = HydraConfig.get()
     folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
@@ -43,9 +45,10 @@ def main(cfg: DictConfig) -> CellOutcome:
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
     try:
-        result = run_cell(cfg)
+        with explained(tracking_uri(cfg)):  # the tracking server went away: one line
+            result = run_cell(cfg)
     except Exception as error:
-        bad_input = isinstance(error, DatasetError | BackboneError)
+        bad_input = isinstance(error, DatasetError | BackboneError | TrackingUnreachable)
         if bad_input:  # not a bug: say what and how to fix it, without a traceback
             log.error("%s", error)
         else:

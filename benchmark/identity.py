@@ -39,6 +39,8 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # In a cell's output folder once its run has started: which run to end FAILED if the process is
 # killed before the cell can (launchers, and the stale-run rule of `benchmark.store`).
 RUN_FILE = "mlflow_run.json"
+# In a cell's output folder when it ends, whichever launcher ran it: what happened (sweep.py).
+OUTCOME_FILE = "outcome.json"
 # Rank 0's run id, inherited by the ranks that Lightning's DDP launcher starts as subprocesses.
 RUN_ID_ENV = "BENCHMARK_RUN_ID"
 # The sweep folder and its parent run, for cells that run in processes of their own.

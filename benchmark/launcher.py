@@ -131,7 +131,13 @@ class CellProcessLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-        store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
+        from benchmark.server import TrackingUnreachable
+
+        try:
+            store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
+        except TrackingUnreachable as error:  # said in one line, before any cell starts
+            log.error("%s", error)
+            raise SystemExit(1) from None
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         gpus = visible_gpus() if self.gpus is None else list(self.gpus)
@@ -169,6 +175,7 @@ class CellProcessLauncher(Launcher):
                 returns[cell.index] = self._finish(
                     cell.overrides, cell.config, cell.folder, outcome
                 )
+        self._end_runs_left_running([returns[i] for i in sorted(returns)])
         return [returns[i] for i in sorted(returns)]
 
     def _prepare(
@@ -249,6 +256,32 @@ class CellProcessLauncher(Launcher):
             run_id = None
         error = f"{reason}; see {cell.folder / 'cell.log'}"
         return CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
+
+    def _end_runs_left_running(self, returns: Sequence[JobReturn]) -> None:
+        """A cell that failed because the tracking server went away could neither end nor tag
+        its run (nor could `_outcome`, while the server was down): it would stay RUNNING. Once
+        the sweep is over, each failed cell's run is ended FAILED with the cell's error, if the
+        store answers by then (benchmark.server.settle_failed_run)."""
+        from benchmark import identity, server
+
+        failed = [
+            (Path(job.working_dir) / identity.RUN_FILE, job.return_value.error or "failed")
+            for job in returns
+            if job.working_dir and job.return_value.status == "failed"
+        ]
+        if not failed:
+            return
+        try:
+            server.check_reachable(identity.tracking_uri(self.config))
+        except server.TrackingUnreachable as error:
+            log.warning("%s The runs of the failed cells may stay RUNNING.", error)
+            return
+        for run_file, error in failed:
+            try:
+                if (run_id := server.settle_failed_run(run_file, error)) is not None:
+                    log.info("\tRun %s of %s ended FAILED, with its error", run_id, run_file.parent)
+            except Exception:
+                log.warning("Could not end the MLflow run of %s", run_file.parent, exc_info=True)
 
     def _finish(
         self,

@@ -22,7 +22,8 @@ from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from benchmark.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, RUN_FILE
+from benchmark import server
+from benchmark.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, OUTCOME_FILE, RUN_FILE
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
 BEAT_TAG = "heartbeat.last"
@@ -39,6 +40,7 @@ def experiment_id(uri: str, name: str) -> str:
     migrations ("table ... already exists", alembic version errors) and to create the experiment:
     a file lock beside the store lets one of them create both while the others wait.
     """
+    server.check_reachable(uri)  # a server that is down: one line at once, not minutes
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
         return _get_or_create_experiment(name, None)
@@ -63,6 +65,7 @@ def finished_run(uri: str, experiment: str, key: str) -> Run | None:
     """The latest FINISHED run of the cell with this key, if any (stale runs ended first)."""
     exp_id = experiment_id(uri, experiment)
     end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
+    server.settle_abandoned_runs(exp_id, key)  # runs a failed cell could not end (server down)
     runs = mlflow.search_runs(
         [exp_id],
         f"tags.{CELL_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
@@ -119,10 +122,21 @@ def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> li
     ended = []
     for run in running:
         if (reason := gone_reason(run.data.tags)) is not None:
+            reason = _said_error(run.data.tags) or reason
             client.set_tag(run.info.run_id, "error", reason)
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
             ended.append(run.info.run_id)
     return ended
+
+
+def _said_error(tags: dict[str, str]) -> str | None:
+    """The error a cell wrote in its outcome file before it exited without ending its run (the
+    store was down), if its folder is readable here."""
+    outcome = Path(tags.get("hydra_output_dir", "")) / OUTCOME_FILE
+    if not tags.get("hydra_output_dir") or not outcome.is_file():
+        return None
+    said = json.loads(outcome.read_text())
+    return said.get("error") if said.get("status") == "failed" else None
 
 
 def fail_abandoned_run(folder: Path, reason: str) -> str | None:

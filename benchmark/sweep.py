@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from benchmark import identity
 
 log = logging.getLogger("benchmark")
-OUTCOME_FILE = "outcome.json"
+OUTCOME_FILE = identity.OUTCOME_FILE
 STATES = ("finished", "skipped", "failed")
 
 
@@ -101,7 +101,10 @@ class SweepSummary(Callback):
         if self.parent is not None:
             from benchmark import store
 
-            store.end_sweep_run(*self.parent, dict(self.outcomes))
+            try:
+                store.end_sweep_run(*self.parent, dict(self.outcomes))
+            except Exception as error:  # a store that is down must not hide the summary
+                log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
         counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         for failure in self.failed:

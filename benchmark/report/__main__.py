@@ -24,6 +24,7 @@ from benchmark.report.tables import (
     load_runs,
     summarise,
 )
+from benchmark.server import TrackingUnreachable, check_reachable
 
 
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     try:
+        check_reachable(uri)  # a tracking server that is down: said at once
         runs = load_runs(uri, args.experiment, args.sweep)
-    except LookupError as error:
+    except (LookupError, TrackingUnreachable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if runs.empty:

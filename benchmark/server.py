@@ -1,0 +1,193 @@
+"""A tracking server (`tracking.uri=http://...`) that does not answer is said at once, in one line.
+
+MLflow's HTTP client retries a refused connection for about 4 minutes by default (7 retries,
+backoff factor 2) and waits up to 120 s for each answer, so a cell pointed at a server that is
+down would sit silent for minutes before failing with a retry trace. Here:
+
+- MLflow's retries are bounded (`HTTP_DEFAULTS`, about 30 s for a refused connection), unless
+  the user set `MLFLOW_HTTP_REQUEST_*` themselves;
+- before a process uses the store, `check_reachable` asks the server's `/health` once, with a
+  short timeout, and raises `TrackingUnreachable` naming the URI and the fix;
+- a cell whose server goes away mid-run fails with the same kind of one-line error
+  (`explained`), and relaunching the sweep runs it again;
+- the run such a cell could not end (the server was down) is ended FAILED, with the cell's error,
+  instead of staying RUNNING: by hydra/launcher=gpus once the sweep is over
+  (`settle_failed_run`), else when the cell is relaunched (`settle_abandoned_runs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import requests
+from mlflow.entities import RunStatus
+
+from benchmark.identity import OUTCOME_FILE, RUN_FILE
+
+# Bounded defaults for MLflow's HTTP client: a refused connection is retried after 0, 4, 8 and
+# 16 s (about 30 s in all), which rides out a quick restart of the server; an answer may take
+# 60 s. A value the user set in the environment is kept.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+HEALTH_TIMEOUT_S = 5.0
+FIX = "start the server or set tracking.uri / MLFLOW_TRACKING_URI to one that answers"
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server did not answer: the message names the URI and the fix."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def bound_http_retries() -> None:
+    """MLflow reads these at each request; the cells a launcher starts inherit them."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def retry_budget_s(env: Mapping[str, str] = os.environ) -> float:
+    """How long MLflow keeps retrying a refused connection with the settings in `env` (urllib3:
+    no wait before the first retry, then factor x 2^(n-1), at most 120 s each; without jitter)."""
+    retries = int(env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"))
+    factor = float(env.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"))
+    return sum(min(120.0, factor * 2 ** (n - 1)) for n in range(2, retries + 1))
+
+
+def request_timeout_s() -> float:
+    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+
+
+def check_reachable(uri: str) -> None:
+    """For a server URI: bound MLflow's retries, then GET <uri>/health once (HEALTH_TIMEOUT_S);
+    TrackingUnreachable if it cannot be reached or a gateway says it is down. Other URIs (a
+    SQLite file, a database) are left to MLflow."""
+    if not is_server(uri):
+        return
+    bound_http_retries()
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S, verify=_verify()
+        )
+    except requests.RequestException as error:
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} is unreachable ({_reason(error, HEALTH_TIMEOUT_S)}): "
+            f"{FIX}."
+        ) from None
+    if answer.status_code in (502, 503, 504):  # a proxy in front of a server that is down
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} is unavailable (GET /health: HTTP "
+            f"{answer.status_code}): {FIX}."
+        )
+
+
+@contextmanager
+def explained(uri: str) -> Iterator[None]:
+    """Around a cell: an error caused by the server going away mid-run (MLflow's "API request
+    ... failed" after its retries) becomes one TrackingUnreachable line, cause kept."""
+    try:
+        yield
+    except Exception as error:
+        lost = _lost_connection(error, uri) if is_server(uri) else None
+        if lost is None or isinstance(error, TrackingUnreachable):
+            raise
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} stopped answering during the run "
+            f"({_reason(lost, request_timeout_s())}, "
+            f"retried for about {retry_budget_s():.0f} s): {FIX}, then relaunch the same "
+            "command to run this cell again."
+        ) from error
+
+
+def settle_failed_run(run_file: Path, reason: str) -> str | None:
+    """The run that a failed cell started (named in its `run_file`, identity.RUN_FILE) ends
+    FAILED, with `reason` as its `error` tag unless it has one: a cell that failed because the
+    server went away could neither end its run nor tag it. A FINISHED run (the server recorded
+    the end before the answer was lost) is left alone. The run's id if changed, else None."""
+    if not run_file.is_file():
+        return None
+    started = json.loads(run_file.read_text())
+    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
+    run = client.get_run(run_id)
+    running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
+    failed = run.info.status == RunStatus.to_string(RunStatus.FAILED)
+    untagged = "error" not in run.data.tags
+    if not (running or (failed and untagged)):
+        return None
+    if untagged:
+        client.set_tag(run_id, "error", reason[:5000])
+    if running:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run_id
+
+
+def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
+    """Runs of the cell `key` that a cell process left RUNNING when it failed (the server was
+    down until after the sweep ended, so neither the cell nor its launcher could end them) are
+    ended FAILED with the error the cell wrote in its folder. Only a run whose folder
+    (`hydra_output_dir` tag) holds the cell's failed outcome and the run file naming that run
+    is touched: a run still going somewhere else is not. The ids of the runs ended."""
+    running = mlflow.search_runs(
+        [experiment_id],
+        f"tags.cell_key = '{key}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    ended = []
+    for run in running:
+        folder = Path(run.data.tags.get("hydra_output_dir", ""))
+        outcome, run_file = folder / OUTCOME_FILE, folder / RUN_FILE
+        if not (folder.name and outcome.is_file() and run_file.is_file()):
+            continue
+        said = json.loads(outcome.read_text())
+        if json.loads(run_file.read_text()).get("run_id") != run.info.run_id:
+            continue
+        if said.get("status") == "failed" and settle_failed_run(
+            run_file, said.get("error") or "failed"
+        ):
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _lost_connection(error: BaseException, uri: str) -> requests.RequestException | None:
+    """The connection failure or timeout behind `error` (its causes and contexts), if MLflow
+    met it talking to the server at `uri` ("API request to <uri>/... failed"): a download
+    that fails on its own network error is not the tracking server's."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    lost, about_server = None, False
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, requests.ConnectionError | requests.Timeout):
+            lost = lost or current
+        about_server = about_server or f"request to {uri.rstrip('/')}/" in str(current)
+        stack += [current.__cause__, current.__context__]
+    return lost if about_server else None
+
+
+def _reason(error: requests.RequestException, timeout_s: float) -> str:
+    """`connection refused`, `no answer within 5 s`...: the socket's words, not the URL again."""
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {timeout_s:g} s"
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error)):
+        return found.group(1).strip().lower()
+    return type(error).__name__
+
+
+def _verify() -> bool | str:
+    """TLS as MLflow's client does it (MLFLOW_TRACKING_INSECURE_TLS, ..._SERVER_CERT_PATH)."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
