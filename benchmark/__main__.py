@@ -5,6 +5,7 @@ imported when a cell runs, so `--help`, `--cfg job` and a config error answer at
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,15 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler's preemption, `kill`): the cell ends FAILED and the process exits
+    143, never 0."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"terminated by signal {signum} ({signal.Signals(signum).name})")
+
+
 # Absolute: the installed `benchmark` command finds conf/ from any folder.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -32,7 +42,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from benchmark.cell import run_cell
+    from benchmark.config import ConfigError
     from benchmark.data import DatasetError
     from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
     from benchmark.identity import tracking_uri
@@ -44,11 +57,19 @@ def main(cfg: DictConfig) -> CellOutcome:
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
+    signal.signal(signal.SIGTERM, _terminate)  # Lightning calls it too while it trains
     try:
         with explained(tracking_uri(cfg)):  # the tracking server went away: one line
             result = run_cell(cfg)
+    except (Terminated, SIGTERMException) as error:
+        reason = str(error) or "terminated by signal 15 (SIGTERM)"
+        log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
+        CellOutcome(name, "failed", error=reason).save(folder)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
-        bad_input = isinstance(error, DatasetError | BackboneError | TrackingUnreachable)
+        bad_input = isinstance(
+            error, ConfigError | DatasetError | BackboneError | TrackingUnreachable
+        )
         if bad_input:  # not a bug: say what and how to fix it, without a traceback
             log.error("%s", error)
         else:

@@ -23,6 +23,7 @@ from torch import nn
 
 from benchmark import identity, tracking
 from benchmark.classifier import TrainThroughput, make_model, recipe_callbacks
+from benchmark.config import check
 from benchmark.cost import CellCost
 from benchmark.data.cache import build_image_cache
 from benchmark.data.loading import ManifestDataModule, build_augmentation
@@ -39,6 +40,7 @@ log = logging.getLogger("benchmark")
 def run_cell(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> CellSummary:
     """The cell: its data, skipped if already FINISHED (unless `rerun=true`), else computed and
     logged in one MLflow run. `callbacks` are extra Lightning callbacks for the cell's Trainer."""
+    check(cfg)  # every value in its range, before any data is read or any run opened
     manifest = cell_manifest(cfg)
     key = identity.cell_key(cfg, manifest.sha256)
     if not cfg.rerun and (done := finished_earlier(cfg, key)) is not None:

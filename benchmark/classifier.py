@@ -240,9 +240,9 @@ def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> Transfe
         backbone.num_features,
         num_classes,
         trainable_stages=strategy.trainable_stages,
-        bn=strategy.bn,
+        bn=str(strategy.bn),  # plain values: the checkpoint's hparams load with weights_only
         lr=strategy.lr,
-        optim=OmegaConf.to_container(cfg.optim),
+        optim=OmegaConf.to_container(cfg.optim, enum_to_str=True),
         head_hidden=list(head.hidden),
         head_batchnorm=head.batchnorm,
         head_dropout=head.dropout,

@@ -9,11 +9,47 @@ Each dataclass is the schema of one config group, and each group mirrors one mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+
+class Choice(str, Enum):
+    """A config value from a fixed set: OmegaConf refuses any other with the valid ones listed,
+    and members compare equal to their names (`strategy.bn == "eval"`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TestSplit(Choice):
+    random = "random"  # stratified, fixed by dataset.split_seed
+    sorted = "sorted"  # the study's: the last share of each class's sorted file names
+
+
+class BatchNorm(Choice):
+    eval = "eval"  # frozen parts keep ImageNet statistics
+    train = "train"  # they drift with the new data (the study's freeze)
+
+
+class Fit(Choice):
+    sgd = "sgd"  # Lightning epochs with the optim group
+    lbfgs = "lbfgs"  # the linear probe: logistic regression on cached features
+
+
+class Optimizer(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Scheduler(Choice):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
 
 
 @dataclass
@@ -29,7 +65,7 @@ class DatasetConfig:
     include_clutter: bool = True
     # Without an official test split: `random` (stratified, fixed by split_seed for every run)
     # or `sorted` (the study's: the last test_fraction of each class's sorted file names).
-    test_split: str = "random"
+    test_split: TestSplit = TestSplit.random
     test_fraction: float = 0.2
     split_seed: int = 0
     # Share of each class of the training data held back as the validation split that selects
@@ -54,7 +90,7 @@ class StrategyConfig:
     trainable_stages: int | None = None
     # BatchNorm of the frozen parts: `eval` keeps ImageNet statistics; `train` lets them drift
     # with the new data, as the study's "freeze" did.
-    bn: str = "eval"
+    bn: BatchNorm = BatchNorm.eval
     lr: float = 1e-3
     # two_stage: at this epoch, unfreeze the top `unfreeze_stages` stages (None: all) and train
     # them at lr x unfreeze_lr_factor, the head going on at its own lr.
@@ -66,7 +102,7 @@ class StrategyConfig:
     train_augmentation: bool = True
     # How the head is fitted: `sgd` (Lightning epochs with the optim group) or `lbfgs` (the
     # linear probe: logistic regression on cached features, its L2 strength chosen on val).
-    fit: str = "sgd"
+    fit: Fit = Fit.sgd
     # lbfgs: the inverse L2 strengths C tried (scikit-learn's LogisticRegression).
     probe_c: list[float] = field(default_factory=list)
 
@@ -101,12 +137,12 @@ class OptimConfig:
     """Optimizer and schedule over `trainer.max_epochs`; the learning rate is the strategy's."""
 
     name: str = MISSING
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Optimizer = Optimizer.sgd
     momentum: float = 0.9  # sgd
     weight_decay: float = 1e-4
     # The strategy's lr is tuned for SGD; AdamW takes steps of another size.
     lr_factor: float = 1.0
-    scheduler: str = "cosine"  # cosine | step | constant
+    scheduler: Scheduler = Scheduler.cosine
     warmup_epochs: int = 0  # linear warm-up before the cosine
     step_size: int = 10  # step: multiply by gamma every step_size epochs
     gamma: float = 0.1
@@ -188,3 +224,64 @@ class Config:
 def register_configs() -> None:
     """The schema behind conf/config.yaml (launchers register themselves: hydra_plugins/)."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+# ---------------------------------------------------------------- ranges, checked before a run
+
+# (key, test, what it must be): every number a cell reads, checked on the composed config
+# before any data is touched or any run is opened (`python -m benchmark` refuses the cell).
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("trainer.max_epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("dataset.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dataset.test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("strategy.lr", lambda v: v > 0, "> 0"),
+    ("strategy.trainable_stages", lambda v: v is None or v >= 0, "null (all) or >= 0"),
+    ("strategy.unfreeze_at_epoch", lambda v: v is None or v >= 1, "null or >= 1"),
+    ("strategy.unfreeze_stages", lambda v: v is None or v >= 1, "null (all) or >= 1"),
+    ("strategy.unfreeze_lr_factor", lambda v: v > 0, "> 0"),
+    ("strategy.probe_c", lambda v: all(c > 0 for c in v), "positive numbers"),
+    ("head.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("head.hidden", lambda v: all(w >= 1 for w in v), "widths >= 1"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.lr_factor", lambda v: v > 0, "> 0"),
+    ("optim.backbone_lr_factor", lambda v: v >= 0, ">= 0"),
+    ("optim.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.step_size", lambda v: v >= 1, ">= 1"),
+    ("optim.gamma", lambda v: v > 0, "> 0"),
+    ("optim.early_stopping_patience", lambda v: v is None or v >= 1, "null or >= 1"),
+    ("speed.augmented_views", lambda v: v >= 0, ">= 0"),
+]
+
+
+class ConfigError(ValueError):
+    """A value out of its range: the message names each key and what it must be."""
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every value out of range (see RULES)."""
+    if found := problems(cfg):
+        raise ConfigError(" ".join(found))
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """What is out of range in a composed config, one line each naming the key and the fix."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for key, valid, requirement in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and not requirement.startswith("null"):
+            continue  # not in this config (a trainer without the key): Lightning's default
+        try:
+            ok = valid(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            found.append(f"{key}={value}: must be {requirement} (set {key}=...).")
+    if cfg.strategy.fit == Fit.lbfgs and not cfg.strategy.probe_c:
+        found.append("strategy.probe_c is empty: give the C values to choose from.")
+    return found

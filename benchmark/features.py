@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from benchmark.data.cache import files_key
+from benchmark.data.cache import damage, file_fingerprint, files_key
 from benchmark.data.loading import ManifestDataModule, Normalize, SplitLoaders
+
+log = logging.getLogger("benchmark")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -84,16 +87,23 @@ def extract(
 
 
 def _cached(file: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """The array in `file`, computed and saved first if missing (concurrent cells wait)."""
+    """The array in `file`, computed and saved first if missing or damaged (its size and
+    SHA-256 are recorded beside it when complete); concurrent cells wait."""
+    marker = file.with_suffix(".json")
     with FileLock(str(file) + ".lock"):
-        if not file.is_file():
-            start = time.perf_counter()
-            array = compute().numpy()
-            partial = file.with_suffix(".partial.npy")
-            np.save(partial, array)
-            partial.rename(file)
-            return torch.from_numpy(array), time.perf_counter() - start
-    return torch.from_numpy(np.load(file)), 0.0
+        if marker.is_file():
+            problem = damage(file, json.loads(marker.read_text()))
+            if problem is None:
+                return torch.from_numpy(np.load(file)), 0.0
+            log.warning("Feature cache %s is damaged (%s): extracting again.", file, problem)
+            marker.unlink()
+        start = time.perf_counter()
+        array = compute().numpy()
+        partial = file.with_suffix(".partial.npy")
+        np.save(partial, array)
+        partial.rename(file)
+        marker.write_text(json.dumps(file_fingerprint(file)))  # written last: the done-marker
+        return torch.from_numpy(array), time.perf_counter() - start
 
 
 def feature_set(

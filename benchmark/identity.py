@@ -79,7 +79,7 @@ def cell_name(cfg: DictConfig) -> str:
 def run_params(cfg: DictConfig) -> dict[str, object]:
     """Every key of the resolved config once: a group's choice under the group's name
     (`dataset`, `head`), everything else flattened (`strategy.lr`, `optim.momentum`...)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     flat = pd.json_normalize(resolved, sep=".").iloc[0].to_dict()
     named = {group: flat.pop(f"{group}.name") for group in NAMED_GROUPS if f"{group}.name" in flat}
     return {**named, **flat}

@@ -155,7 +155,7 @@ def log_identity(cfg: DictConfig, manifest: Manifest) -> None:
             "manifest_sha256": manifest.sha256,
         }
     )
-    mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.yaml")
+    mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
     if hydra_dir.is_dir():  # config.yaml, hydra.yaml and overrides.yaml as Hydra wrote them
         mlflow.log_artifacts(str(hydra_dir), "hydra")

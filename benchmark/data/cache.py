@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,29 @@ from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
 from benchmark.images import Preprocess, load_rgb
+
+log = logging.getLogger("benchmark")
+
+
+def file_fingerprint(file: Path) -> dict[str, object]:
+    """Size and SHA-256 of a cache file, recorded in its done-marker when it is complete."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def damage(file: Path, recorded: dict[str, object]) -> str | None:
+    """What is wrong with a cache file against its recorded fingerprint, or None if intact."""
+    if not file.is_file():
+        return "the file is missing"
+    size = file.stat().st_size
+    if size != recorded.get("bytes"):
+        return f"{size} bytes instead of {recorded.get('bytes')}"
+    if file_fingerprint(file)["sha256"] != recorded.get("sha256"):
+        return "its content does not match the SHA-256 recorded when it was built"
+    return None
 
 
 def stored_size(preprocess: Preprocess) -> int:
@@ -85,9 +109,14 @@ def build_image_cache(
     folder = cache_dir / "images"
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.u8"
+    marker = file.with_suffix(".json")
     with FileLock(str(file) + ".lock"):
-        if file.with_suffix(".json").is_file():
-            return ImageCache.open(file), 0.0
+        if marker.is_file():
+            problem = damage(file, json.loads(marker.read_text()))
+            if problem is None:
+                return ImageCache.open(file), 0.0
+            log.warning("Decoded-image cache %s is damaged (%s): rebuilding it.", file, problem)
+            marker.unlink()
         return _build(sorted(paths), size, preprocess.interpolation, file, threads)
 
 
@@ -115,5 +144,6 @@ def _build(
     array.flush()
     partial.rename(file)
     meta = {"paths": paths, "size": size, "interpolation": interpolation}
+    meta |= file_fingerprint(file)
     file.with_suffix(".json").write_text(json.dumps(meta))  # written last: the done-marker
     return ImageCache.open(file), time.perf_counter() - start

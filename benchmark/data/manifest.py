@@ -103,21 +103,44 @@ def assign_splits(images: pd.DataFrame, cfg: DatasetConfig, seed: int) -> pd.Dat
     return frame[["path", "label", "split", "sha256"]]
 
 
+SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}  # where a duplicated image is kept
+
+
+def one_split_per_content(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Exact duplicates (same bytes) never sit in two splits: each image's copies stay in the
+    most protected split holding one (test, then val, then train); the others are left out with
+    the reason, so no test image is also trained on."""
+    splits = frame.groupby("sha256").split.transform(
+        lambda s: min(s, key=SPLIT_PRIORITY.__getitem__)
+    )
+    moved = frame.split != splits
+    kept = frame[~moved].drop_duplicates("sha256").set_index("sha256")
+    reasons = [
+        f"same content as {kept.path[digest]} ({kept.split[digest]} split)"
+        for digest in frame.sha256[moved]
+    ]
+    skipped = pd.DataFrame({"path": frame.path[moved], "reason": reasons})
+    return frame[~moved].reset_index(drop=True), skipped
+
+
 def build_manifest(
     cfg: DatasetConfig, data_root: Path, seed: int, cache_dir: Path | None = None
 ) -> Manifest:
     """Prepare the dataset (decoding each file once, remembered in `cache_dir`) and split it."""
     if cfg.name not in PREPARERS:
         raise DatasetError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(PREPARERS))}.")
-    if cfg.test_split not in ("random", "sorted"):
-        raise DatasetError(f"dataset.test_split={cfg.test_split!r}: use random or sorted.")
     verdicts = cache_dir / "verified_files.csv" if cache_dir else None
     with remembered_verdicts(verdicts):
         source = PREPARERS[cfg.name](cfg, data_root.expanduser().resolve())
+    classes = source.scan.images.label.nunique()
+    if classes < 2:
+        raise DatasetError(
+            f"{cfg.name} has {classes} class with usable images under {source.root}: a "
+            "classifier needs at least 2 (add a class folder, or check dataset.classes)."
+        )
+    frame, duplicated = one_split_per_content(assign_splits(source.scan.images, cfg, seed))
     manifest = Manifest(
-        assign_splits(source.scan.images, cfg, seed),
-        source.scan.skipped.reset_index(drop=True),
-        source.root,
+        frame, pd.concat([source.scan.skipped, duplicated], ignore_index=True), source.root
     )
     if cache_dir is not None:
         saved = cache_dir / "manifests" / f"{cfg.name}-{manifest.sha256[:12]}.csv"

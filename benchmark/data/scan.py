@@ -53,6 +53,10 @@ def unusable_reason(path: Path) -> str | None:
             image.load()  # decodes the whole stream: truncation shows up here, not mid-epoch
     except UnidentifiedImageError:
         return "not an image (content unreadable by Pillow)"
+    except Image.DecompressionBombError as error:  # a pixel bomb: refused before decoding
+        return f"too large to decode safely ({error})"
+    except PermissionError:
+        raise  # not the file's fault: not remembered as a verdict (see _verdict)
     except (OSError, SyntaxError, ValueError) as error:
         return f"corrupt or truncated image ({error})"
     return None
@@ -99,13 +103,19 @@ def remembered_verdicts(file: Path | None) -> Iterator[None]:
         _VERDICTS.clear()
 
 
-def _verdict(path: Path) -> tuple[str | None, str]:
-    """Why the file is unusable (None: it decodes), and the SHA-256 of its bytes."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _VERDICTS:
-        _VERDICTS[key] = (unusable_reason(path), hashlib.sha256(path.read_bytes()).hexdigest())
-    return _VERDICTS[key]
+def _verdict(path: Path) -> tuple[str | None, str | None]:
+    """Why the file is unusable (None: it decodes), and the SHA-256 of its bytes. A file that
+    cannot be read now (dangling or looping symlink, no permission) is skipped with the reason
+    but not remembered: once fixed, it is checked again."""
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERDICTS:
+            reason = unusable_reason(path)
+            _VERDICTS[key] = (reason, hashlib.sha256(path.read_bytes()).hexdigest())
+        return _VERDICTS[key]
+    except OSError as error:
+        return f"unreadable ({error.strerror or error}; fix it and rerun)", None
 
 
 def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = "") -> Scan:
@@ -142,11 +152,20 @@ def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFram
         if entry.is_file():
             stray.append((str(entry), "file outside any class folder"))
             continue
+        if not entry.is_dir():
+            stray.append((str(entry), "not a readable folder (broken or looping link?)"))
+            continue
         if entry.name.startswith("."):
             stray.append((str(entry), "hidden folder"))
             continue
         classes.append(entry.name)
-        for item in sorted(entry.iterdir()):
+        try:
+            items = sorted(entry.iterdir())
+        except OSError as error:
+            raise DatasetError(
+                f"class folder {entry} cannot be listed ({error.strerror}): fix its permissions."
+            ) from None
+        for item in items:
             if item.is_dir():
                 stray.append((str(item), "nested folder inside a class folder, ignored"))
             else:

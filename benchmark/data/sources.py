@@ -222,16 +222,42 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
     file = Path(cfg.file).expanduser().resolve()
     if not file.is_file():
         raise DatasetError(f"dataset.file={cfg.file}: no such file ({file}).")
-    table = pd.read_csv(file, dtype=str)
+    try:
+        table = pd.read_csv(file, dtype=str, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DatasetError(
+            f"{file} is empty: it needs a header path,label and a row per image."
+        ) from None
+    except pd.errors.ParserError as error:
+        raise DatasetError(f"{file} is not a readable CSV ({error}).") from None
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DatasetError(f"{file} lacks the column(s) {sorted(missing)}; it needs path,label.")
+    if table.empty:
+        raise DatasetError(f"{file} has a header but no rows: add a row path,label per image.")
+    blank = table.index[table.path.isna() | table.label.fillna("").str.strip().eq("")]
+    if len(blank):
+        lines = ", ".join(str(i + 2) for i in blank[:10])  # 1-based, after the header
+        raise DatasetError(
+            f"{file}: line(s) {lines} have an empty path or label: fill them in or remove them."
+        )
     if "split" in table and not table.split.isin(OFFICIAL_SPLITS).all():
         bad = sorted(set(table.split) - set(OFFICIAL_SPLITS))
         raise DatasetError(f"{file}: split values {bad} are not train/val/test.")
     table["path"] = [str((file.parent / p).resolve()) for p in table.path]
+    labels = table.groupby("path").label.nunique()
+    if (conflicting := labels[labels > 1]).any():
+        shown = ", ".join(conflicting.index[:5])
+        raise DatasetError(
+            f"{file}: {len(conflicting)} image(s) are listed with two labels ({shown}): give "
+            "each image one label."
+        )
+    repeated = table.duplicated("path")  # a file listed twice must not be in two splits
+    twice = excluded(table.path[repeated], f"listed again in {file.name} (duplicate row)")
+    table = table[~repeated]
     exists = table.path.map(lambda p: Path(p).is_file())
     absent = excluded(table.path[~exists], f"listed in {file.name} but missing")
     files, left_out = select_classes(table[exists], set(table.label), cfg.classes, file)
     scan = verify(files.reset_index(drop=True), desc=f"checking {file.name}")
-    return Source(Scan(scan.images, pd.concat([absent, left_out, scan.skipped])), file.parent)
+    skipped = pd.concat([twice, absent, left_out, scan.skipped], ignore_index=True)
+    return Source(Scan(scan.images, skipped), file.parent)

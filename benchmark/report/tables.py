@@ -13,6 +13,7 @@ import mlflow
 import pandas as pd
 
 from benchmark.identity import CELL_PARAMS
+from benchmark.store import end_stale_runs
 
 CELL = list(CELL_PARAMS)
 RULES = (
@@ -43,8 +44,10 @@ REFERENCE = pd.DataFrame(
 def load_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> pd.DataFrame:
     """One row per run: cell params, seed, status, start time, test accuracy and cost."""
     mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    if (experiment_ := mlflow.get_experiment_by_name(experiment)) is None:
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}: run a sweep first.")
+    # A run left RUNNING by a process that is gone is FAILED: the rule a relaunch applies too.
+    end_stale_runs(mlflow.MlflowClient(tracking_uri), [experiment_.experiment_id])
     query = f"tags.sweep = '{Path(sweep).resolve()}'" if sweep else ""
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}

@@ -1,0 +1,291 @@
+"""Faults, as a new user and as an attacker would make them: each ends in one clear line naming
+the file or key and the fix, or is skipped with its reason; nothing is left RUNNING, nothing is
+computed on the wrong data. The bad corpus is built here."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from filelock import FileLock
+from PIL import Image
+
+from benchmark import store
+from benchmark.cell import run_cell
+from benchmark.config import ConfigError
+from benchmark.data import DatasetError, build_manifest
+from benchmark.data.cache import build_image_cache, files_key, stored_size
+from benchmark.images import Preprocess
+from benchmark.resume import cell_manifest
+from benchmark.tracking import cell_run
+from tests.conftest import PROJECT, TINY
+from tests.test_e2e import runs_in
+
+LITE = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
+
+
+def cell_env() -> dict[str, str]:
+    """The environment of a command run from a test: the store is the one in its folder (MLflow
+    exports a tracking URI set earlier in this process)."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def photos(shared_data: Path, name: str, count: int) -> list[Path]:
+    return sorted((shared_data / "hymenoptera_data" / "val" / name).glob("*.jpg"))[:count]
+
+
+def folder_of(tmp_path: Path, shared_data: Path, count: int = 6) -> Path:
+    """A small imagefolder of real photos: ants/ and bees/."""
+    root = tmp_path / "mine"
+    for name in ("ants", "bees"):
+        (root / name).mkdir(parents=True)
+        for photo in photos(shared_data, name, count):
+            shutil.copy(photo, root / name / photo.name)
+    return root
+
+
+# ---------------------------------------------------------------- 1. CSV
+
+
+def csv_dataset(tmp_path: Path, rows: list[tuple[str, str]] | str) -> str:
+    file = tmp_path / "labels.csv"
+    if isinstance(rows, str):
+        file.write_text(rows)
+    else:
+        pd.DataFrame(rows, columns=["path", "label"]).to_csv(file, index=False)
+    return str(file)
+
+
+def test_a_file_listed_twice_in_a_csv_is_one_image_in_one_split(tmp_path, shared_data):
+    ants, bees = photos(shared_data, "ants", 12), photos(shared_data, "bees", 12)
+    rows = [(str(p), "ant") for p in ants] + [(str(p), "bee") for p in bees]
+    rows += rows  # every row twice
+    from benchmark.config import DatasetConfig
+
+    cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, rows))
+    manifest = build_manifest(cfg, tmp_path, 0)
+    assert len(manifest.frame) == 24 and manifest.frame.path.is_unique
+    assert manifest.skipped.reason.str.contains("duplicate row").sum() == 24
+
+
+def test_a_path_with_two_labels_names_the_image(tmp_path, shared_data):
+    (ant,) = photos(shared_data, "ants", 1)
+    rows = [(str(ant), "ant"), (str(ant), "bee")]
+    rows += [(str(p), "bee") for p in photos(shared_data, "bees", 5)]
+    from benchmark.config import DatasetConfig
+
+    with pytest.raises(DatasetError, match=f"listed with two labels \\({ant}\\)"):
+        build_manifest(DatasetConfig(name="csv", file=csv_dataset(tmp_path, rows)), tmp_path, 0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ("path,label\n", "has a header but no rows"),
+        ("path,label\na.jpg,ant\nb.jpg,\n", "line(s) 3 have an empty path or label"),
+    ],
+)
+def test_empty_header_only_and_blank_label_csvs_are_one_line(tmp_path, content, message):
+    from benchmark.config import DatasetConfig
+
+    cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, content))
+    with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_manifest(cfg, tmp_path, 0)
+
+
+# ---------------------------------------------------------------- exact duplicates across splits
+
+
+def test_an_image_in_train_and_test_is_kept_in_test_only(tmp_path, shared_data, make_cfg):
+    root = tmp_path / "splits"
+    for split in ("train", "test"):
+        for name in ("ants", "bees"):
+            (root / split / name).mkdir(parents=True)
+            for photo in photos(shared_data, name, 6 if split == "train" else 3):
+                shutil.copy(photo, root / split / name / photo.name)  # train holds test's 3
+    cfg = make_cfg("dataset=imagefolder", f"dataset.root={root}")
+    manifest = cell_manifest(cfg)
+    by_content = manifest.frame.groupby("sha256").split.nunique()
+    assert (by_content == 1).all()  # no image content in two splits
+    assert (manifest.frame.split == "test").sum() == 6
+    assert manifest.skipped.reason.str.contains(r"same content as .* \(test split\)").sum() == 6
+
+
+# ---------------------------------------------------------------- 5. values and one class
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.max_epochs=-1", "data.batch_size=0", "dataset.val_fraction=1.5", "strategy.lr=0"],
+)
+def test_values_out_of_range_are_refused_before_a_run_opens(make_cfg, tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.*must be"):
+        run_cell(make_cfg(*TINY, override))
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store
+
+
+def test_a_value_out_of_range_on_the_command_line_is_one_line(tmp_path, shared_data):
+    command = [sys.executable, "-m", "benchmark", "trainer.max_epochs=-1"]
+    env = {**cell_env(), "BENCHMARK_DATA_ROOT": str(shared_data)}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert "trainer.max_epochs=-1: must be an integer >= 1" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_one_class_dataset_is_refused_before_any_cache_is_built(make_cfg, tmp_path, shared_data):
+    root = folder_of(tmp_path, shared_data)
+    shutil.rmtree(root / "bees")
+    cfg = make_cfg("dataset=imagefolder", f"dataset.root={root}", *TINY)
+    with pytest.raises(DatasetError, match=r"has 1 class.*at least 2"):
+        run_cell(cfg)
+    assert not (Path(cfg.paths.cache_dir) / "images").exists()
+
+
+# ---------------------------------------------------------------- 6. one bad file
+
+
+def test_a_pixel_bomb_and_broken_links_are_skipped_not_fatal(tmp_path, shared_data):
+    root = folder_of(tmp_path, shared_data)
+    Image.new("1", (20000, 20000)).save(root / "ants" / "bomb.png")  # 400 Mpx, a few kB
+    (root / "ants" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "bees" / "loop.jpg").symlink_to(root / "bees" / "loop.jpg")
+    from benchmark.config import DatasetConfig
+
+    cache = tmp_path / "cache"
+    cfg = DatasetConfig(name="imagefolder", root=str(root))
+    manifest = build_manifest(cfg, tmp_path, 0, cache)
+    names = manifest.skipped.path.map(lambda p: Path(p).name)
+    reasons = dict(zip(names, manifest.skipped.reason, strict=True))
+    assert reasons["bomb.png"].startswith("too large to decode safely")
+    assert reasons["dangling.jpg"].startswith("unreadable (No such file or directory")
+    assert reasons["loop.jpg"].startswith("unreadable (Too many levels of symbolic links")
+    assert len(manifest.frame) == 12
+    # An unreadable file is not remembered as bad: once fixed, it is used.
+    shutil.copy(photos(shared_data, "ants", 7)[-1], root / "nowhere.jpg")
+    fixed = build_manifest(cfg, tmp_path, 0, cache)
+    assert len(fixed.frame) == 13 and "dangling.jpg" not in set(
+        fixed.skipped.path.map(os.path.basename)
+    )
+
+
+# ---------------------------------------------------------------- 7. corrupt caches heal
+
+
+def test_a_damaged_image_cache_is_rebuilt_and_named(tmp_path, shared_data, caplog):
+    paths = [str(p) for p in photos(shared_data, "ants", 4)]
+    cache, _ = build_image_cache(paths, LITE, tmp_path, threads=1)
+    pixels = cache[paths[2]].clone()
+    with open(cache.file, "r+b") as handle:  # random bytes in the middle, same size
+        handle.seek(cache.file.stat().st_size // 2)
+        handle.write(np.random.default_rng(0).bytes(4096))
+    again, rebuilt_s = build_image_cache(paths, LITE, tmp_path, threads=1)
+    assert rebuilt_s > 0 and str(cache.file) in caplog.text and "does not match" in caplog.text
+    assert (again[paths[2]] == pixels).all()
+    os.truncate(cache.file, 1000)  # truncated
+    caplog.clear()
+    healed, rebuilt_s = build_image_cache(paths, LITE, tmp_path, threads=1)
+    assert rebuilt_s > 0 and "1000 bytes instead of" in caplog.text
+    assert (healed[paths[2]] == pixels).all()
+    assert build_image_cache(paths, LITE, tmp_path, threads=1)[1] == 0.0  # intact: reused
+
+
+def test_a_truncated_feature_cache_is_extracted_again(make_cfg, tmp_path, shared_data, caplog):
+    root = folder_of(tmp_path, shared_data, count=5)
+    overrides = ("dataset=imagefolder", f"dataset.root={root}", "strategy=linear_probe", *TINY)
+    first = run_cell(make_cfg(*overrides))
+    (features,) = (Path(make_cfg().paths.cache_dir) / "features").glob("*.npy")
+    os.truncate(features, 100)
+    again = run_cell(make_cfg(*overrides, "rerun=true"))
+    assert "Feature cache" in caplog.text and str(features) in caplog.text
+    assert again.test_acc == first.test_acc
+
+
+# ---------------------------------------------------------------- 3. killed: never RUNNING
+
+
+def _open_run_and_die(cfg) -> None:
+    with cell_run(cfg, "doomed", cell_manifest(cfg)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_cell_outside_the_gpus_launcher_is_failed_by_the_next_relaunch(make_cfg):
+    cfg = make_cfg(*TINY)
+    cell = multiprocessing.get_context("fork").Process(target=_open_run_and_die, args=(cfg,))
+    cell.start()
+    cell.join(timeout=120)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    (left,) = mlflow.search_runs(experiment_names=["benchmark"], output_format="list")
+    assert left.info.status == "RUNNING" and left.data.tags["heartbeat.pid"] == str(cell.pid)
+    assert store.finished_run(cfg.tracking.uri, "benchmark", "doomed") is None  # a relaunch
+    ended = mlflow.MlflowClient().get_run(left.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.data.tags["error"] == f"killed: its process {cell.pid} on this host is gone"
+
+
+def test_a_live_run_is_left_alone_and_a_silent_remote_one_is_failed():
+    alive = store.heartbeat_tags()  # this very process
+    assert store.gone_reason(alive) is None
+    remote = {**alive, store.HOST_TAG: "elsewhere", store.BEAT_TAG: "0"}
+    assert store.gone_reason(remote).startswith("killed: no heartbeat from elsewhere")
+    assert store.gone_reason({**remote, store.BEAT_TAG: f"{time.time():.0f}"}) is None
+
+
+# ---------------------------------------------------------------- 4. SIGTERM
+
+
+@pytest.mark.parametrize("when", ["training", "image cache"])
+def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, when):
+    root = folder_of(tmp_path, shared_data)
+    cache = tmp_path / "cache"
+    command = [
+        sys.executable, "-m", "benchmark", "dataset=imagefolder", f"dataset.root={root}",
+        f"paths.cache_dir={cache}", "trainer.enable_progress_bar=false", "data.num_workers=0",
+        "data.batch_size=2", "trainer.max_epochs=200", "tracking.system_metrics=false",
+    ]  # fmt: skip
+    paths = [str(p) for p in sorted(root.rglob("*.jpg"))]
+    key = files_key(paths, stored_size(LITE), LITE.interpolation)
+    (cache / "images").mkdir(parents=True)
+    held = FileLock(str(cache / "images" / f"{key}.u8.lock"))
+    if when == "image cache":
+        held.acquire()  # the cell waits inside build_image_cache, its run open
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cell_env(),
+    )  # fmt: skip
+    try:
+        reached = "mlflow_run.json" if when == "image cache" else "checkpoints/*.ckpt"
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.rglob(reached)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if held.is_locked:
+            held.release()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, output[-3000:]
+    assert "terminated by signal 15 (SIGTERM)" in output
+    assert "Traceback" not in output
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert list(runs.status) == ["FAILED"]
+    assert runs["tags.error"].iloc[0] == "Terminated: terminated by signal 15 (SIGTERM)"
+    (outcome,) = tmp_path.rglob("outcome.json")
+    assert json.loads(outcome.read_text())["status"] == "failed"
