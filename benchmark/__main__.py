@@ -51,6 +51,7 @@ def main(cfg: DictConfig) -> CellOutcome:
     from benchmark.identity import tracking_uri
     from benchmark.models import BackboneError
     from benchmark.server import TrackingUnreachable, explained
+    from benchmark.store import StoreError
 
     hydra_cfg = HydraConfig.get()
     folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
@@ -68,7 +69,7 @@ def main(cfg: DictConfig) -> CellOutcome:
         raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as error:
         bad_input = isinstance(
-            error, ConfigError | DatasetError | BackboneError | TrackingUnreachable
+            error, ConfigError | DatasetError | BackboneError | TrackingUnreachable | StoreError
         )
         if bad_input:  # not a bug: say what and how to fix it, without a traceback
             log.error("%s", error)

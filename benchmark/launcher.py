@@ -135,7 +135,7 @@ class CellProcessLauncher(Launcher):
 
         try:
             store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
-        except TrackingUnreachable as error:  # said in one line, before any cell starts
+        except (TrackingUnreachable, store.StoreError) as error:  # one line, before any cell
             log.error("%s", error)
             raise SystemExit(1) from None
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()

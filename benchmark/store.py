@@ -11,8 +11,11 @@ looks next: a relaunch deciding what to skip, a launcher, or the report. All of 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -33,6 +36,46 @@ STALE_AFTER_S = 600.0  # silence after which a run on another host counts as dea
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+class StoreError(RuntimeError):
+    """The tracking store cannot be used as given: the message names it and the fix."""
+
+
+def check_sqlite(uri: str, write: bool = True) -> None:
+    """A SQLite store must be MLflow's (or a new file), and writable when cells write to it;
+    nothing is created or migrated in someone else's database."""
+    if not uri.startswith("sqlite:///"):
+        return
+    file = Path(uri.removeprefix("sqlite:///"))
+    if not file.exists():
+        if not write:
+            raise StoreError(
+                f"no tracking store at {file}: check the path (--tracking-uri, "
+                "MLFLOW_TRACKING_URI), or run a cell first."
+            )
+        folder = next((p for p in file.parents if p.exists()), Path("/"))
+        if not os.access(folder, os.W_OK):
+            raise StoreError(f"cannot create the tracking store {file}: {folder} is read-only.")
+        return
+    try:
+        with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("select name from sqlite_master")}
+    except sqlite3.DatabaseError as error:
+        raise StoreError(
+            f"{file} is not a SQLite database ({error}): point the store elsewhere."
+        ) from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:5])
+        raise StoreError(
+            f"{file} is another application's SQLite database (tables {shown}...), not an MLflow "
+            "store: nothing was written to it; set tracking.uri to a new file."
+        )
+    if write and not (os.access(file, os.W_OK) and os.access(file.parent, os.W_OK)):
+        raise StoreError(
+            f"the tracking store {file} is read-only (file or folder): make it writable, or set "
+            "tracking.uri to a store you can write."
+        )
+
+
 def experiment_id(uri: str, name: str) -> str:
     """Create the experiment once, with artifacts beside a local SQLite store (not in ./mlruns).
 
@@ -41,6 +84,7 @@ def experiment_id(uri: str, name: str) -> str:
     a file lock beside the store lets one of them create both while the others wait.
     """
     server.check_reachable(uri)  # a server that is down: one line at once, not minutes
+    check_sqlite(uri)  # someone else's database, or a read-only file: one line, nothing written
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
         return _get_or_create_experiment(name, None)

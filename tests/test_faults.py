@@ -9,9 +9,11 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -28,6 +30,7 @@ from benchmark.data import DatasetError, build_manifest
 from benchmark.data.cache import build_image_cache, files_key, stored_size
 from benchmark.images import Preprocess
 from benchmark.resume import cell_manifest
+from benchmark.store import StoreError
 from benchmark.tracking import cell_run
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import runs_in
@@ -289,3 +292,33 @@ def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, when):
     assert runs["tags.error"].iloc[0] == "Terminated: terminated by signal 15 (SIGTERM)"
     (outcome,) = tmp_path.rglob("outcome.json")
     assert json.loads(outcome.read_text())["status"] == "failed"
+
+
+# ---------------------------------------------------------------- the tracking store
+
+
+def test_another_applications_database_is_refused_untouched(make_cfg, tmp_path):
+    other = tmp_path / "app.db"
+    with closing(sqlite3.connect(other)) as db:
+        db.execute("create table customers (id integer, name text)")
+        db.commit()
+    before = other.read_bytes()
+    with pytest.raises(StoreError, match="another application's SQLite database"):
+        run_cell(make_cfg(*TINY, f"tracking.uri=sqlite:///{other}"))
+    assert other.read_bytes() == before  # not one MLflow table added
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
+def test_a_read_only_store_is_one_line(make_cfg, tmp_path):
+    run_cell(make_cfg("strategy=linear_probe", *TINY))
+    (tmp_path / "mlflow.db").chmod(0o444)
+    with pytest.raises(StoreError, match="is read-only"):
+        run_cell(make_cfg("strategy=linear_probe", *TINY, "rerun=true"))
+
+
+def test_a_read_only_store_is_refused_by_its_permissions(tmp_path, monkeypatch):
+    file = tmp_path / "mlflow.db"
+    store.experiment_id(f"sqlite:///{file}", "benchmark")  # a real MLflow store
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != file)  # as for a user
+    with pytest.raises(StoreError, match=f"the tracking store {file} is read-only"):
+        store.check_sqlite(f"sqlite:///{file}")

@@ -98,10 +98,13 @@ def test_html_page_is_self_contained_with_its_pictures(store, tmp_path):
     assert "0.920 ± 0.020 (n=3)" in page
 
 
-def test_missing_experiment_is_a_clear_error(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'empty.db'}"
-    assert report(["--tracking-uri", uri, "--out", str(tmp_path)]) == 1
-    assert "no experiment 'benchmark'" in capsys.readouterr().err
+def test_missing_experiment_and_a_misspelt_store_are_clear_errors(store, tmp_path, capsys):
+    assert report(["--tracking-uri", store, "--experiment", "other", "--out", str(tmp_path)]) == 1
+    assert "no experiment 'other'" in capsys.readouterr().err
+    misspelt = tmp_path / "mlfow.db"
+    assert report(["--tracking-uri", f"sqlite:///{misspelt}", "--out", str(tmp_path)]) == 1
+    assert f"no tracking store at {misspelt}" in capsys.readouterr().err
+    assert not misspelt.exists()  # nothing created
 
 
 @pytest.mark.skipif(

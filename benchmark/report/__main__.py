@@ -25,6 +25,7 @@ from benchmark.report.tables import (
     summarise,
 )
 from benchmark.server import TrackingUnreachable, check_reachable
+from benchmark.store import StoreError, check_sqlite
 
 
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
+        check_sqlite(uri, write=False)  # a misspelt path: no empty store created
         runs = load_runs(uri, args.experiment, args.sweep)
-    except (LookupError, TrackingUnreachable) as error:
+    except (LookupError, TrackingUnreachable, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if runs.empty:
