@@ -1,7 +1,8 @@
 """MLflow runs -> pandas -> the answer tables.
 
-Rules, stated in the report too: of each (cell, seed) only the latest run counts, whatever its
-status, so a rerun replaces what it reran; a cell's accuracy is the mean ± sd over its FINISHED
+Rules, stated in the report too: of each (cell, seed) the latest FINISHED run counts, else the
+latest run (a rerun that finished replaces what it reran; a failed retry does not hide a result,
+as a relaunch would skip that cell too); a cell's accuracy is the mean ± sd over its FINISHED
 seeds; failed, running and never-run cells are shown as such, never dropped or averaged in.
 """
 
@@ -18,8 +19,9 @@ from benchmark.store import end_stale_runs
 CELL = list(CELL_PARAMS)
 RULES = (
     "Each cell: held-out test accuracy of the checkpoint selected on validation accuracy, "
-    "mean ± sd over seeds (n = FINISHED seeds). Of each (cell, seed) only the latest run counts, "
-    "whatever its status; failed, running and never-run cells are marked, never averaged in. "
+    "mean ± sd over seeds (n = FINISHED seeds). Of each (cell, seed) the latest FINISHED run "
+    "counts (as for a relaunch, which skips it), else the latest run; failed, running and "
+    "never-run cells are marked, never averaged in. "
     "The study's number (ResNet-18, 15 epochs) is its maximum validation accuracy over epochs, "
     "not a test score; ▼ marks where ours is lower."
 )
@@ -60,7 +62,10 @@ def load_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> p
 
 
 def latest_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs.sort_values("start_time").groupby([*CELL, "seed"]).tail(1)
+    """Of each (cell, seed): its latest FINISHED run, else its latest run. The rule a relaunch
+    applies: a cell that FINISHED is done, whatever a later attempt did."""
+    ordered = runs.assign(_done=runs.status == "FINISHED").sort_values(["_done", "start_time"])
+    return ordered.groupby([*CELL, "seed"]).tail(1).drop(columns="_done")
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
