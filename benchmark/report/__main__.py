@@ -15,10 +15,14 @@ import pandas as pd
 
 from benchmark.identity import default_tracking_uri
 from benchmark.report import figures
+from benchmark.report.latex import latex_document, to_latex
+from benchmark.report.stats import average_ranks, best_in_row, paired_differences
 from benchmark.report.tables import (
     CELL,
+    GROUP,
     RULES,
     accuracy_table,
+    column_names,
     cost_table,
     latest_per_seed,
     load_runs,
@@ -32,69 +36,132 @@ def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch validation accuracy of each counted FINISHED run."""
     client = mlflow.MlflowClient()
     rows = [
-        {**run[[*CELL, "seed", "run_id"]].to_dict(), "epoch": m.step, "val_acc": m.value}
+        {**run[[*GROUP, "seed", "run_id"]].to_dict(), "epoch": m.step, "val_acc": m.value}
         for _, run in runs.iterrows()
         for m in client.get_metric_history(run.run_id, "val_acc")
     ]
-    return pd.DataFrame(rows, columns=[*CELL, "seed", "run_id", "epoch", "val_acc"])
+    return pd.DataFrame(rows, columns=[*GROUP, "seed", "run_id", "epoch", "val_acc"])
 
 
-def best_confusions(curves: pd.DataFrame) -> list[tuple[str, dict]]:
-    """Per cell, the run with the best validation accuracy (selected like everything else: on
-    validation) among those that logged a test confusion matrix."""
+def best_confusions(runs: pd.DataFrame) -> list[tuple[str, list[str], list[list[int]]]]:
+    """Per cell, in the tables' order, the test confusion matrix of its run with the best
+    validation accuracy (selected like everything else: on validation)."""
     client, out = mlflow.MlflowClient(), []
-    best = curves.sort_values("val_acc", ascending=False).drop_duplicates("run_id")
-    for cell, runs in best.groupby(CELL, sort=True):
-        for _, run in runs.iterrows():
+    ranked = runs.sort_values("best_val_acc", ascending=False, na_position="last")
+    for cell, candidates in ranked.groupby(GROUP, sort=False):
+        for _, run in candidates.iterrows():
             if "confusion_matrix.json" in {a.path for a in client.list_artifacts(run.run_id)}:
                 local = client.download_artifacts(run.run_id, "confusion_matrix.json")
-                out.append(
-                    (f"{'/'.join(cell)} seed {run.seed}", json.loads(Path(local).read_text()))
-                )
+                matrix = json.loads(Path(local).read_text())
+                name = "/".join(str(c) for c in cell if c)
+                out.append((f"{name} seed {run.seed}", matrix["classes"], matrix["matrix"]))
                 break
     return out
 
 
-def write_tables(table: pd.DataFrame, out: Path, source: str) -> list[Path]:
+def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x colour (x backbone x variant), each pair of strategies compared on the seeds
+    both have (paired: a seed fixes the split)."""
+    counted = latest_per_seed(runs)
+    counted = counted[counted.status == "FINISHED"]
+    if counted.empty:
+        return pd.DataFrame(columns=["dataset", "colour", "verdict"])
+    counted = counted.assign(column=column_names(counted))
+    rows = ["dataset", "colour", "backbone"]
+    verdicts = paired_differences(counted, rows, column="column", pair="seed", value="test_acc")
+    where = verdicts.dataset + " / " + verdicts.colour
+    if counted.backbone.nunique() > 1:
+        where += " / " + verdicts.backbone
+    return verdicts.assign(verdict=where + ": " + verdicts.verdict)
+
+
+def ranks(table: pd.DataFrame) -> pd.DataFrame:
+    done = table[table.n > 0].assign(column=column_names(table[table.n > 0]))
+    if done.empty:
+        return pd.DataFrame(columns=["average_rank", "rows"])
+    return average_ranks(done, ["dataset", "colour"], "column", "test_acc_mean")
+
+
+def bold_best(table: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Which accuracy-table cells hold the best mean of their row."""
+    done = table[table.n > 0].assign(column=column_names(table[table.n > 0]))
+    flags = pd.DataFrame(False, index=accuracy.index, columns=accuracy.columns)
+    if done.empty:
+        return flags
+    best = done[best_in_row(done, ["dataset", "colour"], "column", "test_acc_mean")]
+    where = {(r.dataset, r.colour): i for i, r in accuracy.iterrows()}
+    for _, row in best.iterrows():
+        flags.loc[where[(row.dataset, row.colour)], row.column] = True
+    return flags
+
+
+def write_tables(
+    table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
+    footnote: str,
+) -> list[Path]:  # fmt: skip
     accuracy, cost = accuracy_table(table), cost_table(table)
+    bold = bold_best(table, accuracy)
+    shown = accuracy.copy()
+    for column in accuracy.columns:
+        shown[column] = [
+            f"**{v}**" if b else v for v, b in zip(shown[column], bold[column], strict=True)
+        ]
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
     markdown = {"index": False, "missingval": "—"}  # a cost a cell does not have (no GPU...)
     cost = cost.astype(object).where(cost.notna(), None)  # tabulate prints NaN as "nan"
+    lines = "\n".join(f"- {v}" for v in verdicts.verdict) or "- (no two strategies to compare)"
+    ranked = ranking.reset_index().rename(columns={"index": "column", "rows": "rows ranked"})
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
-        f"Source: `{source}`.\n\n{RULES}\n\n{accuracy.to_markdown(**markdown)}\n\n"
-        f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(**markdown)}\n"
+        f"Source: `{source}`.\n\n{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
+        + (f"{footnote}\n\n" if footnote else "")
+        + "## Paired comparisons (same seeds, so the same splits)\n\n"
+        + lines
+        + "\n\n"
+        + f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
+        + f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(**markdown)}\n"
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
     paths[2].write_text(
-        "% \\usepackage{booktabs}\n"
-        + accuracy.to_latex(index=False, caption="Test accuracy per cell.", label="tab:accuracy")
-        + "\n"
-        + cost.to_latex(index=False, caption="Cost per cell.", label="tab:cost", na_rep="")
+        latex_document(
+            [
+                to_latex(accuracy, "Test accuracy per cell. " + RULES, "tab:accuracy", bold=bold),
+                to_latex(cost, "Cost per cell.", "tab:cost"),
+            ]
+        )
     )
     return paths
 
 
-def write_html(table: pd.DataFrame, runs: pd.DataFrame, out: Path, source: str) -> Path:
+def write_html(
+    table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
+    footnote: str,
+) -> Path:  # fmt: skip
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     curves = val_curves(counted)
-    images = [("Test accuracy per cell", figures.png_data_uri(figures.accuracy_bars(table)))]
+    pictures = [
+        ("Test accuracy per cell (mean ± sd over seeds)", figures.accuracy_bars(table)),
+        ("Cost against accuracy (wall time per cell, log scale)", figures.cost_vs_accuracy(table)),
+    ]
     if not curves.empty:
-        images.append(("Learning curves", figures.png_data_uri(figures.learning_curves(curves))))
-        for title, matrix in best_confusions(curves):
-            figure = figures.confusion(matrix["matrix"], matrix["classes"], title)
-            images.append(
-                (
-                    f"Confusion matrix (test), best validation run: {title}",
-                    figures.png_data_uri(figure),
-                )
-            )
+        pictures.append(("Learning curves (validation accuracy)", figures.learning_curves(curves)))
+    if matrices := best_confusions(counted):
+        pictures.append(
+            ("Confusion matrices (test, row-normalised), best validation run per cell",
+             figures.confusion_grid(matrices))
+        )  # fmt: skip
     sections = "\n".join(
-        f'<figure><img src="{uri}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
-        "</figcaption></figure>"
-        for t, uri in images
+        f"<figure>{figures.svg_markup(figure)}<figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, figure in pictures
     )
+    failures = runs[runs.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
+    failed = "".join(
+        f"<li>{html.escape(' / '.join(str(r[c]) for c in [*CELL, 'seed']))}: "
+        f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}</li>"
+        for _, r in failures.iterrows()
+    )
+    verdict_list = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts.verdict)
     page = out / "report.html"
     page.write_text(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>benchmark report</title>
@@ -103,15 +170,19 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
 th, td {{ border-bottom: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: left; }}
 th {{ background: #f3f3f3; }}
-figure {{ margin: 2rem 0; }} img {{ max-width: 100%; }}
+figure {{ margin: 2rem 0; }} svg {{ max-width: 100%; height: auto; }}
 figcaption {{ color: #555; font-size: 0.9rem; }}
 </style></head><body>
 <h1>Transfer learning: test accuracy per cell</h1>
 <p>Source: <code>{html.escape(source)}</code></p>
 <p>{html.escape(RULES)}</p>
 {accuracy_table(table).to_html(index=False, border=0)}
+<p>{html.escape(footnote)}</p>
+<h2>Paired comparisons</h2>
+<ul>{verdict_list}</ul>
 <h2>Cost per cell</h2>
 {cost_table(table).to_html(index=False, border=0, na_rep="")}
+{f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else ""}
 <h2>Pictures</h2>
 {sections}
 </body></html>
@@ -129,29 +200,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="benchmark")
     parser.add_argument("--sweep", default=None, help="only the cells of this sweep (its dir)")
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--include-debug",
+        action="store_true",
+        help="count runs with a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
         check_sqlite(uri, write=False)  # a misspelt path: no empty store created
-        runs = load_runs(uri, args.experiment, args.sweep)
+        print(f"reading runs from {uri} ...", file=sys.stderr, flush=True)
+        loaded = load_runs(uri, args.experiment, args.sweep, args.include_debug)
     except (LookupError, TrackingUnreachable, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    runs = loaded.frame
     if runs.empty:
         print(
-            f"error: no runs in experiment {args.experiment!r} of {uri}"
-            + (f" for sweep {args.sweep}" if args.sweep else ""),
+            f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"
+            + (f" for sweep {args.sweep}" if args.sweep else "")
+            + (f" ({loaded.footnote()})" if loaded.footnote() else ""),
             file=sys.stderr,
         )
         return 1
     table = summarise(runs)
+    verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
     args.out.mkdir(parents=True, exist_ok=True)
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )
-    for path in [*write_tables(table, args.out, source), write_html(table, runs, args.out, source)]:
+    written = [
+        *write_tables(table, verdicts, ranking, args.out, source, footnote),
+        write_html(table, runs, verdicts, args.out, source, footnote),
+    ]
+    for path in written:
         print(f"wrote {path}")
     print(accuracy_table(table).to_markdown(index=False))
     return 0

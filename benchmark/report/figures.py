@@ -19,6 +19,8 @@ from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from benchmark.report.tables import column_names
+
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
 
@@ -40,13 +42,6 @@ def svg_markup(figure: Figure) -> str:
     plt.close(figure)
     markup = buffer.getvalue()
     return markup[markup.index("<svg") :]
-
-
-def column_names(table: pd.DataFrame) -> pd.Series:
-    """Strategy, and the backbone too when the runs use several (as report.tables does)."""
-    if table.backbone.nunique() > 1:
-        return table.strategy + " / " + table.backbone
-    return table.strategy
 
 
 def accuracy_bars(table: pd.DataFrame) -> Figure:

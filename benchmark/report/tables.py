@@ -8,22 +8,33 @@ seeds; failed, running and never-run cells are shown as such, never dropped or a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from benchmark.identity import CELL_PARAMS
+from benchmark.identity import (
+    CELL_GROUP_TAG,
+    CELL_PARAMS,
+    DEBUG_TAG,
+    HARNESS_TAG,
+    KIND_TAG,
+    SCHEMA_TAG,
+)
+from benchmark.report.stats import seed_summary
 from benchmark.store import end_stale_runs
 
 CELL = list(CELL_PARAMS)
+GROUP = [*CELL, "variant"]  # one experiment: runs that differ only in their seed
 RULES = (
     "Each cell: held-out test accuracy of the checkpoint selected on validation accuracy, "
     "mean ± sd over seeds (n = FINISHED seeds). Of each (cell, seed) the latest FINISHED run "
     "counts (as for a relaunch, which skips it), else the latest run; failed, running and "
-    "never-run cells are marked, never averaged in. "
-    "The study's number (ResNet-18, 15 epochs) is its maximum validation accuracy over epochs, "
-    "not a test score; ▼ marks where ours is lower."
+    "never-run cells are marked, never averaged in. Runs that differ in anything but the seed "
+    "are separate columns, labelled by what differs. [a, b]: 95 % t interval of the mean. "
+    "The study's numbers (ResNet-18, 15 epochs, maximum validation accuracy over epochs) are "
+    "another backbone and protocol: shown beside ours, not subtracted."
 )
 COST_METRICS = ["wall_time_s", "train_images_per_s", "peak_rss_mb", "peak_gpu_mem_mb"]
 
@@ -43,42 +54,143 @@ REFERENCE = pd.DataFrame(
 ).melt(["dataset", "colour"], var_name="strategy", value_name="study_val_acc")
 
 
-def load_runs(tracking_uri: str, experiment: str, sweep: str | None = None) -> pd.DataFrame:
-    """One row per run: cell params, seed, status, start time, test accuracy and cost."""
+@dataclass
+class Runs:
+    """The harness's cell runs, and what was left out of them (counted for a footnote)."""
+
+    frame: pd.DataFrame
+    foreign: int = 0  # runs in the experiment that the harness did not make
+    debug: int = 0  # partial-budget runs left out (--include-debug counts them)
+
+    def footnote(self) -> str:
+        notes = []
+        if self.foreign:
+            notes.append(f"{self.foreign} run(s) not made by the harness were ignored")
+        if self.debug:
+            notes.append(
+                f"{self.debug} debug run(s) with a partial budget (limit_*_batches, "
+                "fast_dev_run, max_steps) were left out (--include-debug counts them)"
+            )
+        return "; ".join(notes) + "." if notes else ""
+
+
+# What varies between runs without being an experiment of its own: never labels a row.
+NOT_A_VARIANT = {"seed", "input", "probe_c_chosen", "manifest_sha256"}
+
+
+def load_runs(
+    tracking_uri: str, experiment: str, sweep: str | None = None, include_debug: bool = False
+) -> Runs:
+    """The harness's cell runs: cell params, variant, seed, status, start time, test accuracy
+    and cost. Runs without the harness's tags are ignored and counted; so are debug runs."""
     mlflow.set_tracking_uri(tracking_uri)
     if (experiment_ := mlflow.get_experiment_by_name(experiment)) is None:
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}: run a sweep first.")
     # A run left RUNNING by a process that is gone is FAILED: the rule a relaunch applies too.
     end_stale_runs(mlflow.MlflowClient(tracking_uri), [experiment_.experiment_id])
     query = f"tags.sweep = '{Path(sweep).resolve()}'" if sweep else ""
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    every = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    if every.empty:
+        return Runs(every)
+    every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
+    ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
+    cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
+    sweeps = ours & every[f"tags.{KIND_TAG}"].eq("sweep")
+    runs = every[cells]
+    debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
+    if not include_debug:
+        runs = runs[~debug]
+    runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
+    foreign, left_out = int((~cells & ~sweeps).sum()), 0 if include_debug else int(debug.sum())
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", *COST_METRICS]}
-    wanted |= {"tags.device": "device"}
+    wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
+    wanted |= {"tags.error": "error"}
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA
-    return runs[["run_id", "status", "start_time", *wanted.values()]]
+    runs = runs.assign(dataset=runs.dataset_label)
+    columns = ["run_id", "status", "start_time", *wanted.values(), "variant"]
+    return Runs(runs[columns].reset_index(drop=True), foreign, left_out)
+
+
+_TAGS = {f"tags.{t}" for t in (HARNESS_TAG, SCHEMA_TAG, KIND_TAG, DEBUG_TAG)}
+
+
+def dataset_labels(runs: pd.DataFrame) -> pd.Series:
+    """The study's datasets by name; a user's own by its folder or file (imagefolder:my_photos),
+    so two folders are two rows."""
+    labels = runs["params.dataset"].astype(object).copy()
+    for name, key in (("imagefolder", "params.dataset.root"), ("csv", "params.dataset.file")):
+        if key in runs:
+            own = runs["params.dataset"].eq(name) & runs[key].notna()
+            labels[own] = name + ":" + runs.loc[own, key].map(lambda p: Path(p).name)
+    return labels
+
+
+def variants(runs: pd.DataFrame) -> pd.Series:
+    """For runs of one dataset x colour x strategy x backbone made with different settings (the
+    tag cell_group: the config less the seed), the keys that differ, as `key=value, ...`; empty
+    when there is one setting. Such runs are separate rows, never averaged together."""
+    label = pd.Series("", index=runs.index, dtype=object)
+    params = [
+        c
+        for c in runs.columns
+        if c.startswith("params.") and c.removeprefix("params.") not in NOT_A_VARIANT
+    ]
+    keys = ["params.dataset", *dataset_keys(runs), *[f"params.{c}" for c in CELL[1:]]]
+    group = f"tags.{CELL_GROUP_TAG}"
+    for _, cell in runs.groupby(keys, dropna=False):
+        if cell[group].nunique() < 2:
+            continue
+        first = cell.drop_duplicates(group).set_index(group)[params].astype(object)
+        first = first.where(first.notna(), "default")  # a key one run set and another did not
+        differ = [c for c in params if first[c].astype(str).nunique() > 1]
+        for key, row in first.iterrows():
+            text = ", ".join(f"{c.removeprefix('params.')}={row[c]}" for c in differ)
+            label[cell.index[cell[group] == key]] = text
+    return label
+
+
+def dataset_keys(runs: pd.DataFrame) -> list[str]:
+    return [k for k in ("params.dataset.root", "params.dataset.file") if k in runs]
 
 
 def latest_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """Of each (cell, seed): its latest FINISHED run, else its latest run. The rule a relaunch
     applies: a cell that FINISHED is done, whatever a later attempt did."""
     ordered = runs.assign(_done=runs.status == "FINISHED").sort_values(["_done", "start_time"])
-    return ordered.groupby([*CELL, "seed"]).tail(1).drop(columns="_done")
+    return ordered.groupby([*GROUP, "seed"]).tail(1).drop(columns="_done")
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell of the grid spanned by the runs, missing cells included."""
+    """One row per cell: each dataset x colour of the runs, crossed with each strategy x backbone
+    x variant they hold, missing cells included. Accuracy: n, mean, sd and a 95 % t interval
+    over the counted FINISHED seeds; cost means; failed and running counts; the study's number
+    (its own protocol and backbone) beside it, never subtracted."""
     latest = latest_per_seed(runs)
     finished = latest[latest.status == "FINISHED"]
-    accuracy = finished.groupby(CELL).test_acc.agg(
-        n="count", test_acc_mean="mean", test_acc_sd="std"
+    summary = seed_summary(finished, GROUP, "test_acc").set_index(GROUP)
+    accuracy = summary.rename(
+        columns={
+            "mean": "test_acc_mean",
+            "sd": "test_acc_sd",
+            "ci_low": "test_acc_ci_low",
+            "ci_high": "test_acc_ci_high",
+        }
     )
-    cost = finished.groupby(CELL)[COST_METRICS].mean()
-    devices = finished.groupby(CELL).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
-    states = pd.crosstab([latest[c] for c in CELL], latest.status)
-    grid = pd.MultiIndex.from_product([_ordered(runs[c]) for c in CELL], names=CELL)
+    cost = finished.groupby(GROUP)[COST_METRICS].mean()
+    devices = finished.groupby(GROUP).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
+    states = pd.crosstab([latest[c] for c in GROUP], latest.status)
+    rows = pd.MultiIndex.from_product(
+        [_ordered(runs.dataset), _ordered(runs.colour)], names=["dataset", "colour"]
+    )
+    columns = runs[GROUP[2:]].drop_duplicates()
+    columns = columns.iloc[sorted(range(len(columns)), key=lambda i: _order_key(columns.iloc[i]))]
+    grid = pd.MultiIndex.from_tuples(
+        [(*row, *column) for row in rows for column in columns.itertuples(index=False)],
+        names=GROUP,
+    )
     table = pd.DataFrame(index=grid).join([accuracy, cost, devices])
     for status in ("FAILED", "RUNNING"):
         table[status.lower()] = states.get(status, 0)
@@ -86,9 +198,13 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         {"n": int, "failed": int, "running": int}
     )
     table = table.reset_index().merge(REFERENCE, on=["dataset", "colour", "strategy"], how="left")
-    table["diff_vs_study"] = table.test_acc_mean - table.study_val_acc
     table["state"] = table.apply(_state, axis=1)
     return table
+
+
+def _order_key(column: pd.Series) -> tuple:
+    first = {"finetune": 0, "freeze": 1}
+    return (first.get(column.strategy, 2), column.strategy, column.backbone, column.variant)
 
 
 def _ordered(values: pd.Series) -> list[str]:
@@ -109,27 +225,30 @@ def _accuracy_text(row: pd.Series) -> str:
     if not row.n:
         return row.state
     text = f"{row.test_acc_mean:.3f}"
-    text += f" ± {row.test_acc_sd:.3f}" if row.n > 1 else ""
+    if row.n > 1:
+        text += f" ± {row.test_acc_sd:.3f} [{row.test_acc_ci_low:.3f}, {row.test_acc_ci_high:.3f}]"
     text += f" (n={row.n}"
     text += f", {row.failed} failed" if row.failed else ""
     text += f", {row.running} running" if row.running else ""
-    text += ")"
-    if pd.notna(row.study_val_acc):
-        flag = " ▼" if row.diff_vs_study < 0 else ""
-        text += f" · study {row.study_val_acc:.3f} ({row.diff_vs_study:+.3f}{flag})"
-    return text
+    return text + ")"
 
 
 def column_names(table: pd.DataFrame) -> pd.Series:
-    """Strategy, and the backbone too when the runs use several."""
+    """Strategy, the backbone too when the runs use several, and the variant when it has one."""
+    names = table.strategy.astype(str)
     if table.backbone.nunique() > 1:
-        return table.strategy + " / " + table.backbone
-    return table.strategy
+        names = names + " / " + table.backbone
+    variant = table.variant.fillna("") if "variant" in table else pd.Series("", index=table.index)
+    return names.where(variant.eq(""), names + " · " + variant)
+
+
+STUDY_COLUMN = "study: ResNet-18, 15 epochs, max val ({})"
 
 
 def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The study's layout: rows dataset x colour, one column per strategy."""
-    return (
+    """The study's layout: rows dataset x colour, one column per strategy (x backbone x
+    variant); the study's own numbers in columns of their own, not compared across protocols."""
+    wide = (
         table.assign(column=column_names(table), text=table.apply(_accuracy_text, axis=1))
         .pivot_table(
             index=["dataset", "colour"],
@@ -139,8 +258,16 @@ def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
             sort=False,
         )
         .rename_axis(columns=None)
-        .reset_index()
     )
+    study = (
+        REFERENCE.pivot_table(
+            index=["dataset", "colour"], columns="strategy", values="study_val_acc"
+        )
+        .rename(columns=STUDY_COLUMN.format)
+        .map(lambda v: f"{v:.3f}")
+    )
+    wide = wide.join(study, how="left").fillna({c: "" for c in study.columns})
+    return wide.reset_index()
 
 
 def cost_table(table: pd.DataFrame) -> pd.DataFrame:
