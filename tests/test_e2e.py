@@ -88,7 +88,12 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     assert [m.step for m in history] == [0]  # one value per epoch, stepped by epoch
 
     reported = benchmark(
-        "benchmark.report", "--out", str(tmp_path / "results"), cwd=tmp_path, data_root=shared_data
+        "benchmark.report",
+        "--out",
+        str(tmp_path / "results"),
+        "--include-debug",  # TINY runs are debug runs (one batch)
+        cwd=tmp_path,
+        data_root=shared_data,
     )
     assert reported.returncode == 0, reported.stderr[-3000:]
     table = pd.read_csv(tmp_path / "results" / "report.csv")
@@ -99,7 +104,8 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     assert (merged.test_acc_mean - merged["metrics.test_acc"]).abs().max() < 1e-6
     assert table.study_val_acc.notna().all()
     markdown = (tmp_path / "results" / "report.md").read_text()
-    assert "| hymenoptera | gray" in markdown and "study 0.961" in markdown
+    assert "| hymenoptera | gray" in markdown and "max val (freeze)" in markdown
+    assert "0.961" in markdown and "▼" not in markdown  # the study beside ours, not subtracted
 
 
 def test_missing_dataset_fails_clearly_before_any_run_opens(tmp_path, shared_data):
@@ -156,7 +162,12 @@ def test_a_sweep_over_strategies_appears_in_the_report(tmp_path, shared_data):
     )
     assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
     reported = benchmark(
-        "benchmark.report", "--out", str(tmp_path / "results"), cwd=tmp_path, data_root=shared_data
+        "benchmark.report",
+        "--out",
+        str(tmp_path / "results"),
+        "--include-debug",  # TINY runs are debug runs (one batch)
+        cwd=tmp_path,
+        data_root=shared_data,
     )
     assert reported.returncode == 0, reported.stderr[-3000:]
     table = pd.read_csv(tmp_path / "results" / "report.csv")
