@@ -68,8 +68,8 @@ def cell_run(cfg: DictConfig, key: str, manifest: Manifest) -> Iterator[Run]:
         return
     uri = identity.tracking_uri(cfg)
     exp_id = store.experiment_id(uri, cfg.tracking.experiment)
-    mlflow.set_system_metrics_sampling_interval(5)  # seconds; MLflow's default, 10, misses short
-    mlflow.set_system_metrics_samples_before_logging(1)  # cells
+    mlflow.set_system_metrics_sampling_interval(10)  # seconds: few writes to a shared store
+    mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(
         experiment_id=exp_id,
         run_name=identity.cell_name(cfg).replace("/", "-"),

@@ -127,7 +127,11 @@ def test_gpu_launcher_runs_cells_in_parallel_processes_and_isolates_failures(tmp
         data_root=shared_data,
     )
     assert "Launching 4 cells on 2 CPU worker(s)" in swept.stdout, swept.stdout + swept.stderr
-    assert "Sweep done: 4 cells: 2 finished, 0 skipped, 2 failed." in swept.stdout
+    logs = "\n".join(
+        f"--- {log}\n{log.read_text()[-2000:]}" for log in (tmp_path / "multirun").rglob("cell.log")
+    )
+    summary = "Sweep done: 4 cells: 2 finished, 0 skipped, 2 failed."
+    assert summary in swept.stdout, swept.stdout[-3000:] + logs  # the cells' own words if not
     assert swept.returncode != 0  # imagefolder without dataset.root fails, in its own cells
     runs = runs_in(tmp_path / "mlflow.db")
     assert sorted(runs.status) == ["FINISHED", "FINISHED"]  # bad input opens no run
