@@ -105,6 +105,31 @@ class Running:
     started: float
 
 
+class SweepProgress:
+    """k/N cells done, the time elapsed and an estimate of the time left (from the cells that
+    ran, skipped ones costing nothing), for the sweep's log lines."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.finished, self.ran = total, 0, 0
+        self.started = time.monotonic()
+
+    def done(self, skipped: bool = False) -> str:
+        self.finished += 1
+        self.ran += not skipped
+        elapsed = time.monotonic() - self.started
+        text = f"{self.finished}/{self.total} done, {_duration(elapsed)} elapsed"
+        if self.ran and self.finished < self.total:
+            left = elapsed / self.ran * (self.total - self.finished)
+            text += f", about {_duration(left)} left"
+        return text
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 class CellProcessLauncher(Launcher):
     def __init__(
         self,
@@ -148,12 +173,18 @@ class CellProcessLauncher(Launcher):
         pending = deque(enumerate(job_overrides, start=initial_job_idx))
         running: list[Running] = []
         returns: dict[int, JobReturn] = {}
+        progress = SweepProgress(len(job_overrides))
         while pending or running:
             while pending and pool.available:
                 index, overrides = pending.popleft()
                 config, folder = self._prepare(index, list(overrides), sweep_dir)
                 if (done := self._finished_earlier(config, folder, list(overrides))) is not None:
-                    log.info("\t#%d skipped: FINISHED earlier in MLflow run %s", index, done.run_id)
+                    log.info(
+                        "\t#%d skipped: FINISHED earlier in MLflow run %s [%s]",
+                        index,
+                        done.run_id,
+                        progress.done(skipped=True),
+                    )
                     done.save(folder)
                     returns[index] = self._finish(list(overrides), config, folder, done)
                     continue
@@ -166,10 +197,11 @@ class CellProcessLauncher(Launcher):
                 pool.release(cell.slot)
                 outcome = self._outcome(cell)
                 log.info(
-                    "\t#%d %s after %.0fs: %s",
+                    "\t#%d %s after %.0fs [%s]: %s",
                     cell.index,
                     outcome.status,
                     time.time() - cell.started,
+                    progress.done(),
                     " ".join(filter_overrides(cell.overrides)),
                 )
                 returns[cell.index] = self._finish(

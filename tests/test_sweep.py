@@ -20,7 +20,13 @@ from omegaconf import DictConfig
 from benchmark import tracking
 from benchmark.cell import run_cell
 from benchmark.identity import cell_key
-from benchmark.launcher import CellProcessLauncher, DevicePool, Running, visible_gpus
+from benchmark.launcher import (
+    CellProcessLauncher,
+    DevicePool,
+    Running,
+    SweepProgress,
+    visible_gpus,
+)
 from benchmark.resume import cell_manifest
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import benchmark, runs_in
@@ -233,3 +239,12 @@ def test_the_launcher_ends_the_run_of_a_killed_cell_failed_with_the_signal(make_
     ended = mlflow.MlflowClient().get_run(left.info.run_id)
     assert ended.info.status == "FAILED"
     assert ended.data.tags["error"] == "killed by signal 9 (SIGKILL)"
+
+
+def test_sweep_progress_says_k_of_n_elapsed_and_time_left(monkeypatch):
+    clock = iter([0.0, 0.0, 120.0, 240.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    progress = SweepProgress(4)
+    assert progress.done(skipped=True) == "1/4 done, 0m00s elapsed"  # skipped: no estimate
+    assert progress.done() == "2/4 done, 2m00s elapsed, about 4m00s left"
+    assert progress.done() == "3/4 done, 4m00s elapsed, about 2m00s left"
