@@ -172,7 +172,8 @@ class SpeedConfig:
     # ...with augmentation on: cache this many augmented views of each training image (0: train
     # from images instead, paying the backbone's forward pass every epoch).
     augmented_views: int = 0
-    # On CUDA: backbone and batches in channels-last memory format (faster convolutions).
+    # Backbone and batches in channels-last memory format, on CUDA and on the CPU alike (faster
+    # convolutions: Lite0 on this 2-core CPU, forward 1.55x, train step 1.54x; same fp32 math).
     channels_last: bool = True
     # torch.compile the model (pays a compilation at the start; pays off on long GPU cells).
     compile: bool = False
