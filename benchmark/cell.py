@@ -32,7 +32,7 @@ from benchmark.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.models import Backbone, create_backbone
 from benchmark.probe import fit_probe
 from benchmark.result import CellResult, CellSummary
-from benchmark.resume import cell_manifest, finished_earlier
+from benchmark.resume import cell_identity, finished_earlier
 
 log = logging.getLogger("benchmark")
 
@@ -41,8 +41,7 @@ def run_cell(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> CellSummary
     """The cell: its data, skipped if already FINISHED (unless `rerun=true`), else computed and
     logged in one MLflow run. `callbacks` are extra Lightning callbacks for the cell's Trainer."""
     check(cfg)  # every value in its range, before any data is read or any run opened
-    manifest = cell_manifest(cfg)
-    key = identity.cell_key(cfg, manifest.sha256)
+    manifest, key = cell_identity(cfg)
     if not cfg.rerun and (done := finished_earlier(cfg, key)) is not None:
         return done
     with tracking.cell_run(cfg, key, manifest) as run:

@@ -41,9 +41,9 @@ class CellCost:
     """Started when a cell starts; `stop` reads what it cost."""
 
     started: float = field(default_factory=time.perf_counter)
-    peak_reset: bool = field(default_factory=reset_peak_rss)
 
     def __post_init__(self) -> None:
+        reset_peak_rss()
         self.rss_at_start_mb = psutil.Process().memory_info().rss / 2**20
         self._reset_gpu_peak()
 
@@ -55,7 +55,8 @@ class CellCost:
         return time.perf_counter() - self.started
 
     def peak_rss_mb(self) -> float:
-        """The cell's own peak; where the high-water mark could not be reset, the process's."""
+        """The cell's own peak, since its start (the process's, where the high-water mark
+        cannot be reset)."""
         return peak_rss_mb()
 
     def peak_gpu_mem_mb(self) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +24,8 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from benchmark.data.cache import damage, file_fingerprint, files_key
+from benchmark.data.cache import file_fingerprint, files_key, reusable
 from benchmark.data.loading import ManifestDataModule, Normalize, SplitLoaders
-
-log = logging.getLogger("benchmark")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -89,20 +86,16 @@ def extract(
 def _cached(file: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     """The array in `file`, computed and saved first if missing or damaged (its size and
     SHA-256 are recorded beside it when complete); concurrent cells wait."""
-    marker = file.with_suffix(".json")
     with FileLock(str(file) + ".lock"):
-        if marker.is_file():
-            problem = damage(file, json.loads(marker.read_text()))
-            if problem is None:
-                return torch.from_numpy(np.load(file)), 0.0
-            log.warning("Feature cache %s is damaged (%s): extracting again.", file, problem)
-            marker.unlink()
+        if reusable(file, "Feature cache"):
+            return torch.from_numpy(np.load(file)), 0.0
         start = time.perf_counter()
         array = compute().numpy()
         partial = file.with_suffix(".partial.npy")
         np.save(partial, array)
         partial.rename(file)
-        marker.write_text(json.dumps(file_fingerprint(file)))  # written last: the done-marker
+        # Written last: the done-marker.
+        file.with_suffix(".json").write_text(json.dumps(file_fingerprint(file)))
         return torch.from_numpy(array), time.perf_counter() - start
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 # Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
-NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "logger")
+NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 # Tags every run of the harness carries; anything else in an experiment is not a result of ours.

@@ -231,7 +231,7 @@ class CellProcessLauncher(Launcher):
         cell's own process decides."""
         if config.rerun:
             return None
-        from benchmark import identity, resume
+        from benchmark import resume
 
         saved = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
@@ -239,8 +239,7 @@ class CellProcessLauncher(Launcher):
             cell_cfg = copy.deepcopy(config)
             with open_dict(cell_cfg):
                 del cell_cfg["hydra"]
-            key = identity.cell_key(cell_cfg, resume.cell_manifest(cell_cfg).sha256)
-            done = resume.finished_earlier(cell_cfg, key)
+            done = resume.finished_earlier(cell_cfg, resume.cell_identity(cell_cfg)[1])
         except Exception:  # bad data, say: the cell's own process reports it
             log.debug("Cell %s not checked here", folder, exc_info=True)
             return None
@@ -274,7 +273,7 @@ class CellProcessLauncher(Launcher):
         or exit code, and the MLflow run it had started is ended FAILED with that reason."""
         if (cell.folder / OUTCOME_FILE).is_file():
             return CellOutcome.load(cell.folder, " ".join(cell.overrides))
-        from benchmark import store
+        from benchmark import identity, store
 
         code = cell.process.returncode
         if code < 0:
@@ -282,7 +281,7 @@ class CellProcessLauncher(Launcher):
         else:
             reason = f"exited with code {code} without an outcome"
         try:
-            run_id = store.fail_abandoned_run(cell.folder, reason)
+            run_id = store.settle_failed_run(cell.folder / identity.RUN_FILE, reason)
         except Exception:  # the store is unreachable: the run stays RUNNING, the sweep goes on
             log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
             run_id = None
@@ -293,8 +292,8 @@ class CellProcessLauncher(Launcher):
         """A cell that failed because the tracking server went away could neither end nor tag
         its run (nor could `_outcome`, while the server was down): it would stay RUNNING. Once
         the sweep is over, each failed cell's run is ended FAILED with the cell's error, if the
-        store answers by then (benchmark.server.settle_failed_run)."""
-        from benchmark import identity, server
+        store answers by then (benchmark.store.settle_failed_run)."""
+        from benchmark import identity, server, store
 
         failed = [
             (Path(job.working_dir) / identity.RUN_FILE, job.return_value.error or "failed")
@@ -310,7 +309,7 @@ class CellProcessLauncher(Launcher):
             return
         for run_file, error in failed:
             try:
-                if (run_id := server.settle_failed_run(run_file, error)) is not None:
+                if (run_id := store.settle_failed_run(run_file, error)) is not None:
                     log.info("\tRun %s of %s ended FAILED, with its error", run_id, run_file.parent)
             except Exception:
                 log.warning("Could not end the MLflow run of %s", run_file.parent, exc_info=True)

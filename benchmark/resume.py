@@ -21,6 +21,12 @@ def cell_manifest(cfg: DictConfig) -> Manifest:
     )
 
 
+def cell_identity(cfg: DictConfig) -> tuple[Manifest, str]:
+    """The cell's manifest and its key (its config and its data's content digests)."""
+    manifest = cell_manifest(cfg)
+    return manifest, identity.cell_key(cfg, manifest.sha256)
+
+
 def finished_earlier(cfg: DictConfig, key: str) -> CellSummary | None:
     """The summary of this cell's latest FINISHED run, if there is one."""
     if os.environ.get(identity.RUN_ID_ENV):

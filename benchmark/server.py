@@ -11,24 +11,17 @@ down would sit silent for minutes before failing with a retry trace. Here:
 - a cell whose server goes away mid-run fails with the same kind of one-line error
   (`explained`), and relaunching the sweep runs it again;
 - the run such a cell could not end (the server was down) is ended FAILED, with the cell's error,
-  instead of staying RUNNING: by hydra/launcher=gpus once the sweep is over
-  (`settle_failed_run`), else when the cell is relaunched (`settle_abandoned_runs`).
+  instead of staying RUNNING (`benchmark.store.settle_failed_run`, `settle_abandoned_runs`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
-import mlflow
 import requests
-from mlflow.entities import RunStatus
-
-from benchmark.identity import OUTCOME_FILE, RUN_FILE
 
 # Bounded defaults for MLflow's HTTP client: a refused connection is retried after 0, 4, 8 and
 # 16 s (about 30 s in all), which rides out a quick restart of the server; an answer may take
@@ -107,55 +100,6 @@ def explained(uri: str) -> Iterator[None]:
             f"retried for about {retry_budget_s():.0f} s): {FIX}, then relaunch the same "
             "command to run this cell again."
         ) from error
-
-
-def settle_failed_run(run_file: Path, reason: str) -> str | None:
-    """The run that a failed cell started (named in its `run_file`, identity.RUN_FILE) ends
-    FAILED, with `reason` as its `error` tag unless it has one: a cell that failed because the
-    server went away could neither end its run nor tag it. A FINISHED run (the server recorded
-    the end before the answer was lost) is left alone. The run's id if changed, else None."""
-    if not run_file.is_file():
-        return None
-    started = json.loads(run_file.read_text())
-    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
-    run = client.get_run(run_id)
-    running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
-    failed = run.info.status == RunStatus.to_string(RunStatus.FAILED)
-    untagged = "error" not in run.data.tags
-    if not (running or (failed and untagged)):
-        return None
-    if untagged:
-        client.set_tag(run_id, "error", reason[:5000])
-    if running:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-    return run_id
-
-
-def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
-    """Runs of the cell `key` that a cell process left RUNNING when it failed (the server was
-    down until after the sweep ended, so neither the cell nor its launcher could end them) are
-    ended FAILED with the error the cell wrote in its folder. Only a run whose folder
-    (`hydra_output_dir` tag) holds the cell's failed outcome and the run file naming that run
-    is touched: a run still going somewhere else is not. The ids of the runs ended."""
-    running = mlflow.search_runs(
-        [experiment_id],
-        f"tags.cell_key = '{key}' and attributes.status = 'RUNNING'",
-        output_format="list",
-    )
-    ended = []
-    for run in running:
-        folder = Path(run.data.tags.get("hydra_output_dir", ""))
-        outcome, run_file = folder / OUTCOME_FILE, folder / RUN_FILE
-        if not (folder.name and outcome.is_file() and run_file.is_file()):
-            continue
-        said = json.loads(outcome.read_text())
-        if json.loads(run_file.read_text()).get("run_id") != run.info.run_id:
-            continue
-        if said.get("status") == "failed" and settle_failed_run(
-            run_file, said.get("error") or "failed"
-        ):
-            ended.append(run.info.run_id)
-    return ended
 
 
 def _lost_connection(error: BaseException, uri: str) -> requests.RequestException | None:

@@ -109,7 +109,7 @@ def finished_run(uri: str, experiment: str, key: str) -> Run | None:
     """The latest FINISHED run of the cell with this key, if any (stale runs ended first)."""
     exp_id = experiment_id(uri, experiment)
     end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
-    server.settle_abandoned_runs(exp_id, key)  # runs a failed cell could not end (server down)
+    settle_abandoned_runs(exp_id, key)  # runs a failed cell could not end (server down)
     runs = mlflow.search_runs(
         [exp_id],
         f"tags.{CELL_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
@@ -176,26 +176,62 @@ def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> li
 def _said_error(tags: dict[str, str]) -> str | None:
     """The error a cell wrote in its outcome file before it exited without ending its run (the
     store was down), if its folder is readable here."""
-    outcome = Path(tags.get("hydra_output_dir", "")) / OUTCOME_FILE
-    if not tags.get("hydra_output_dir") or not outcome.is_file():
-        return None
-    said = json.loads(outcome.read_text())
+    said = _outcome(Path(tags.get("hydra_output_dir", "")))
     return said.get("error") if said.get("status") == "failed" else None
 
 
-def fail_abandoned_run(folder: Path, reason: str) -> str | None:
-    """End FAILED, with `reason` as its `error` tag, the run that a cell killed in `folder` left
-    RUNNING (the process could not end it itself); its id, or None if there was none."""
-    file = folder / RUN_FILE
-    if not file.is_file():
+def _outcome(folder: Path) -> dict[str, str]:
+    """What the cell in `folder` said in its outcome file ({} if it said nothing)."""
+    file = folder / OUTCOME_FILE
+    return json.loads(file.read_text()) if folder.name and file.is_file() else {}
+
+
+def settle_failed_run(run_file: Path, reason: str) -> str | None:
+    """The run that a failed cell started (named in its `run_file`, identity.RUN_FILE) ends
+    FAILED, with `reason` as its `error` tag unless it has one: a cell that failed because the
+    server went away could neither end its run nor tag it. A FINISHED run (the server recorded
+    the end before the answer was lost) is left alone. The run's id if changed, else None."""
+    if not run_file.is_file():
         return None
-    started = json.loads(file.read_text())
+    started = json.loads(run_file.read_text())
     client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
-    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+    run = client.get_run(run_id)
+    running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
+    failed = run.info.status == RunStatus.to_string(RunStatus.FAILED)
+    untagged = "error" not in run.data.tags
+    if not (running or (failed and untagged)):
         return None
-    client.set_tag(run_id, "error", reason)
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    if untagged:
+        client.set_tag(run_id, "error", reason[:5000])
+    if running:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
     return run_id
+
+
+def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
+    """Runs of the cell `key` that a cell process left RUNNING when it failed (the server was
+    down until after the sweep ended, so neither the cell nor its launcher could end them) are
+    ended FAILED with the error the cell wrote in its folder. Only a run whose folder
+    (`hydra_output_dir` tag) holds the cell's failed outcome and the run file naming that run
+    is touched: a run still going somewhere else is not. The ids of the runs ended."""
+    running = mlflow.search_runs(
+        [experiment_id],
+        f"tags.cell_key = '{key}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
+    ended = []
+    for run in running:
+        folder = Path(run.data.tags.get("hydra_output_dir", ""))
+        said, run_file = _outcome(folder), folder / RUN_FILE
+        if not (said and run_file.is_file()):
+            continue
+        if json.loads(run_file.read_text()).get("run_id") != run.info.run_id:
+            continue
+        if said.get("status") == "failed" and settle_failed_run(
+            run_file, said.get("error") or "failed"
+        ):
+            ended.append(run.info.run_id)
+    return ended
 
 
 # ---------------------------------------------------------------- a sweep's parent run

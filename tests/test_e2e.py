@@ -32,6 +32,21 @@ def benchmark(*args: str, cwd: Path, data_root: Path) -> subprocess.CompletedPro
     )
 
 
+def report_of_tiny_runs(cwd: Path, data_root: Path) -> pd.DataFrame:
+    """`python -m benchmark.report` on the store in `cwd`: results/report.csv. TINY runs are
+    debug runs (one batch), so it counts them only with --include-debug."""
+    reported = benchmark(
+        "benchmark.report",
+        "--out",
+        str(cwd / "results"),
+        "--include-debug",
+        cwd=cwd,
+        data_root=data_root,
+    )
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    return pd.read_csv(cwd / "results" / "report.csv")
+
+
 def runs_in(store: Path, kind: str = "cell") -> pd.DataFrame:
     """The cells' runs (kind="sweep": the sweeps' parent runs)."""
     mlflow.set_tracking_uri(f"sqlite:///{store}")
@@ -87,16 +102,7 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
     assert [m.step for m in history] == [0]  # one value per epoch, stepped by epoch
 
-    reported = benchmark(
-        "benchmark.report",
-        "--out",
-        str(tmp_path / "results"),
-        "--include-debug",  # TINY runs are debug runs (one batch)
-        cwd=tmp_path,
-        data_root=shared_data,
-    )
-    assert reported.returncode == 0, reported.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "results" / "report.csv")
+    table = report_of_tiny_runs(tmp_path, shared_data)
     assert len(table) == 4 and (table.n == 1).all()
     merged = table.merge(
         runs.rename(columns={"params.colour": "colour", "params.strategy": "strategy"})
@@ -161,16 +167,7 @@ def test_a_sweep_over_strategies_appears_in_the_report(tmp_path, shared_data):
         data_root=shared_data,
     )
     assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-    reported = benchmark(
-        "benchmark.report",
-        "--out",
-        str(tmp_path / "results"),
-        "--include-debug",  # TINY runs are debug runs (one batch)
-        cwd=tmp_path,
-        data_root=shared_data,
-    )
-    assert reported.returncode == 0, reported.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "results" / "report.csv")
+    table = report_of_tiny_runs(tmp_path, shared_data)
     assert sorted(table.strategy) == sorted(strategies) and (table.n == 1).all()
     header = (tmp_path / "results" / "report.md").read_text().split("\n")
     row = next(line for line in header if line.startswith("| dataset"))

@@ -41,6 +41,20 @@ def file_fingerprint(file: Path) -> dict[str, object]:
     return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def reusable(file: Path, what: str) -> bool:
+    """Whether `file` is complete (its done-marker `file.json` exists) and intact (its size and
+    SHA-256 as recorded there). A damaged one is named in a warning and its marker removed, for
+    the caller to rebuild it."""
+    marker = file.with_suffix(".json")
+    if not marker.is_file():
+        return False
+    if (problem := damage(file, json.loads(marker.read_text()))) is None:
+        return True
+    log.warning("%s %s is damaged (%s): rebuilding it.", what, file, problem)
+    marker.unlink()
+    return False
+
+
 def damage(file: Path, recorded: dict[str, object]) -> str | None:
     """What is wrong with a cache file against its recorded fingerprint, or None if intact."""
     if not file.is_file():
@@ -109,14 +123,9 @@ def build_image_cache(
     folder = cache_dir / "images"
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.u8"
-    marker = file.with_suffix(".json")
     with FileLock(str(file) + ".lock"):
-        if marker.is_file():
-            problem = damage(file, json.loads(marker.read_text()))
-            if problem is None:
-                return ImageCache.open(file), 0.0
-            log.warning("Decoded-image cache %s is damaged (%s): rebuilding it.", file, problem)
-            marker.unlink()
+        if reusable(file, "Decoded-image cache"):
+            return ImageCache.open(file), 0.0
         return _build(sorted(paths), size, preprocess.interpolation, file, threads)
 
 

@@ -8,6 +8,7 @@ never stop an epoch) or skipped with the reason, for the stats output and the ru
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,20 +44,18 @@ class Scan:
         )
 
 
-def unusable_reason(path: Path) -> str | None:
-    """None for an image that decodes fully; otherwise why it cannot be used."""
-    if path.stat().st_size == 0:
+def unusable_reason(content: bytes) -> str | None:
+    """None for a file whose bytes decode fully as an image; otherwise why it cannot be used."""
+    if not content:
         return "empty file (0 bytes)"
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(content)) as image:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()  # decodes the whole stream: truncation shows up here, not mid-epoch
     except UnidentifiedImageError:
         return "not an image (content unreadable by Pillow)"
     except Image.DecompressionBombError as error:  # a pixel bomb: refused before decoding
         return f"too large to decode safely ({error})"
-    except PermissionError:
-        raise  # not the file's fault: not remembered as a verdict (see _verdict)
     except (OSError, SyntaxError, ValueError) as error:
         return f"corrupt or truncated image ({error})"
     return None
@@ -111,8 +110,8 @@ def _verdict(path: Path) -> tuple[str | None, str | None]:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in _VERDICTS:
-            reason = unusable_reason(path)
-            _VERDICTS[key] = (reason, hashlib.sha256(path.read_bytes()).hexdigest())
+            content = path.read_bytes()  # read once: decoded and hashed
+            _VERDICTS[key] = (unusable_reason(content), hashlib.sha256(content).hexdigest())
         return _VERDICTS[key]
     except OSError as error:
         return f"unreadable ({error.strerror or error}; fix it and rerun)", None
