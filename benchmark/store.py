@@ -26,7 +26,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from benchmark import server
-from benchmark.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, OUTCOME_FILE, RUN_FILE
+from benchmark.identity import (
+    CELL_KEY_TAG,
+    HARNESS_TAG,
+    KIND_TAG,
+    OUTCOME_FILE,
+    RUN_FILE,
+    SCHEMA_TAG,
+    SCHEMA_VERSION,
+)
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
 BEAT_TAG = "heartbeat.last"
@@ -243,7 +251,13 @@ def start_sweep_run(uri: str, experiment: str, sweep_dir: str) -> str:
     run = client.create_run(
         experiment_id(uri, experiment),
         run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
-        tags={HARNESS_TAG: "benchmark", KIND_TAG: "sweep", "sweep": sweep_dir, **heartbeat_tags()},
+        tags={
+            HARNESS_TAG: "benchmark",
+            SCHEMA_TAG: SCHEMA_VERSION,
+            KIND_TAG: "sweep",
+            "sweep": sweep_dir,
+            **heartbeat_tags(),
+        },
     )
     return run.info.run_id
 

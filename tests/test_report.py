@@ -131,6 +131,8 @@ def test_debug_runs_other_settings_and_foreign_runs_are_never_pooled(store, tmp_
         log_run(client, experiment, (*cell, seed), "FINISHED", 0.8, 30, {"trainer.max_epochs": "3"})
     log_run(client, experiment, (*cell, 0), "FINISHED", 0.99, 40, harness=False)  # by hand
     log_run(client, experiment, ("mnist", "rgb", "sklearn", 0), "FINISHED", 0.5, 41, harness=False)
+    sweep = client.create_run(experiment, tags={HARNESS_TAG: "benchmark", KIND_TAG: "sweep"})
+    client.set_terminated(sweep.info.run_id, "FINISHED")  # a sweep's parent: ours, not a cell
 
     table, markdown = report_of(store, tmp_path / "out")
     default = table[(table.dataset == "hymenoptera") & (table.colour == "rgb")]

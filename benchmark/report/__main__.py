@@ -53,8 +53,9 @@ def best_confusions(runs: pd.DataFrame) -> list[tuple[str, list[str], list[list[
             if "confusion_matrix.json" in {a.path for a in client.list_artifacts(run.run_id)}:
                 local = client.download_artifacts(run.run_id, "confusion_matrix.json")
                 matrix = json.loads(Path(local).read_text())
-                name = "/".join(str(c) for c in cell if c)
-                out.append((f"{name} seed {run.seed}", matrix["classes"], matrix["matrix"]))
+                where, what = "/".join(cell[:2]), "/".join(str(c) for c in cell[2:] if c)
+                title = f"{where}\n{what} seed {run.seed}"  # two short lines per small panel
+                out.append((title, matrix["classes"], matrix["matrix"]))
                 break
     return out
 

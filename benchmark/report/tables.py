@@ -95,7 +95,8 @@ def load_runs(
     every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
     ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
     cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
-    sweeps = ours & every[f"tags.{KIND_TAG}"].eq("sweep")
+    # A sweep's parent run is the harness's too (before schema 2's tag, by its kind alone).
+    sweeps = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{KIND_TAG}"].eq("sweep")
     runs = every[cells]
     debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
     if not include_debug:
