@@ -37,6 +37,7 @@ from benchmark.config import DatasetConfig
 from benchmark.cost import peak_rss_mb
 from benchmark.data import build_manifest
 from benchmark.models import create_backbone
+from benchmark.precision import native_bf16
 
 DEFAULT_DATA = os.environ.get("BENCHMARK_DATA_ROOT", "data")
 
@@ -57,26 +58,26 @@ def images_per_second(
     train: bool,
     steps: int,
     device: torch.device | None = None,
+    fast: bool = True,
 ) -> float:
-    """The model alone on ready tensors: no data loading, no logging. On CUDA as our cells run
-    there (`trainer=gpu`): channels-last, bf16 autocast."""
+    """The model alone on ready tensors: no data loading, no logging. `fast`: as our cells run
+    by default (channels-last, bf16 autocast where the device has native bf16); else float32
+    in the default memory format, as the study's loop runs."""
     device = device or torch.device("cpu")
-    cuda = device.type == "cuda"
-    model = model.to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    bf16 = fast and native_bf16(device.type)
+    memory_format = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(device).to(memory_format=memory_format)
     images = torch.randn(batch, 3, size, size, device=device)
-    if cuda:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=memory_format)
     targets = torch.randint(0, 2, (batch,), device=device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train(train)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if train:
                 optimizer.zero_grad()
-                nn.functional.cross_entropy(model(images), targets).backward()
+                nn.functional.cross_entropy(model(images).float(), targets).backward()
                 optimizer.step()
             else:
                 with torch.inference_mode():
@@ -92,14 +93,19 @@ def images_per_second(
 
 
 def compute_limit(
-    backbone: str, classes: int, batch: int, steps: int, device: torch.device | None = None
+    backbone: str,
+    classes: int,
+    batch: int,
+    steps: int,
+    device: torch.device | None = None,
+    fast: bool = True,
 ) -> dict[str, float]:
     made = create_backbone(backbone)
     model = nn.Sequential(made.model, nn.Linear(made.num_features, classes))
     size = made.preprocess.input_size
     return {
-        "forward_img_s": images_per_second(model, batch, size, False, steps, device),
-        "train_step_img_s": images_per_second(model, batch, size, True, steps, device),
+        "forward_img_s": images_per_second(model, batch, size, False, steps, device, fast),
+        "train_step_img_s": images_per_second(model, batch, size, True, steps, device, fast),
     }
 
 
@@ -185,7 +191,14 @@ def study_loop(args: argparse.Namespace) -> dict[str, float]:
 # ---------------------------------------------------------------- our cell
 
 
-def our_cell(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -> dict:
+# The two paths compared: the default (channels-last, `trainer.precision=auto`: bf16 autocast
+# where native) and plain float32 in the default memory format (the path before the fast one).
+PATHS = {"fast": [], "fp32": ["trainer.precision=32-true", "speed.channels_last=false"]}
+
+
+def our_cell(
+    dataset: str, strategy: str, seed: int, args: argparse.Namespace, path: str = "fast"
+) -> dict:
     """One cell through the command line; its figures read back from its MLflow run."""
     command = [
         sys.executable,
@@ -202,10 +215,11 @@ def our_cell(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -
         f"paths.data_root={args.data_root}",
         f"paths.cache_dir={args.cache_dir}",
         f"tracking.uri={args.tracking_uri}",
-        f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}",
+        f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}-{path}",
         "rerun=true",
         # bf16 and channels-last on a GPU, as users run a GPU cell; the CPU otherwise.
         "trainer=gpu" if args.device == "cuda" else "trainer.accelerator=cpu",
+        *PATHS[path],
     ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -223,7 +237,13 @@ def our_cell(dataset: str, strategy: str, seed: int, args: argparse.Namespace) -
         max_results=1,
     ).iloc[0]
     metrics = {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
-    return {**metrics, "process_s": process_s, "input": run["params.input"]}
+    return {
+        **metrics,
+        "process_s": process_s,
+        "input": run["params.input"],
+        "precision": run["params.trainer.precision"],
+        "channels_last": run["params.speed.channels_last"],
+    }
 
 
 def split_sizes(dataset: str, args: argparse.Namespace) -> dict[str, int]:
@@ -263,64 +283,104 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
     sizes = split_sizes(dataset, args)
     n_train, n_val, n_test = sizes["train"], sizes["val"], sizes["test"]
     device = torch.device(args.device)
-    limit = compute_limit(args.backbone, 2, args.batch_size, args.compute_steps, device)
-    forward, train_step = limit["forward_img_s"], limit["train_step_img_s"]
-    one_pass_s = (n_train + n_val + n_test) / forward
-    floors = {
-        # Every epoch trains on the training split and evaluates the validation split.
-        "finetune": args.epochs * (n_train / train_step + n_val / forward) + n_test / forward,
-        # The frozen backbone's features: one forward pass over every image.
-        "freeze": one_pass_s,
-    }
-    print(
-        f"{dataset}: {n_train}/{n_val}/{n_test} images; forward {forward:.1f} img/s, "
-        f"train step {train_step:.1f} img/s; one forward pass {one_pass_s:.1f}s",
-        flush=True,
-    )
     rows = []
-    # freeze first: its first cell builds the image cache and the features (timed apart).
-    for strategy in [s for s in ("freeze", "finetune") if s in args.strategies]:
-        first = our_cell(dataset, strategy, 0, args)
-        built_s = first.get("image_cache_build_s", 0.0) + first.get("feature_build_s", 0.0)
-        # A cell that built a cache is measured again (another seed) on the warm cache; a long
-        # one that found them warm already is measured once.
-        cell = our_cell(dataset, strategy, 1, args) if built_s > 0 else first
-        reference = study(dataset, strategy, args)
-        study_s = reference["epoch_s"] * args.epochs
-        cell_s = cell["wall_time_s"]
-        row = {
+    references: dict[str, dict[str, float]] = {}
+    for path in args.paths:
+        limit = compute_limit(
+            args.backbone, 2, args.batch_size, args.compute_steps, device, path == "fast"
+        )
+        forward, train_step = limit["forward_img_s"], limit["train_step_img_s"]
+        one_pass_s = (n_train + n_val + n_test) / forward
+        floors = {
+            # Every epoch trains on the training split and evaluates the validation split.
+            "finetune": args.epochs * (n_train / train_step + n_val / forward) + n_test / forward,
+            # The frozen backbone's features: one forward pass over every image.
+            "freeze": one_pass_s,
+        }
+        print(
+            f"{dataset} ({path}): {n_train}/{n_val}/{n_test} images; forward {forward:.1f} "
+            f"img/s, train step {train_step:.1f} img/s; one forward pass {one_pass_s:.1f}s",
+            flush=True,
+        )
+        # freeze first: its first cell builds the image cache and the features (timed apart).
+        for strategy in [s for s in ("freeze", "finetune") if s in args.strategies]:
+            first = our_cell(dataset, strategy, 0, args, path)
+            built_s = first.get("image_cache_build_s", 0.0) + first.get("feature_build_s", 0.0)
+            # A cell that built a cache is measured again (another seed) on the warm cache; a
+            # long one that found them warm already is measured once.
+            cell = our_cell(dataset, strategy, 1, args, path) if built_s > 0 else first
+            if strategy not in references:  # the study's loop does not change with our path
+                references[strategy] = study(dataset, strategy, args)
+            reference = references[strategy]
+            study_s = reference["epoch_s"] * args.epochs
+            cell_s = cell["wall_time_s"]
+            row = {
+                "dataset": dataset,
+                "strategy": strategy,
+                "path": path,
+                "precision": cell["precision"],
+                "channels_last": cell["channels_last"],
+                "input": cell["input"],
+                "epochs": args.epochs,
+                "cell_s": cell_s,
+                "process_s": cell["process_s"],
+                "first_cell_s": first["wall_time_s"],
+                "image_cache_build_s": first.get("image_cache_build_s", 0.0),
+                "feature_build_s": first.get("feature_build_s", 0.0),
+                "train_img_s": cell["train_images_per_s"],
+                "peak_rss_mb": cell["peak_rss_mb"],
+                "peak_gpu_mem_mb": cell.get("peak_gpu_mem_mb"),
+                "device": args.device_name,
+                "test_acc": cell["test_acc"],
+                "first_cell_test_acc": first["test_acc"],
+                "study_s": study_s,
+                "study_epochs_timed": args.reference_epochs or args.epochs,
+                "study_max_val_acc": reference["max_val_acc"],
+                "study_peak_rss_mb": reference["peak_rss_mb"],
+                "forward_img_s": forward,
+                "train_step_img_s": train_step,
+                "compute_floor_s": floors[strategy],
+                "one_forward_pass_s": one_pass_s,
+                "speedup_vs_study": study_s / cell_s,
+                "ratio_to_floor": cell_s / floors[strategy],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for path in args.paths:
+        freeze, finetune = (
+            next((r for r in rows if r["strategy"] == s and r["path"] == path), None)
+            for s in ("freeze", "finetune")
+        )
+        if freeze and finetune:
+            for row in (freeze, finetune):
+                row["freeze_vs_finetune"] = finetune["cell_s"] / freeze["cell_s"]
+                row["study_freeze_vs_finetune"] = finetune["study_s"] / freeze["study_s"]
+    return rows
+
+
+def fast_vs_fp32(rows: list[dict]) -> list[dict]:
+    """Per dataset and strategy, how much faster the fast path is than float32, and the two
+    test accuracies (each the mean of the path's two cells: seeds 0 and 1)."""
+    table = pd.DataFrame(rows)
+    if not {"fast", "fp32"} <= set(table.path):
+        return []
+    ratios = []
+    for (dataset, strategy), group in table.groupby(["dataset", "strategy"], sort=False):
+        fast, fp32 = (group[group.path == p].iloc[0] for p in ("fast", "fp32"))
+        ratio = {
             "dataset": dataset,
             "strategy": strategy,
-            "input": cell["input"],
-            "epochs": args.epochs,
-            "cell_s": cell_s,
-            "process_s": cell["process_s"],
-            "first_cell_s": first["wall_time_s"],
-            "image_cache_build_s": first.get("image_cache_build_s", 0.0),
-            "feature_build_s": first.get("feature_build_s", 0.0),
-            "train_img_s": cell["train_images_per_s"],
-            "peak_rss_mb": cell["peak_rss_mb"],
-            "peak_gpu_mem_mb": cell.get("peak_gpu_mem_mb"),
-            "device": args.device_name,
-            "test_acc": cell["test_acc"],
-            "study_s": study_s,
-            "study_epochs_timed": args.reference_epochs or args.epochs,
-            "study_max_val_acc": reference["max_val_acc"],
-            "study_peak_rss_mb": reference["peak_rss_mb"],
-            "compute_floor_s": floors[strategy],
-            "one_forward_pass_s": one_pass_s,
-            "speedup_vs_study": study_s / cell_s,
-            "ratio_to_floor": cell_s / floors[strategy],
+            "warm_cell_speedup": fp32.cell_s / fast.cell_s,
+            "forward_speedup": fast.forward_img_s / fp32.forward_img_s,
+            "train_step_speedup": fast.train_step_img_s / fp32.train_step_img_s,
+            "fp32_test_acc": (fp32.test_acc + fp32.first_cell_test_acc) / 2,
+            "fast_test_acc": (fast.test_acc + fast.first_cell_test_acc) / 2,
         }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    freeze = next((r for r in rows if r["strategy"] == "freeze"), None)
-    finetune = next((r for r in rows if r["strategy"] == "finetune"), None)
-    if freeze and finetune:
-        for row in (freeze, finetune):
-            row["freeze_vs_finetune"] = finetune["cell_s"] / freeze["cell_s"]
-            row["study_freeze_vs_finetune"] = finetune["study_s"] / freeze["study_s"]
-    return rows
+        if fp32.feature_build_s > 0 and fast.feature_build_s > 0:
+            # the cold freeze cell's own work: extracting every image's features
+            ratio["feature_extraction_speedup"] = fp32.feature_build_s / fast.feature_build_s
+        ratios.append(ratio)
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compute-steps", type=int, default=5)
+    parser.add_argument(
+        "--paths",
+        default="fp32,fast",
+        help="our cells' paths to compare: fp32 (float32, default memory format) and fast "
+        "(the default: channels-last, bf16 autocast where native)",
+    )
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -364,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir = args.cache_dir or str(Path(args.work) / "cache")
     args.tracking_uri = f"sqlite:///{Path(args.work).resolve() / 'mlflow.db'}"
     args.strategies = args.strategies.split(",")
+    args.paths = args.paths.split(",")
     print(
         f"bench: {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, "
         f"{args.workers} loader workers, {torch.get_num_threads()} torch threads, "
@@ -374,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = [
         "dataset",
         "strategy",
+        "path",
+        "precision",
         "input",
         "cell_s",
         "first_cell_s",
@@ -389,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     shown += [c for c in ("freeze_vs_finetune", "study_freeze_vs_finetune") if c in table]
     print(table[shown].round(3).to_string(index=False))
-    figures = json.dumps({"bench": rows})
+    ratios = fast_vs_fp32(rows)
+    if ratios:
+        print("fast path vs float32:")
+        print(pd.DataFrame(ratios).round(3).to_string(index=False))
+    figures = json.dumps({"bench": rows, "fast_vs_fp32": ratios})
     print(figures)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

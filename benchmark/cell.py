@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from omegaconf import DictConfig
 from torch import nn
 
-from benchmark import identity, tracking
+from benchmark import identity, precision, tracking
 from benchmark.classifier import TrainThroughput, make_model, recipe_callbacks
 from benchmark.config import check
 from benchmark.cost import CellCost
@@ -41,6 +41,7 @@ def run_cell(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> CellSummary
     """The cell: its data, skipped if already FINISHED (unless `rerun=true`), else computed and
     logged in one MLflow run. `callbacks` are extra Lightning callbacks for the cell's Trainer."""
     check(cfg)  # every value in its range, before any data is read or any run opened
+    precision.resolve(cfg)  # `auto` -> what runs here, before the key is computed
     manifest, key = cell_identity(cfg)
     if not cfg.rerun and (done := finished_earlier(cfg, key)) is not None:
         return done

@@ -231,7 +231,7 @@ class CellProcessLauncher(Launcher):
         cell's own process decides."""
         if config.rerun:
             return None
-        from benchmark import resume
+        from benchmark import precision, resume
 
         saved = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
@@ -239,6 +239,7 @@ class CellProcessLauncher(Launcher):
             cell_cfg = copy.deepcopy(config)
             with open_dict(cell_cfg):
                 del cell_cfg["hydra"]
+            precision.resolve(cell_cfg)  # as the cell will
             done = resume.finished_earlier(cell_cfg, resume.cell_identity(cell_cfg)[1])
         except Exception:  # bad data, say: the cell's own process reports it
             log.debug("Cell %s not checked here", folder, exc_info=True)

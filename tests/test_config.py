@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
@@ -67,3 +69,32 @@ def test_run_params_have_flat_cell_names_and_the_full_config(make_cfg):
         "seed": 3,
     }
     assert params["strategy.lr"] > 0 and "trainer.max_epochs" in params
+
+
+def test_auto_precision_is_bf16_where_native_and_explicit_values_stay(make_cfg, monkeypatch):
+    from benchmark import precision
+
+    assert make_cfg().trainer.precision == "auto"  # the default: decided per machine
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        cfg = make_cfg()
+        precision.resolve(cfg)
+        assert cfg.trainer.precision == expected
+        assert run_params(cfg)["trainer.precision"] == expected  # stated in the run's params
+    cfg = make_cfg("trainer.precision=32-true")  # how a user turns the fast path off
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    precision.resolve(cfg)
+    assert cfg.trainer.precision == "32-true"
+
+
+def test_native_bf16_is_read_from_the_processor():
+    import torch
+
+    from benchmark import precision
+
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert precision.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)
+    assert precision.device_type("cpu") == "cpu" and precision.device_type("gpu") == "cuda"
+    assert precision.native_bf16("cuda") == (
+        torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    )
