@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
 .PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench \
+	results results-grid \
 	gpu-pack gpu-check clean
 
 install:  ## virtual environment with the package, torch and the dev tools
@@ -59,6 +60,26 @@ gpu-pack:  ## .gpu-pack/: the wheels and images a lent GPU machine lacks (fails 
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:  ## on a GPU: install the pack, CUDA, pytest -m gpu, a short bench -> gpu-check.json
 	$(GPU_PYTHON) scripts/gpu_check.py
+
+# The results grid: its MLflow store of record is results/grid/ (committed with the results), so
+# an interrupted grid resumes where it stopped: `make results` again skips every FINISHED cell,
+# reruns the cell that was cut off, and rebuilds the report. Hours on a 2-core CPU.
+RESULTS_STORE := sqlite:///$(CURDIR)/results/grid/mlflow.db
+RESULTS_DATA ?= $(or $(BENCHMARK_DATA_ROOT),$(abspath $(CURDIR)/../shared/data))
+RESULTS_CELL := tracking.uri=$(RESULTS_STORE) tracking.log_model=false \
+	paths.data_root=$(RESULTS_DATA) paths.cache_dir=$(CURDIR)/.cache/benchmark \
+	trainer.enable_progress_bar=false
+RESULTS_DATASETS := hymenoptera,simpsons,dogs_vs_cats,caltech256
+results-grid:  ## the grid's cells (Caltech-256 is not in ../shared: its rows say "not run")
+	-$(BIN)/python -m benchmark -m seed=0,1,2 dataset=hymenoptera,simpsons,dogs_vs_cats \
+	  dataset.classes=null colour=rgb,gray strategy=finetune,freeze,linear_probe $(RESULTS_CELL) \
+	  hydra.sweep.dir=multirun/results/ours
+	-$(BIN)/python -m benchmark -m seed=0,1,2 protocol=study dataset=hymenoptera colour=rgb,gray \
+	  strategy=finetune,freeze $(RESULTS_CELL) hydra.sweep.dir=multirun/results/study
+
+results: results-grid  ## the grid, then results/report.* from its store
+	$(BIN)/python -m benchmark.report --tracking-uri $(RESULTS_STORE) --out results \
+	  --datasets $(RESULTS_DATASETS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> CellOutcome:
     log.info("%s", result.line())
     log.info("Browse runs: mlflow ui --backend-store-uri %s", result.tracking_uri)
     status = "skipped" if result.skipped else "finished"
-    outcome = CellOutcome(name, status, result.test_acc, result.run_id)
+    outcome = CellOutcome(name, status, result.score, result.run_id)
     outcome.save(folder)
     return outcome
 

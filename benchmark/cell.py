@@ -23,7 +23,7 @@ from torch import nn
 
 from benchmark import identity, precision, tracking
 from benchmark.classifier import TrainThroughput, make_model, recipe_callbacks
-from benchmark.config import check
+from benchmark.config import Selection, check
 from benchmark.cost import CellCost
 from benchmark.data.cache import build_image_cache
 from benchmark.data.loading import ManifestDataModule, build_augmentation
@@ -48,13 +48,15 @@ def run_cell(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> CellSummary
     with tracking.cell_run(cfg, key, manifest) as run:
         result = compute_cell(cfg, manifest, run, callbacks)
         tracking.log_result(cfg, result)
+    name, score = result.headline
     return CellSummary(
         result.cell,
         run.info.run_id,
         identity.tracking_uri(cfg),
-        result.scores["test_acc"],
-        result.scores["test_loss"],
+        score,
+        result.scores.get("test_loss"),
         result.wall_time_s,
+        score_name=name,
     )
 
 
@@ -81,7 +83,7 @@ def compute_cell(
     L.seed_everything(cfg.seed, workers=True)
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights_path)
     channels_last = use_channels_last(cfg)
-    data, cache_s = image_data(cfg, manifest.frame, backbone, channels_last)
+    data, cache_s = image_data(cfg, protocol_splits(cfg, manifest.frame), backbone, channels_last)
     build_s = {"image_cache_build_s": cache_s} if cfg.speed.image_cache else {}
     kind = input_kind(cfg, bool(data.augmentation))
     features = None
@@ -110,6 +112,14 @@ def compute_cell(
         probe_val_acc=fitted.probe_val_acc,
         probe_c=fitted.probe_c,
     )
+
+
+def protocol_splits(cfg: DictConfig, frame: pd.DataFrame) -> pd.DataFrame:
+    """The splits the cell's loaders read. protocol=study (selection max_eval) has no validation
+    split of its own: the evaluation (test) split is read as validation after every epoch."""
+    if cfg.protocol.selection != Selection.max_eval:
+        return frame
+    return pd.concat([frame, frame[frame.split == "test"].assign(split="val")], ignore_index=True)
 
 
 def use_channels_last(cfg: DictConfig) -> bool:
@@ -151,7 +161,7 @@ def image_data(
     cache, build_s = None, 0.0
     if cfg.speed.image_cache:
         cache, build_s = build_image_cache(
-            manifest.path.tolist(), backbone.preprocess, Path(cfg.paths.cache_dir)
+            manifest.path.unique().tolist(), backbone.preprocess, Path(cfg.paths.cache_dir)
         )
     augmentation = build_augmentation(cfg.augment.transforms, backbone.preprocess)
     if augmentation and not cfg.strategy.train_augmentation:
@@ -265,9 +275,14 @@ def fit_and_test(
     trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
+    scores["best_val_acc"] = float(checkpoint.best_model_score)
+    if cfg.protocol.selection == Selection.max_eval:
+        # Validation was the evaluation split itself: its best epoch is the study's number,
+        # named as such; the test pass above only gave that epoch's confusion matrix.
+        scores = {"max_val_acc": scores["best_val_acc"]}
     device = trainer.strategy.root_device
     return Fitted(
-        scores={**scores, "best_val_acc": float(checkpoint.best_model_score)},
+        scores=scores,
         confusion=model.test_confusion,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         precision=str(trainer.precision),

@@ -41,6 +41,15 @@ class Fit(Choice):
     lbfgs = "lbfgs"  # the linear probe: logistic regression on cached features
 
 
+class Selection(Choice):
+    # ours: the checkpoint best on a validation split carved from train; the test split scored
+    # once with it (test_acc)
+    held_out = "held_out"
+    # the study's: no validation split; the evaluation split scored after every epoch and its
+    # maximum reported (max_val_acc: optimistic, chosen on the split it is read from)
+    max_eval = "max_eval"
+
+
 class Optimizer(Choice):
     sgd = "sgd"
     adamw = "adamw"
@@ -154,6 +163,14 @@ class OptimConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """How a cell's result is selected and read (conf/protocol/)."""
+
+    name: str = MISSING
+    selection: Selection = Selection.held_out
+
+
+@dataclass
 class DataConfig:
     batch_size: int = 32
     num_workers: int = 2
@@ -213,6 +230,7 @@ class Config:
     # Lightning loggers by name (conf/logger/): the cell's MLflow run, plus any others.
     logger: Any = MISSING
     optim: OptimConfig = MISSING
+    protocol: ProtocolConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -283,6 +301,18 @@ def problems(cfg: DictConfig) -> list[str]:
             ok = False
         if not ok:
             found.append(f"{key}={value}: must be {requirement} (set {key}=...).")
+    if cfg.protocol.selection == Selection.max_eval:
+        if cfg.strategy.fit == Fit.lbfgs:
+            found.append(
+                f"protocol={cfg.protocol.name} has no linear probe (the study fine-tuned and "
+                "froze): use strategy=finetune or strategy=freeze with it."
+            )
+        if cfg.dataset.val_fraction > 0:
+            found.append(
+                f"protocol={cfg.protocol.name} reads the evaluation split every epoch and "
+                f"carves no validation split: dataset.val_fraction={cfg.dataset.val_fraction} "
+                "must be 0."
+            )
     if cfg.strategy.fit == Fit.lbfgs and not cfg.strategy.probe_c:
         found.append("strategy.probe_c is empty: give the C values to choose from.")
     return found

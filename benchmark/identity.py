@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 # Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
-NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim")
+NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "protocol")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 # Tags every run of the harness carries; anything else in an experiment is not a result of ours.
@@ -86,9 +86,16 @@ def run_params(cfg: DictConfig) -> dict[str, object]:
 
 
 def _kept(params: dict[str, object], also: tuple[str, ...] = ()) -> dict[str, object]:
+    """What identifies a cell: every key but the volatile ones, and no null key (null means
+    "the default", as an absent key does: an option added later with a null default leaves the
+    keys of the cells already run, and a relaunch still finds them)."""
     dropped = (*VOLATILE_KEYS, *also)
     prefixes = tuple(f"{key}." for key in dropped)
-    return {k: v for k, v in params.items() if k not in dropped and not k.startswith(prefixes)}
+    return {
+        k: v
+        for k, v in params.items()
+        if v is not None and k not in dropped and not k.startswith(prefixes)
+    }
 
 
 def _digest(value: object) -> str:

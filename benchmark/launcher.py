@@ -248,7 +248,7 @@ class CellProcessLauncher(Launcher):
             HydraConfig.instance().cfg = saved
         if done is None:
             return None
-        return CellOutcome(" ".join(overrides), "skipped", done.test_acc, done.run_id)
+        return CellOutcome(" ".join(overrides), "skipped", done.score, done.run_id)
 
     def _start(
         self,

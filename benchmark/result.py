@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 class CellResult:
     cell: str  # dataset/colour/strategy/backbone/seed=N
     input: str  # what the head trained on: images, features or features:Kviews
-    scores: dict[str, float]  # test_acc, test_loss (selected checkpoint), val_acc
+    # test_acc, test_loss (selected checkpoint), best_val_acc; under protocol=study max_val_acc
+    # instead of test_acc (the evaluation split's best epoch: not a held-out score)
+    scores: dict[str, float]
     classes: list[str]
     confusion: list[list[int]]  # test split; rows: true class, columns: predicted
     device: str  # cpu, or the GPU's name
@@ -27,8 +29,14 @@ class CellResult:
     probe_c: float | None = None
 
     @property
-    def test_acc(self) -> float:
-        return self.scores["test_acc"]
+    def headline(self) -> tuple[str, float]:
+        """The cell's one number and its name: test_acc, or max_val_acc (protocol=study)."""
+        name = next(n for n in HEADLINES if n in self.scores)
+        return name, self.scores[name]
+
+
+# What a cell's one number is called, in order of preference.
+HEADLINES = ("test_acc", "max_val_acc")
 
 
 @dataclass
@@ -38,18 +46,24 @@ class CellSummary:
     cell: str
     run_id: str
     tracking_uri: str
-    test_acc: float
+    score: float  # the headline: test_acc, or max_val_acc under protocol=study
     test_loss: float | None = None
     wall_time_s: float = 0.0
     skipped: bool = False  # already FINISHED in an earlier run: not run again
+    score_name: str = "test_acc"
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.score if self.score_name == "test_acc" else None
 
     def line(self) -> str:
         if self.skipped:
             return (
                 f"{self.cell}: skipped, FINISHED earlier in MLflow run {self.run_id} "
-                f"(test_acc={self.test_acc:.4f}); rerun=true runs it again"
+                f"({self.score_name}={self.score:.4f}); rerun=true runs it again"
             )
+        loss = "" if self.test_loss is None else f" test_loss={self.test_loss:.4f}"
         return (
-            f"{self.cell}: test_acc={self.test_acc:.4f} test_loss={self.test_loss:.4f} "
+            f"{self.cell}: {self.score_name}={self.score:.4f}{loss} "
             f"wall={self.wall_time_s:.1f}s | MLflow run {self.run_id} in {self.tracking_uri}"
         )

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from benchmark import identity, store
 from benchmark.data.manifest import Manifest, build_manifest
-from benchmark.result import CellSummary
+from benchmark.result import HEADLINES, CellSummary
 
 
 def cell_manifest(cfg: DictConfig) -> Manifest:
@@ -36,11 +36,13 @@ def finished_earlier(cfg: DictConfig, key: str) -> CellSummary | None:
     if run is None:
         return None
     metrics = run.data.metrics
+    name = next(n for n in HEADLINES if n in metrics)
     return CellSummary(
         identity.cell_name(cfg),
         run.info.run_id,
         uri,
-        metrics["test_acc"],
+        metrics[name],
         metrics.get("test_loss"),
         skipped=True,
+        score_name=name,
     )

@@ -31,7 +31,7 @@ STATES = ("finished", "skipped", "failed")
 class CellOutcome:
     cell: str
     status: str  # one of STATES
-    test_acc: float | None = None
+    score: float | None = None  # the cell's headline: test_acc (max_val_acc under protocol=study)
     run_id: str | None = None
     error: str | None = None
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from benchmark import tracking
 from benchmark.cell import run_cell
@@ -72,6 +72,14 @@ def test_cell_key_ignores_where_and_how_but_not_what(make_cfg, tmp_path):
     )
     assert cell_key(make_cfg(*TINY, "seed=1")) != base
     assert cell_key(make_cfg(*TINY, "strategy.lr=0.5")) != base
+    # An option added later with a null default keeps the keys of the cells already run.
+    later = make_cfg(*TINY)
+    with open_dict(later):
+        later.trainer.added_later = None
+    assert cell_key(later) == base
+    with open_dict(later):
+        later.trainer.added_later = "set"
+    assert cell_key(later) != base
 
 
 def test_a_failing_cell_does_not_stop_the_sweep_and_relaunch_skips_the_rest(tmp_path, shared_data):
