@@ -22,7 +22,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from benchmark import identity, precision, tracking
-from benchmark.classifier import TrainThroughput, make_model, recipe_callbacks
+from benchmark.classifier import (
+    TrainThroughput,
+    make_model,
+    progress_callbacks,
+    recipe_callbacks,
+)
 from benchmark.config import Selection, check
 from benchmark.cost import CellCost
 from benchmark.data.cache import build_image_cache
@@ -201,7 +206,7 @@ def cell_features(
         devices=1,
         strategy="auto",
         logger=False,
-        callbacks=[],
+        callbacks=progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
         enable_checkpointing=False,
         enable_model_summary=False,
     )
@@ -266,7 +271,13 @@ def fit_and_test(
     throughput = TrainThroughput()
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[checkpoint, throughput, *recipe_callbacks(cfg), *callbacks],
+        callbacks=[
+            checkpoint,
+            throughput,
+            *recipe_callbacks(cfg),
+            *progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
+            *callbacks,
+        ],
         logger=tracking.lightning_loggers(cfg, run),
         default_root_dir=cfg.paths.output_dir,
     )

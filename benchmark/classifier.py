@@ -3,13 +3,15 @@ the Lightning callbacks of the recipes (two-stage unfreezing, early stopping, th
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from dataclasses import asdict
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -17,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from benchmark.config import OptimConfig
 from benchmark.models import Backbone, stage_of, trainable_from
+from benchmark.progress import line
 
 
 def build_head(
@@ -34,6 +37,9 @@ def build_head(
         ]
         width = size
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+log = logging.getLogger("benchmark")
 
 
 class TransferClassifier(L.LightningModule):
@@ -230,6 +236,63 @@ class TrainThroughput(Callback):
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else float("nan")
+
+
+class LineProgress(ProgressBar):
+    """Lightning's progress in a log file (not a terminal), as lines instead of a progress bar's
+    carriage returns: one line per epoch (its metrics, the fit's time elapsed and left), and a
+    line at each tenth of a predict loop (feature extraction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown, self.started = True, 0.0
+        self.tenths = 0
+
+    def disable(self) -> None:
+        self.shown = False
+
+    def enable(self) -> None:
+        self.shown = True
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.shown:
+            return
+        done = trainer.current_epoch + 1
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else done
+        metrics = self.get_metrics(trainer, module)
+        shown = " ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(metrics.items())
+            if k != "v_num"
+        )
+        log.info("%s | %s", line("epoch", done, total, time.monotonic() - self.started), shown)
+
+    def on_predict_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.started, self.tenths = time.monotonic(), 0
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        total = int(trainer.num_predict_batches[dataloader_idx])
+        done = batch_idx + 1
+        if not self.shown or not total or done * 10 // total <= self.tenths:
+            return
+        self.tenths = done * 10 // total
+        log.info("%s", line("extracting features", done, total, time.monotonic() - self.started))
+
+
+def progress_callbacks(enabled: bool) -> list[Callback]:
+    """Lightning's own progress bar on a terminal; lines in a log (LineProgress)."""
+    return [LineProgress()] if enabled and not sys.stderr.isatty() else []
 
 
 def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> TransferClassifier:

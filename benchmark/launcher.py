@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from benchmark.progress import SweepProgress
 from benchmark.sweep import OUTCOME_FILE, CellOutcome
 
 log = logging.getLogger("benchmark")
@@ -105,31 +107,6 @@ class Running:
     started: float
 
 
-class SweepProgress:
-    """k/N cells done, the time elapsed and an estimate of the time left (from the cells that
-    ran, skipped ones costing nothing), for the sweep's log lines."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.finished, self.ran = total, 0, 0
-        self.started = time.monotonic()
-
-    def done(self, skipped: bool = False) -> str:
-        self.finished += 1
-        self.ran += not skipped
-        elapsed = time.monotonic() - self.started
-        text = f"{self.finished}/{self.total} done, {_duration(elapsed)} elapsed"
-        if self.ran and self.finished < self.total:
-            left = elapsed / self.ran * (self.total - self.finished)
-            text += f", about {_duration(left)} left"
-        return text
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 class CellProcessLauncher(Launcher):
     def __init__(
         self,
@@ -179,6 +156,7 @@ class CellProcessLauncher(Launcher):
                 index, overrides = pending.popleft()
                 config, folder = self._prepare(index, list(overrides), sweep_dir)
                 if (done := self._finished_earlier(config, folder, list(overrides))) is not None:
+                    progress.start()
                     log.info(
                         "\t#%d skipped: FINISHED earlier in MLflow run %s [%s]",
                         index,
@@ -189,7 +167,9 @@ class CellProcessLauncher(Launcher):
                     returns[index] = self._finish(list(overrides), config, folder, done)
                     continue
                 running.append(
-                    self._start(index, list(overrides), config, folder, pool.acquire(), sweep_dir)
+                    self._start(
+                        index, list(overrides), config, folder, pool.acquire(), sweep_dir, progress
+                    )
                 )
             time.sleep(self.poll_seconds)
             for cell in [c for c in running if c.process.poll() is not None]:
@@ -258,6 +238,7 @@ class CellProcessLauncher(Launcher):
         folder: Path,
         slot: str | None,
         sweep_dir: Path,
+        progress: SweepProgress,
     ) -> Running:
         env = {**os.environ, **self.env}  # with the sweep folder and parent run (SweepSummary)
         if slot is not None:
@@ -266,7 +247,14 @@ class CellProcessLauncher(Launcher):
         with open(folder / "cell.log", "w") as output:
             process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
         device = f"GPU {slot}" if slot is not None else "CPU"
-        log.info("\t#%d on %s: %s", index, device, " ".join(filter_overrides(overrides)))
+        log.info(
+            "\t#%d starts (cell %s) on %s [%s]: %s",
+            index,
+            progress.start(),
+            device,
+            progress.status(),
+            " ".join(filter_overrides(overrides)),
+        )
         return Running(process, index, overrides, slot, folder, config, time.time())
 
     def _outcome(self, cell: Running) -> CellOutcome:
@@ -341,11 +329,50 @@ class ReportsCellsHere:
     """
 
     hydra_context: HydraContext
+    config: DictConfig
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        returns = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        watcher = OutcomeWatcher(sweep_dir, len(job_overrides))
+        watcher.start()
+        try:
+            returns = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+        finally:
+            watcher.stop()
         for job in returns:
             self.hydra_context.callbacks.on_job_end(config=job.cfg, job_return=job)
         return returns
+
+
+class OutcomeWatcher(threading.Thread):
+    """While submitit waits for the jobs, the sweep's log says each cell's end as `k/N done`,
+    elapsed, about how long is left: read from the outcome files the cells write in their
+    folders (a shared file system, as SLURM sweeps have), those written since the launch."""
+
+    def __init__(self, sweep_dir: Path, total: int, poll_seconds: float = 5.0) -> None:
+        super().__init__(daemon=True, name="benchmark-outcomes")
+        self.sweep_dir, self.poll_seconds = sweep_dir, poll_seconds
+        self.progress = SweepProgress(total)
+        self.since = time.time()
+        self.seen: set[Path] = set()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.poll_seconds):
+            self.poll()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=self.poll_seconds + 5)
+        self.poll()  # the cells that ended since the last look
+
+    def poll(self) -> None:
+        for file in sorted(self.sweep_dir.glob(f"*/{OUTCOME_FILE}")):
+            if file in self.seen or file.stat().st_mtime < self.since:
+                continue
+            self.seen.add(file)
+            outcome = CellOutcome.load(file.parent, file.parent.name)
+            state = self.progress.done(skipped=outcome.status == "skipped")
+            log.info("\tcell %s [%s]: %s", outcome.status, state, outcome.cell)

@@ -102,6 +102,22 @@ def experiment_id(uri: str, name: str) -> str:
         return _get_or_create_experiment(name, (store.parent / "mlartifacts").as_uri())
 
 
+def artifact_file(uri: str, run_id: str, artifact_uri: str, path: str) -> Path | None:
+    """A run's artifact as a local file, or None if it has none by that name. Through MLflow;
+    for a local SQLite store that was moved with its `mlartifacts/` (a clone of results/
+    elsewhere: MLflow records absolute artifact paths), read beside the store instead."""
+    try:
+        return Path(mlflow.MlflowClient(uri).download_artifacts(run_id, path))
+    except (OSError, MlflowException):
+        pass
+    if uri.startswith("sqlite:///") and "/mlartifacts/" in artifact_uri:
+        beside = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        moved = beside / artifact_uri.split("/mlartifacts/", 1)[1] / path
+        if moved.is_file():
+            return moved
+    return None
+
+
 def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
     if (experiment := mlflow.get_experiment_by_name(name)) is not None:
         return experiment.experiment_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from benchmark import identity
+from benchmark.progress import SweepProgress, duration, sweep_size
 
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = identity.OUTCOME_FILE
@@ -64,12 +66,15 @@ class SweepSummary(Callback):
         self.outcomes: Counter[str] = Counter()
         self.failed: list[str] = []
         self.parent: tuple[str, str] | None = None  # (tracking URI, run id)
+        self.progress: SweepProgress | None = None
+        self.here: dict[str, float] = {}  # cells started in this process: their start time
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from benchmark import store
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
+        self.progress = SweepProgress(sweep_size(config.hydra.overrides.task))
         uri = config.tracking.uri or identity.default_tracking_uri()
         try:
             run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
@@ -78,6 +83,16 @@ class SweepSummary(Callback):
             return
         os.environ[identity.PARENT_RUN_ENV] = run_id
         self.parent = (uri, run_id)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A cell of the sweep starts in this process (Hydra's basic launcher): `cell k/N`,
+        elapsed and time left. Launchers that start cells elsewhere say so themselves."""
+        if self.progress is None:
+            return  # a single run, or a cell process started by a launcher
+        overrides = " ".join(config.hydra.overrides.task)
+        self.here[overrides] = time.monotonic()
+        position, state = self.progress.start(), self.progress.status()
+        log.info("cell %s starts [%s]: %s", position, state, overrides)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         overrides = " ".join(job_return.overrides or [])
@@ -88,6 +103,10 @@ class SweepSummary(Callback):
         self.outcomes[outcome.status] += 1
         if outcome.status == "failed":
             self.failed.append(f"{overrides}: {outcome.error}")
+        if self.progress is not None and (started := self.here.pop(overrides, None)):
+            took = duration(time.monotonic() - started)
+            state = self.progress.done(skipped=outcome.status == "skipped")
+            log.info("cell %s after %s [%s]: %s", outcome.status, took, state, overrides)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.outcomes:  # e.g. stock submitit launchers: the cells ended elsewhere

@@ -90,7 +90,8 @@ def log_run(
         for epoch, value in enumerate([accuracy - 0.1, accuracy]):
             client.log_metric(run.info.run_id, "val_acc", value, step=epoch)
         client.log_metric(run.info.run_id, "best_val_acc", accuracy)
-        client.log_metric(run.info.run_id, "test_acc", accuracy)
+        study = params.get("protocol.selection") == "max_eval"  # protocol=study: no test_acc
+        client.log_metric(run.info.run_id, "max_val_acc" if study else "test_acc", accuracy)
         client.log_metric(run.info.run_id, "wall_time_s", 100.0 + order)
         client.log_metric(run.info.run_id, "train_images_per_s", 10.0)
         client.log_metric(run.info.run_id, "peak_rss_mb", 2000.0)
@@ -170,6 +171,62 @@ def test_two_user_folders_are_two_rows_by_name(tmp_path):
     table, _ = report_of(uri, tmp_path / "out")
     assert sorted(table.dataset) == ["imagefolder:bees_2024", "imagefolder:wasps"]
     assert sorted(table.test_acc_mean) == [0.7, 0.9] and table.variant.isna().all()
+
+
+STUDY_PROTOCOL = {
+    "protocol": "study",
+    "protocol.selection": "max_eval",
+    "trainer.max_epochs": "15",
+    "data.batch_size": "4",
+}
+
+
+def test_study_protocol_runs_have_their_own_column_and_the_delta_uses_them(store, tmp_path):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("benchmark").experiment_id
+    for seed, accuracy in enumerate([0.95, 0.97, 0.96]):  # max val over epochs: optimistic
+        cell = ("hymenoptera", "rgb", "finetune", seed)
+        log_run(client, experiment, cell, "FINISHED", accuracy, 50 + seed, STUDY_PROTOCOL)
+    table, markdown = report_of(store, tmp_path / "out")
+    ours = table[(table.dataset == "hymenoptera") & (table.colour == "rgb")]
+    finetune = ours[ours.strategy == "finetune"].iloc[0]
+    # ours are untouched (n=3, 0.92: never pooled with the study protocol's 0.96) ...
+    assert finetune.n == 3 and finetune.test_acc_mean == pytest.approx(0.92)
+    assert len(ours[ours.strategy == "finetune"]) == 1  # no variant column for the protocol
+    # ... and the study protocol's number sits beside them, with ours minus it.
+    assert finetune.study_protocol_n == 3
+    assert finetune.study_protocol_mean == pytest.approx(0.96)
+    assert finetune.delta_vs_study_protocol == pytest.approx(-0.04)
+    column = "finetune: protocol=study, same backbone, max val; ours minus it"
+    assert column in markdown and "0.960 ± 0.010 [0.935, 0.985] (n=3); -0.040" in markdown
+
+
+def test_expected_datasets_without_runs_are_rows_that_say_not_run(store, tmp_path):
+    table, markdown = report_of(store, tmp_path / "out", "--datasets", "caltech256,hymenoptera")
+    caltech = table[table.dataset == "caltech256"]
+    assert len(caltech) > 0 and set(caltech.state) == {"not run"}
+    assert set(caltech.colour) == {"rgb", "gray"}
+    assert "| caltech256" in markdown and "0.674" in markdown  # the study's number, still shown
+
+
+def test_a_moved_store_still_shows_its_confusion_matrices(tmp_path):
+    from benchmark.report.__main__ import best_confusions
+    from benchmark.report.tables import load_runs, summarise
+    from benchmark.store import experiment_id
+
+    first = tmp_path / "work" / "results"  # as `make results` lays its store out
+    experiment = experiment_id(f"sqlite:///{first / 'mlflow.db'}", "benchmark")
+    client = mlflow.MlflowClient()
+    for dataset, colour, strategy, seed, status, accuracy, order in RUNS:
+        log_run(client, experiment, (dataset, colour, strategy, seed), status, accuracy, order)
+    moved = tmp_path / "clone" / "results"  # a clone elsewhere: absolute paths now wrong
+    shutil.move(first, moved)
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    runs = load_runs(uri, "benchmark").frame
+    finished = runs[runs.status == "FINISHED"]
+    matrices = best_confusions(finished, summarise(runs), uri)
+    assert len(matrices) == finished.groupby(["dataset", "colour", "strategy"]).ngroups
+    assert matrices[0][2] == [[8, 2], [1, 9]]
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")

@@ -72,6 +72,9 @@ def test_a_grid_through_submitit_processes_finishes_and_is_summarised(tmp_path, 
     assert "Submitit 'local' sweep output dir" in swept.stdout
     # Each cell's JobReturn came back to the sweep's process and was counted there.
     assert "Sweep done: 2 cells: 2 finished, 0 skipped, 0 failed." in swept.stdout
+    # While submitit waited, each cell's end was said as it came: k/N, elapsed, time left.
+    assert "[1/2 done, " in swept.stdout and "about" in swept.stdout
+    assert "[2/2 done, " in swept.stdout
     runs = runs_in(tmp_path / "mlflow.db")
     assert sorted(runs.status) == ["FINISHED", "FINISHED"]
     assert sorted(runs["params.seed"]) == ["0", "1"] and runs["metrics.test_acc"].notna().all()

@@ -219,3 +219,26 @@ def test_fast_path_logits_match_fp32_within_tolerance(make_cfg, shared_data, lit
     assert not torch.equal(fp32, fast)
     torch.testing.assert_close(fast, fp32, atol=0.05, rtol=0.05)
     assert torch.equal(fast.argmax(1), fp32.argmax(1))
+
+
+def test_progress_in_a_log_is_one_line_per_epoch_and_per_tenth_of_extraction(
+    make_cfg, ants_and_bees, caplog, capsys
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="benchmark")
+    shown = [o for o in FEW if o != "trainer.enable_progress_bar=false"]
+    dataset = ["dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze"]
+    run_cell(make_cfg(*dataset, *shown, "trainer.enable_progress_bar=true"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "benchmark"]
+    epochs = [m for m in lines if m.startswith("epoch: ")]
+    assert [m.split(" (")[0] for m in epochs] == ["epoch: 1/2", "epoch: 2/2"]
+    assert "left" in epochs[0] and "val_acc=" in epochs[0]
+    extraction = [m for m in lines if m.startswith("extracting features: ")]
+    assert (
+        extraction
+        and extraction[-1].startswith("extracting features: ")
+        and "(100 %)" in (extraction[-1])
+    )
+    output = capsys.readouterr()
+    assert "\r" not in output.err + output.out  # no progress bar in a log

@@ -24,9 +24,9 @@ from benchmark.launcher import (
     CellProcessLauncher,
     DevicePool,
     Running,
-    SweepProgress,
     visible_gpus,
 )
+from benchmark.progress import SweepProgress, progress, sweep_size
 from benchmark.resume import cell_manifest
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import benchmark, runs_in
@@ -253,6 +253,22 @@ def test_sweep_progress_says_k_of_n_elapsed_and_time_left(monkeypatch):
     clock = iter([0.0, 0.0, 120.0, 240.0])
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     progress = SweepProgress(4)
-    assert progress.done(skipped=True) == "1/4 done, 0m00s elapsed"  # skipped: no estimate
-    assert progress.done() == "2/4 done, 2m00s elapsed, about 4m00s left"
-    assert progress.done() == "3/4 done, 4m00s elapsed, about 2m00s left"
+    assert progress.done(skipped=True) == "1/4 done, 0 s elapsed"  # skipped: no estimate
+    assert progress.done() == "2/4 done, 2 min 00 s elapsed, about 4 min 00 s left"
+    assert progress.done() == "3/4 done, 4 min 00 s elapsed, about 2 min 00 s left"
+
+
+def test_sweep_size_counts_the_cells_of_a_command_line():
+    assert sweep_size(["seed=0,1,2", "colour=rgb,gray", "strategy=freeze", "x=range(0,4)"]) == 24
+    assert sweep_size(["trainer.max_epochs=3"]) == 1
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
+    import io
+
+    log = io.StringIO()  # not a terminal
+    assert list(progress(range(25), "reading runs", log)) == list(range(25))
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 9 <= len(lines) <= 11
+    assert lines[0].startswith("reading runs: 3/25 (12 %)") and "left" in lines[0]
+    assert lines[-1].startswith("reading runs: 25/25 (100 %)")

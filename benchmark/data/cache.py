@@ -25,9 +25,9 @@ import torch
 from filelock import FileLock
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
 
 from benchmark.images import Preprocess, load_rgb
+from benchmark.progress import progress
 
 log = logging.getLogger("benchmark")
 
@@ -148,7 +148,7 @@ def _build(
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL releases the GIL
         done = pool.map(store, range(len(paths)))
-        for _ in tqdm(done, total=len(paths), desc=f"Decoding images once ({size}px)", unit="img"):
+        for _ in progress(done, f"Decoding images once ({size}px)", total=len(paths)):
             pass
     array.flush()
     partial.rename(file)

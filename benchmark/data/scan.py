@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+
+from benchmark.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
@@ -126,10 +127,9 @@ def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = ""
     to_decode = [i for i, reason in enumerate(reasons) if reason is None]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = pool.map(_verdict, (Path(files.path.iloc[i]) for i in to_decode))
-        progress = tqdm(
-            decoded, total=len(to_decode), desc=desc, unit="img", disable=len(to_decode) < 500
-        )
-        for i, (reason, digest) in zip(to_decode, progress, strict=True):
+        if len(to_decode) >= 500:  # a few hundred images take a second or two: no progress
+            decoded = progress(decoded, desc or "Checking images", total=len(to_decode))
+        for i, (reason, digest) in zip(to_decode, decoded, strict=True):
             reasons[i], digests[i] = reason, digest
     bad = pd.Series(reasons, index=files.index)
     images = files.assign(sha256=digests)[bad.isna()].reset_index(drop=True)

@@ -14,6 +14,7 @@ import mlflow
 import pandas as pd
 
 from benchmark.identity import default_tracking_uri
+from benchmark.progress import progress
 from benchmark.report import figures
 from benchmark.report.latex import latex_document, to_latex
 from benchmark.report.stats import average_ranks, best_in_row, paired_differences
@@ -26,10 +27,11 @@ from benchmark.report.tables import (
     cost_table,
     latest_per_seed,
     load_runs,
+    split_protocols,
     summarise,
 )
 from benchmark.server import TrackingUnreachable, check_reachable
-from benchmark.store import StoreError, check_sqlite
+from benchmark.store import StoreError, artifact_file, check_sqlite
 
 
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -37,22 +39,27 @@ def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
     client = mlflow.MlflowClient()
     rows = [
         {**run[[*GROUP, "seed", "run_id"]].to_dict(), "epoch": m.step, "val_acc": m.value}
-        for _, run in runs.iterrows()
+        for _, run in progress(list(runs.iterrows()), "reading learning curves")
         for m in client.get_metric_history(run.run_id, "val_acc")
     ]
     return pd.DataFrame(rows, columns=[*GROUP, "seed", "run_id", "epoch", "val_acc"])
 
 
-def best_confusions(runs: pd.DataFrame) -> list[tuple[str, list[str], list[list[int]]]]:
-    """Per cell, in the tables' order, the test confusion matrix of its run with the best
-    validation accuracy (selected like everything else: on validation)."""
-    client, out = mlflow.MlflowClient(), []
+def best_confusions(
+    runs: pd.DataFrame, table: pd.DataFrame, uri: str
+) -> list[tuple[str, list[str], list[list[int]]]]:
+    """Per cell, in the tables' order (rows dataset x colour, then the columns), the test
+    confusion matrix of its run with the best validation accuracy (selected like everything
+    else: on validation)."""
+    out = []
     ranked = runs.sort_values("best_val_acc", ascending=False, na_position="last")
-    for cell, candidates in ranked.groupby(GROUP, sort=False):
-        for _, run in candidates.iterrows():
-            if "confusion_matrix.json" in {a.path for a in client.list_artifacts(run.run_id)}:
-                local = client.download_artifacts(run.run_id, "confusion_matrix.json")
-                matrix = json.loads(Path(local).read_text())
+    cells = dict(list(ranked.groupby(GROUP, sort=False)))
+    order = [tuple(row) for row in table[GROUP].itertuples(index=False) if tuple(row) in cells]
+    for cell in progress(order, "reading confusion matrices"):
+        for _, run in cells[cell].iterrows():
+            file = artifact_file(uri, run.run_id, run.artifact_uri, "confusion_matrix.json")
+            if file is not None:
+                matrix = json.loads(file.read_text())
                 where, what = "/".join(cell[:2]), "/".join(str(c) for c in cell[2:] if c)
                 title = f"{where}\n{what} seed {run.seed}"  # two short lines per small panel
                 out.append((title, matrix["classes"], matrix["matrix"]))
@@ -136,7 +143,7 @@ def write_tables(
 
 def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
-    footnote: str,
+    footnote: str, uri: str,
 ) -> Path:  # fmt: skip
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
@@ -147,7 +154,7 @@ def write_html(
     ]
     if not curves.empty:
         pictures.append(("Learning curves (validation accuracy)", figures.learning_curves(curves)))
-    if matrices := best_confusions(counted):
+    if matrices := best_confusions(counted, table, uri):
         pictures.append(
             ("Confusion matrices (test, row-normalised), best validation run per cell",
              figures.confusion_grid(matrices))
@@ -202,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default=None, help="only the cells of this sweep (its dir)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument(
+        "--datasets",
+        default="",
+        help="comma-separated datasets whose rows are shown even without runs ('not run')",
+    )
+    parser.add_argument(
         "--include-debug",
         action="store_true",
         help="count runs with a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)",
@@ -217,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except (LookupError, TrackingUnreachable, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    runs = loaded.frame
-    if runs.empty:
+    runs, study_runs = split_protocols(loaded.frame)
+    if loaded.frame.empty:
         print(
             f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"
             + (f" for sweep {args.sweep}" if args.sweep else "")
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    table = summarise(runs)
+    expected = [d for d in args.datasets.split(",") if d]
+    table = summarise(runs, study_runs, expected)
     verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
     args.out.mkdir(parents=True, exist_ok=True)
     source = f"{uri}, experiment {args.experiment}" + (
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     written = [
         *write_tables(table, verdicts, ranking, args.out, source, footnote),
-        write_html(table, runs, verdicts, args.out, source, footnote),
+        write_html(table, runs, verdicts, args.out, source, footnote, uri),
     ]
     for path in written:
         print(f"wrote {path}")
