@@ -240,7 +240,7 @@ class Check:
         command = [sys.executable, "-m", "benchmark.bench", "--datasets", "hymenoptera"]
         command += ["--data-root", str(data), "--device", "cuda", "--epochs", "5"]
         command += ["--reference-epochs", "2", "--batch-size", "32", "--workers", "8"]
-        command += ["--compute-steps", "20", "--json", str(figures)]
+        command += ["--compute-steps", "20", "--paths", "fast", "--json", str(figures)]
         timeout = self.left_s() - 5
         self.say(f"bench: Lite0, freeze and finetune, 5 epochs (at most {timeout:.0f}s) ...")
         code, output, seconds = self.run("bench", command, timeout)

@@ -44,9 +44,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the session's cells: the real images are checked, hashed and
+    decoded once, not once per test (every cache entry is keyed by the files' content and the
+    settings, which is what the caches promise). Tests of the caches themselves use their own."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
-def make_cfg(tmp_path: Path, shared_data: Path) -> Callable[..., DictConfig]:
-    """Compose conf/ like `python -m benchmark`, with the store and outputs under tmp_path."""
+def make_cfg(tmp_path: Path, shared_data: Path, shared_cache: Path) -> Callable[..., DictConfig]:
+    """Compose conf/ like `python -m benchmark`, with the store and outputs under tmp_path and
+    the session's cache (pass paths.cache_dir=... for a test's own)."""
     register_configs()
 
     def make(*overrides: str, data_root: Path | None = shared_data) -> DictConfig:
@@ -57,7 +66,7 @@ def make_cfg(tmp_path: Path, shared_data: Path) -> Callable[..., DictConfig]:
                 overrides=[
                     *pinned,
                     f"paths.output_dir={tmp_path / 'out'}",
-                    f"paths.cache_dir={tmp_path / 'cache'}",
+                    f"paths.cache_dir={shared_cache}",
                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                     *overrides,
                 ],

@@ -67,6 +67,10 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     )
     assert swept.returncode == 0, swept.stderr[-3000:]
     assert swept.stdout.count("test_acc=") == 4, swept.stdout  # each cell's one-line summary
+    # Hydra's own launcher: each cell's start and end say k/N, elapsed and the time left.
+    assert "cell 1/4 starts [0/4 done, " in swept.stdout, swept.stdout
+    assert "cell finished after " in swept.stdout and "[3/4 done, " in swept.stdout
+    assert "about" in swept.stdout and "[4/4 done, " in swept.stdout
 
     runs = runs_in(tmp_path / "mlflow.db")  # the default store: ./mlflow.db
     assert len(runs) == 4 and set(runs.status) == {"FINISHED"}

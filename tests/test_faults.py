@@ -154,7 +154,9 @@ def test_a_value_out_of_range_on_the_command_line_is_one_line(tmp_path, shared_d
 def test_a_one_class_dataset_is_refused_before_any_cache_is_built(make_cfg, tmp_path, shared_data):
     root = folder_of(tmp_path, shared_data)
     shutil.rmtree(root / "bees")
-    cfg = make_cfg("dataset=imagefolder", f"dataset.root={root}", *TINY)
+    cfg = make_cfg(
+        "dataset=imagefolder", f"dataset.root={root}", *TINY, f"paths.cache_dir={tmp_path / 'c'}"
+    )
     with pytest.raises(DatasetError, match=r"has 1 class.*at least 2"):
         run_cell(cfg)
     assert not (Path(cfg.paths.cache_dir) / "images").exists()
@@ -210,9 +212,16 @@ def test_a_damaged_image_cache_is_rebuilt_and_named(tmp_path, shared_data, caplo
 
 def test_a_truncated_feature_cache_is_extracted_again(make_cfg, tmp_path, shared_data, caplog):
     root = folder_of(tmp_path, shared_data, count=5)
-    overrides = ("dataset=imagefolder", f"dataset.root={root}", "strategy=linear_probe", *TINY)
+    cache = tmp_path / "own-cache"
+    overrides = (
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "strategy=linear_probe",
+        *TINY,
+        f"paths.cache_dir={cache}",
+    )
     first = run_cell(make_cfg(*overrides))
-    (features,) = (Path(make_cfg().paths.cache_dir) / "features").glob("*.npy")
+    (features,) = (cache / "features").glob("*.npy")
     os.truncate(features, 100)
     again = run_cell(make_cfg(*overrides, "rerun=true"))
     assert "Feature cache" in caplog.text and str(features) in caplog.text

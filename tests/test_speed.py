@@ -141,10 +141,11 @@ def test_augmented_views_are_cached_per_training_image(make_cfg, ants_and_bees):
         "strategy.train_augmentation=true",
         "speed.augmented_views=2",
         *FEW,
+        f"paths.cache_dir={ants_and_bees.parent / 'own-cache'}",
     )
     assert run_data.params["input"] == "features:2views"
     n_train = int(run_data.params["n_train"])
-    (views_file,) = (Path(make_cfg().paths.cache_dir) / "features").glob("*.views.npy")
+    (views_file,) = (ants_and_bees.parent / "own-cache" / "features").glob("*.views.npy")
     views = np.load(views_file)
     assert views.shape == (2, n_train, 1280)
     assert not np.allclose(views[0], views[1])  # two different random crops of each image

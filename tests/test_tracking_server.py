@@ -355,7 +355,7 @@ def test_a_sweep_through_a_server_restart_loses_nothing(tracking_server, tmp_pat
     server, uri = tracking_server, tracking_server.uri
     command = [
         sys.executable, "-m", "benchmark", "-m", "hydra/launcher=gpus",
-        "hydra.launcher.workers=4", "strategy=freeze", "seed=0,1,2,3", f"tracking.uri={uri}",
+        "hydra.launcher.workers=2", "strategy=freeze", "seed=0,1", f"tracking.uri={uri}",
         *TINY,
         "trainer.max_epochs=2",  # a history of two points per metric
         "speed.image_cache=false",  # decode the few images used, not all 397 first
@@ -388,15 +388,15 @@ def test_a_sweep_through_a_server_restart_loses_nothing(tracking_server, tmp_pat
         server.start()  # on the same port
         outage_s = time.monotonic() - outage
     first = (tmp_path / "first.log").read_text()
-    summary = re.search(r"Sweep done: 4 cells: (\d) finished, 0 skipped, (\d) failed\.", first)
+    summary = re.search(r"Sweep done: 2 cells: (\d) finished, 0 skipped, (\d) failed\.", first)
     assert summary is not None and first_sweep.returncode != 0, first
     finished, failed = map(int, summary.groups())
-    assert failed >= 1 and finished + failed == 4, first
+    assert failed >= 1 and finished + failed == 2, first
 
     # The cells that met the outage failed with one line naming the server and the fix.
     outcomes = [json.loads(p.read_text()) for p in (tmp_path / "multirun").rglob("outcome.json")]
     failures = [o for o in outcomes if o["status"] == "failed"]
-    assert len(outcomes) == 4 and len(failures) == failed
+    assert len(outcomes) == 2 and len(failures) == failed
     for outcome in failures:
         assert outcome["error"].startswith(f"TrackingUnreachable: MLflow tracking server {uri} ")
         assert FIX in outcome["error"], outcome
@@ -418,12 +418,12 @@ def test_a_sweep_through_a_server_restart_loses_nothing(tracking_server, tmp_pat
         pass
     again = (tmp_path / "again.log").read_text()
     assert relaunched.returncode == 0, again[-5000:]
-    summary = re.search(r"Sweep done: 4 cells: (\d) finished, (\d) skipped, 0 failed\.", again)
+    summary = re.search(r"Sweep done: 2 cells: (\d) finished, (\d) skipped, 0 failed\.", again)
     assert summary is not None, again[-5000:]
     rerun, skipped = map(int, summary.groups())
     # Only the failed cells run again (one whose run the server had ended FINISHED before its
     # answer was lost would rightly be skipped).
-    assert rerun + skipped == 4 and rerun <= failed and skipped >= finished, again[-5000:]
+    assert rerun + skipped == 2 and rerun <= failed and skipped >= finished, again[-5000:]
 
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.`{KIND_TAG}` = 'cell'", max_results=1000
@@ -437,8 +437,8 @@ def test_a_sweep_through_a_server_restart_loses_nothing(tracking_server, tmp_pat
     assert client.get_run(hit_run.info.run_id).info.status == "FAILED"
     done = [r for r in runs if r.info.status == "FINISHED"]
     keys = [r.data.tags["cell_key"] for r in done]
-    assert len(done) == 4 and len(set(keys)) == 4  # every cell FINISHED exactly once
-    assert sorted(r.data.params["seed"] for r in done) == ["0", "1", "2", "3"]
+    assert len(done) == 2 and len(set(keys)) == 2  # every cell FINISHED exactly once
+    assert sorted(r.data.params["seed"] for r in done) == ["0", "1"]
     for run in done:  # nothing lost: every metric, one point per epoch, and the artifacts
         run_id = run.info.run_id
         for metric in ("test_acc", "test_loss", "wall_time_s", "peak_rss_mb"):
