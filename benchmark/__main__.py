@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from benchmark.config import register_configs
+from benchmark.config import problems, register_configs
 from benchmark.identity import cell_name
 from benchmark.sweep import CellOutcome
 
@@ -42,6 +42,16 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
+    hydra_cfg = HydraConfig.get()
+    folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
+    if found := problems(cfg):  # out of range: said before torch and Lightning are imported
+        log.error("%s", " ".join(found))
+        outcome = CellOutcome(name, "failed", error=f"ConfigError: {' '.join(found)}")
+        outcome.save(folder)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return outcome
+        raise SystemExit(1)
+
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from benchmark.cell import run_cell
@@ -53,8 +63,6 @@ def main(cfg: DictConfig) -> CellOutcome:
     from benchmark.server import TrackingUnreachable, explained
     from benchmark.store import StoreError
 
-    hydra_cfg = HydraConfig.get()
-    folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep

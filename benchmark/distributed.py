@@ -36,7 +36,11 @@ def relaunches_command(trainer_cfg: DictConfig) -> bool:
         return False
     try:
         trainer = hydra.utils.instantiate(
-            trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[]
+            trainer_cfg,
+            logger=False,
+            enable_checkpointing=False,
+            callbacks=[],
+            precision="32-true",  # `auto` is the harness's; the launcher does not depend on it
         )
     except Exception:  # e.g. no GPU: the cell itself reports that, with its MLflow run
         log.debug("Trainer config not checked for DDP", exc_info=True)

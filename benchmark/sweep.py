@@ -27,6 +27,8 @@ from benchmark.progress import SweepProgress, duration, sweep_size
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = identity.OUTCOME_FILE
 STATES = ("finished", "skipped", "failed")
+# Where Lightning reads a process's rank from: without any of them, the process is rank 0.
+DISTRIBUTED_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
 @dataclass
@@ -39,12 +41,13 @@ class CellOutcome:
 
     def save(self, folder: Path) -> None:
         """A DDP cell's ranks share its folder: rank 0 speaks for the cell."""
-        # Imported here: `benchmark --help`, `--cfg` and shell completion import this module
-        # (through the gpus launcher's registration) and need no Lightning.
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
+        if any(os.environ.get(v) for v in DISTRIBUTED_RANK_VARIABLES):
+            # Imported only then: `--help`, a config error and shell completion need no
+            # Lightning (and torch) to say what they say.
+            from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        if rank_zero_only.rank != 0:
-            return
+            if rank_zero_only.rank != 0:
+                return
         folder.mkdir(parents=True, exist_ok=True)
         (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
 

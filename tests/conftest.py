@@ -44,12 +44,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache folder for the session's cells: the real images are checked, hashed and
-    decoded once, not once per test (every cache entry is keyed by the files' content and the
-    settings, which is what the caches promise). Tests of the caches themselves use their own."""
-    return tmp_path_factory.mktemp("shared-cache")
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache folder for the session's cells, in this process and in the commands the tests
+    start ($BENCHMARK_CACHE_DIR): the real images are checked, hashed and decoded once, not once
+    per test (every cache entry is keyed by the files and the settings, which is what the caches
+    promise, and built under a file lock). Tests of the caches themselves use their own."""
+    cache = tmp_path_factory.mktemp("shared-cache")
+    saved = os.environ.get("BENCHMARK_CACHE_DIR")
+    os.environ["BENCHMARK_CACHE_DIR"] = str(cache)
+    yield cache
+    if saved is None:
+        os.environ.pop("BENCHMARK_CACHE_DIR", None)
+    else:
+        os.environ["BENCHMARK_CACHE_DIR"] = saved
 
 
 @pytest.fixture

@@ -20,10 +20,9 @@ pytestmark = pytest.mark.e2e
 
 def benchmark(*args: str, cwd: Path, data_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENCHMARK_DATA_ROOT": str(data_root), "PYTHONPATH": str(PROJECT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cache = [f"paths.cache_dir={cwd / 'cache'}"] if args[0] == "benchmark" else []
+    env.pop("MLFLOW_TRACKING_URI", None)  # the cache: the session's ($BENCHMARK_CACHE_DIR)
     return subprocess.run(
-        [sys.executable, "-m", *args, *cache],
+        [sys.executable, "-m", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

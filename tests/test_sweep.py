@@ -171,7 +171,7 @@ def _pid_of_cell(folder: Path) -> int | None:
     return None
 
 
-# 4 + 1 cell processes, 2 at a time: about 100 s here, in the default suite as the issue asks.
+# 2 + 1 cell processes, 2 at a time, in the default suite as the issue asks.
 def test_a_killed_cell_fails_in_mlflow_and_a_relaunch_runs_only_the_missing_cell(
     tmp_path, shared_data
 ):
@@ -182,10 +182,9 @@ def test_a_killed_cell_fails_in_mlflow_and_a_relaunch_runs_only_the_missing_cell
         "-m",
         "hydra/launcher=gpus",
         "hydra.launcher.workers=2",
-        "seed=0,1,2,3",
+        "seed=0,1",
         "strategy=finetune",
         *TINY,
-        f"paths.cache_dir={tmp_path / 'cache'}",
     ]
     env = {**os.environ, "BENCHMARK_DATA_ROOT": str(shared_data), "PYTHONPATH": str(PROJECT)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -205,20 +204,20 @@ def test_a_killed_cell_fails_in_mlflow_and_a_relaunch_runs_only_the_missing_cell
     assert victim is not None, output
     assert not (victim / "outcome.json").exists()  # it really died before it could say
     assert sweep.returncode != 0
-    assert "Sweep done: 4 cells: 3 finished, 0 skipped, 1 failed." in output, output
+    assert "Sweep done: 2 cells: 1 finished, 0 skipped, 1 failed." in output, output
     assert "killed by signal 9 (SIGKILL)" in output
     runs = runs_in(tmp_path / "mlflow.db")
     killed = runs[runs["tags.hydra_output_dir"] == str(victim)]
     assert list(killed.status) == ["FAILED"]  # not left RUNNING
     assert killed["tags.error"].iloc[0].startswith("killed by signal 9")
-    assert (runs.status == "FINISHED").sum() == 3
+    assert (runs.status == "FINISHED").sum() == 1
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "Sweep done: 4 cells: 1 finished, 3 skipped, 0 failed." in again.stdout
+    assert "Sweep done: 2 cells: 1 finished, 1 skipped, 0 failed." in again.stdout
     runs = runs_in(tmp_path / "mlflow.db")
     finished = runs[runs.status == "FINISHED"]
-    assert len(runs) == 5 and len(finished) == 4  # the killed cell ran once more, only it
+    assert len(runs) == 3 and len(finished) == 2  # the killed cell ran once more, only it
     assert finished["tags.cell_key"].is_unique
     assert killed["tags.cell_key"].iloc[0] in set(finished["tags.cell_key"])
 

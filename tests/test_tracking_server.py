@@ -359,7 +359,6 @@ def test_a_sweep_through_a_server_restart_loses_nothing(tracking_server, tmp_pat
         *TINY,
         "trainer.max_epochs=2",  # a history of two points per metric
         "speed.image_cache=false",  # decode the few images used, not all 397 first
-        f"paths.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
     env = {**os.environ, "BENCHMARK_DATA_ROOT": str(shared_data), "PYTHONPATH": str(PROJECT)}
     env.pop("MLFLOW_TRACKING_URI", None)
