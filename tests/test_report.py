@@ -318,3 +318,18 @@ def test_html_renders_in_a_real_browser_without_errors(store, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Uncaught" not in done.stderr and "CONSOLE" not in done.stderr
     assert shot.stat().st_size > 10_000
+
+
+def test_the_studys_number_names_its_data_where_ours_differ(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("benchmark", (tmp_path / "artifacts").as_uri())
+    subset = {"n_classes": "5", "n_train": "224", "n_val": "56", "n_test": "70"}  # ../shared
+    whole = {"n_classes": "2", "n_train": "195", "n_val": "49", "n_test": "153"}
+    log_run(client, experiment, ("simpsons", "rgb", "finetune", 0), "FINISHED", 0.9, 1, subset)
+    log_run(client, experiment, ("hymenoptera", "rgb", "finetune", 0), "FINISHED", 0.9, 2, whole)
+    _, markdown = report_of(uri, tmp_path / "out")
+    assert "0.925 (study: 20 classes, 19,548 images; here 5, 350)" in markdown
+    hymenoptera = next(line for line in markdown.splitlines() if line.startswith("| hymenoptera"))
+    assert re.search(r"0\.954\s+\|", hymenoptera) and "study:" not in hymenoptera  # same data

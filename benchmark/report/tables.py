@@ -55,6 +55,13 @@ REFERENCE = pd.DataFrame(
     ],
     columns=["dataset", "colour", "finetune", "freeze"],
 ).melt(["dataset", "colour"], var_name="strategy", value_name="study_val_acc")
+# The data the study's numbers come from: classes and images of each dataset.
+STUDY_DATA = {
+    "hymenoptera": (2, 397),
+    "simpsons": (20, 19_548),
+    "dogs_vs_cats": (2, 25_000),
+    "caltech256": (257, 30_607),
+}
 
 
 @dataclass
@@ -108,16 +115,22 @@ def load_runs(
     foreign, left_out = int((~cells & ~sweeps).sum()), 0 if include_debug else int(debug.sum())
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS]}
-    wanted |= {"params.protocol.selection": "selection"}
+    wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
+    wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error"}
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA
+    images = sum(pd.to_numeric(runs[f"n_{s}"], errors="coerce").fillna(0) for s in SPLITS)
     runs = runs.assign(
-        dataset=runs.dataset_label, selection=runs.selection.fillna("held_out").astype(object)
+        dataset=runs.dataset_label,
+        selection=runs.selection.fillna("held_out").astype(object),
+        n_classes=pd.to_numeric(runs.n_classes, errors="coerce"),
+        n_images=images.where(images > 0),
     )
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values(), "variant"]
+    columns.append("n_images")
     return Runs(runs[columns].reset_index(drop=True), foreign, left_out)
 
 
@@ -164,6 +177,7 @@ def dataset_keys(runs: pd.DataFrame) -> list[str]:
     return [k for k in ("params.dataset.root", "params.dataset.file") if k in runs]
 
 
+SPLITS = ("train", "val", "test")
 STUDY_PROTOCOL = "max_eval"  # protocol=study's selection: its runs are read apart from ours
 
 
@@ -203,6 +217,7 @@ def summarise(
     )
     cost = finished.groupby(GROUP)[COST_METRICS].mean()
     devices = finished.groupby(GROUP).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
+    data = latest.groupby(GROUP)[["n_classes", "n_images"]].max()  # what the cell ran on
     states = pd.crosstab([latest[c] for c in GROUP], latest.status)
     every = pd.concat([runs, study_runs]) if study_runs is not None else runs
     expected = pd.Series([*every.dataset.dropna().unique(), *datasets], dtype=object)
@@ -215,7 +230,7 @@ def summarise(
         [(*row, *column) for row in rows for column in columns.itertuples(index=False)],
         names=GROUP,
     )
-    table = pd.DataFrame(index=grid).join([accuracy, cost, devices])
+    table = pd.DataFrame(index=grid).join([accuracy, cost, devices, data])
     for status in ("FAILED", "RUNNING"):
         table[status.lower()] = states.get(status, 0)
     table = table.fillna({"n": 0, "failed": 0, "running": 0}).astype(
@@ -289,6 +304,23 @@ STUDY_COLUMN = "study: ResNet-18, 15 epochs, max val ({})"
 STUDY_PROTOCOL_COLUMN = "{}: protocol=study, same backbone, max val; ours minus it"
 
 
+def _study_text(value: float, where: tuple[str, str], ours: pd.Series | None) -> str:
+    """The study's number, and the study's data where ours differ from it (a subset, other
+    classes): the two are then not the same task."""
+    if pd.isna(value):
+        return ""
+    text = f"{value:.3f}"
+    classes, images = STUDY_DATA.get(where[0], (None, None))
+    if ours is None or pd.isna(ours.n_classes) or pd.isna(ours.n_images):
+        return text
+    if (ours.n_classes, ours.n_images) != (classes, images):
+        text += (
+            f" (study: {classes} classes, {images:,} images; "
+            f"here {int(ours.n_classes)}, {int(ours.n_images):,})"
+        )
+    return text
+
+
 def _study_protocol_text(row: pd.Series) -> str:
     if not row.study_protocol_n:
         return ""
@@ -318,12 +350,19 @@ def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
         )
         .rename_axis(columns=None)
     )
-    study = (
-        REFERENCE.pivot_table(
-            index=["dataset", "colour"], columns="strategy", values="study_val_acc"
-        )
-        .rename(columns=STUDY_COLUMN.format)
-        .map(lambda v: f"{v:.3f}")
+    study = REFERENCE.pivot_table(
+        index=["dataset", "colour"], columns="strategy", values="study_val_acc"
+    ).rename(columns=STUDY_COLUMN.format)
+    data = table.groupby(["dataset", "colour"])[["n_classes", "n_images"]].max()
+    study = pd.DataFrame(
+        {
+            column: [
+                _study_text(value, where, data.loc[where] if where in data.index else None)
+                for where, value in study[column].items()
+            ]
+            for column in study.columns
+        },
+        index=study.index,
     )
     wide = wide.join(study, how="left").fillna({c: "" for c in study.columns})
     same = table[table.get("study_protocol_n", pd.Series(0, index=table.index)).gt(0)]
