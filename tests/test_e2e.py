@@ -156,22 +156,23 @@ def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):
     assert runs["params.manifest_sha256"].str.len().eq(64).all()
 
 
-def test_a_sweep_over_strategies_appears_in_the_report(tmp_path, shared_data):
+def test_every_strategy_appears_in_the_report(make_cfg, tmp_path):
+    """In-process (the command line's path is the four-cell grid's above): each strategy with
+    an MLP head, AdamW and strong augmentation, then the report's table and its header."""
+    from benchmark.cell import run_cell
+    from benchmark.report.__main__ import main as report
+
     strategies = ["finetune", "freeze", "freeze_bn_train", "partial", "two_stage"]
-    swept = benchmark(
-        "benchmark",
-        "-m",
-        f"strategy={','.join(strategies)}",
-        "head=mlp",
-        "optim=adamw_cosine",
-        "augment=strong",
-        *TINY,
-        cwd=tmp_path,
-        data_root=shared_data,
-    )
-    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
-    table = report_of_tiny_runs(tmp_path, shared_data)
+    for strategy in strategies:
+        run_cell(
+            make_cfg(
+                f"strategy={strategy}", "head=mlp", "optim=adamw_cosine", "augment=strong", *TINY
+            )
+        )
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    assert report(["--tracking-uri", uri, "--out", str(out), "--include-debug"]) == 0
+    table = pd.read_csv(out / "report.csv")
     assert sorted(table.strategy) == sorted(strategies) and (table.n == 1).all()
-    header = (tmp_path / "results" / "report.md").read_text().split("\n")
+    header = (out / "report.md").read_text().split("\n")
     row = next(line for line in header if line.startswith("| dataset"))
     assert all(s in row for s in strategies)
