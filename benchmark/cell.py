@@ -86,7 +86,9 @@ def compute_cell(
     (Lightning epochs, or the linear probe) and the test of the checkpoint chosen on val."""
     cost = CellCost()
     L.seed_everything(cfg.seed, workers=True)
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights_path)
+    backbone = create_backbone(
+        cfg.backbone.name, cfg.backbone.weights_path, model=cfg.backbone.model
+    )
     channels_last = use_channels_last(cfg)
     data, cache_s = image_data(cfg, protocol_splits(cfg, manifest.frame), backbone, channels_last)
     build_s = {"image_cache_build_s": cache_s} if cfg.speed.image_cache else {}

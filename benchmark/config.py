@@ -139,6 +139,8 @@ class BackboneConfig:
     name: str = MISSING
     # A local state-dict file with the ImageNet weights; overrides packaged or downloaded weights.
     weights_path: str | None = None
+    # backbone=timm: the timm model's name and pretrained tag (convnext_small.fb_in22k_ft_in1k).
+    model: str | None = None
 
 
 @dataclass

@@ -44,10 +44,21 @@ BACKBONES: Registry[Factory] = Registry()
 register_backbone = BACKBONES.register
 
 
-def create_backbone(name: str, weights_path: str | None = None, num_classes: int = 0) -> Backbone:
-    """`num_classes=0`: a feature extractor; `IMAGENET_CLASSES`: the pretrained classifier."""
+def create_backbone(
+    name: str, weights_path: str | None = None, num_classes: int = 0, model: str | None = None
+) -> Backbone:
+    """`num_classes=0`: a feature extractor; `IMAGENET_CLASSES`: the pretrained classifier.
+    `name="timm"`: any timm model, named by `model` (`convnext_small.fb_in22k_ft_in1k`)."""
+    if name == TIMM:
+        if not model:
+            raise BackboneError(
+                "backbone=timm needs the model's name: backbone.model=NAME (any of "
+                "timm.list_models(pretrained=True), e.g. backbone.model=resnet50.a1_in1k)."
+            )
+        return timm_backbone(model, weights_path, num_classes)
     if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}.")
+        known = ", ".join(sorted([*BACKBONES, TIMM]))
+        raise BackboneError(f"unknown backbone {name!r}; known: {known}.")
     return BACKBONES[name](weights_path, num_classes)
 
 
@@ -198,7 +209,88 @@ for _name in TORCHVISION_STAGES:
     BACKBONES[_name] = _torchvision(_name)
 
 
-# ---------------------------------------------------------------- strategies
+# ---------------------------------------------------------------- any timm model
+
+TIMM = "timm"
+
+
+def timm_backbone(model_name: str, weights_path: str | None, num_classes: int) -> Backbone:
+    """Any timm model by name, pretrained: the weights from `weights_path` (a local file) or
+    from timm's hub cache (downloaded on first use); the preprocessing from its pretrained
+    config, the stages from its feature info."""
+    if model_name.split(".")[0] not in timm.list_models():
+        raise BackboneError(
+            f"backbone.model={model_name}: timm has no such model (timm.list_models() lists "
+            "them; a pretrained tag follows a dot: resnet50.a1_in1k)."
+        )
+    overlay = {"file": str(Path(weights_path).expanduser())} if weights_path else None
+    if weights_path and not Path(weights_path).expanduser().is_file():
+        raise BackboneError(f"backbone.weights_path={weights_path}: no such file.")
+    try:
+        model = timm.create_model(
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes
+        )
+    except (OSError, RuntimeError, ValueError) as error:  # offline, a wrong file, no weights
+        config = timm.models.get_pretrained_cfg(model_name) or {}
+        where = config.hf_hub_id if getattr(config, "hf_hub_id", None) else model_name
+        raise BackboneError(
+            f"{model_name}'s pretrained weights could not be had ({type(error).__name__}: "
+            f"{error}). Either let timm download them once into its cache (Hugging Face hub "
+            f"{where}, cached under $HF_HOME; HF_HUB_OFFLINE=1 skips the attempt on a machine "
+            "without internet), or give a local file with "
+            "backbone.weights_path=/path/to/weights.safetensors (or .pth)."
+        ) from error
+    data = timm.data.resolve_model_data_config(model)
+    preprocess = Preprocess(
+        input_size=data["input_size"][-1],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=data["interpolation"],
+        crop_pct=data["crop_pct"],
+    )
+    return Backbone(model, model.num_features, preprocess, feature_info_stages(model))
+
+
+def feature_info_stages(model: nn.Module) -> list[list[str]]:
+    """Stages from timm's feature info: the modules up to each feature level's output, one
+    stage per output stride (consecutive levels at one stride are one stage; a model that keeps
+    one stride, a ViT, has its blocks split in four groups). Whatever follows the last level
+    (final norm, head) joins the top stage; what precedes the first level with parameters is
+    the stem."""
+    levels = [info["module"] for info in model.feature_info]
+    reductions = [info["reduction"] for info in model.feature_info]
+    if len(set(reductions)) == 1:  # one stride throughout: four groups of its levels
+        size = -(-len(levels) // 4)
+        groups = [levels[i : i + size] for i in range(0, len(levels), size)]
+    else:
+        groups = []
+        for level, reduction in zip(levels, reductions, strict=True):
+            if groups and reductions[levels.index(groups[-1][-1])] == reduction:
+                groups[-1].append(level)
+            else:
+                groups.append([level])
+    owners = list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in model.named_parameters()))
+
+    def inside(owner: str, group: list[str]) -> bool:
+        return any(owner == m or owner.startswith(m + ".") for m in group)
+
+    # A level without parameters of its own (ResNet's act1 after the stem) is no stage.
+    groups = [g for g in groups if any(inside(owner, g) for owner in owners)]
+    stages: list[list[str]] = [[] for _ in groups]
+    current, pending = 0, []
+
+    def level_of(owner: str) -> int | None:
+        return next((i for i, group in enumerate(groups) if inside(owner, group)), None)
+
+    for owner in owners:  # each module once, in the model's order
+        level = level_of(owner)
+        if level is None:
+            pending.append(owner)  # between levels: joins the next level reached
+            continue
+        stages[level] += [*pending, owner] if level > 0 or stages[0] else [owner]
+        pending, current = [], level
+    stages[current] += pending  # after the last level: the top (norm, head)
+    return [stage for stage in stages if stage]
 
 
 def stage_of(name: str, stages: list[list[str]]) -> int:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import mlflow
 import pytest
 import torch
 import torchvision
@@ -90,3 +91,84 @@ def test_resnet18_without_reachable_weights_names_both_fixes(tmp_path, monkeypat
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(BackboneError, match="no such file"):
         create_backbone("efficientnet_lite0", weights_path=str(tmp_path / "nope.pth"))
+
+
+# ---------------------------------------------------------------- any timm model by name
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> str:
+    """A timm ResNet-18 made here (no download) and saved as a weights file."""
+    import timm
+
+    file = tmp_path_factory.mktemp("timm") / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), file)
+    return str(file)
+
+
+def test_a_timm_model_by_name_loads_its_weights_file_and_pretrained_config(resnet18_file):
+    made = create_backbone("timm", weights_path=resnet18_file, model="resnet18.a1_in1k")
+    saved = torch.load(resnet18_file, weights_only=True)
+    assert torch.equal(made.model.state_dict()["conv1.weight"], saved["conv1.weight"])
+    assert made.num_features == 512 and made.model(torch.zeros(1, 3, 64, 64)).shape == (1, 512)
+    # resnet18.a1_in1k's own pretrained config: 224 px (tested at 288), bicubic, crop 0.95
+    assert (made.preprocess.input_size, made.preprocess.interpolation) == (224, "bicubic")
+    assert made.preprocess.crop_pct == 0.95
+    # stages from timm's feature info: layer1..layer4 at strides 4..32; conv1/bn1 the stem
+    assert [stage[0].split(".")[0] for stage in made.stages] == [f"layer{i}" for i in (1, 2, 3, 4)]
+    assert not any(name.startswith(("conv1", "bn1")) for stage in made.stages for name in stage)
+
+
+def test_timm_stages_match_the_hand_written_ones_of_a_known_family():
+    import timm
+
+    from benchmark.models import EFFICIENTNET_STAGES, feature_info_stages
+
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    found = feature_info_stages(lite0)
+    assert [{name.split(".")[0] + "." + name.split(".")[1] if "." in name else name
+             for name in stage} for stage in found] == [
+        {p for p in stage} for stage in EFFICIENTNET_STAGES
+    ]  # fmt: skip
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    groups = feature_info_stages(vit)  # one stride throughout: four groups of three blocks
+    assert len(groups) == 4 and groups[-1][-1] == "norm"
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (None, "backbone=timm needs the model's name"),
+        ("resnet18x", "timm has no such model"),
+        ("resnet18.a1_in1k", "backbone.weights_path=/path/to/weights"),  # offline, no file
+    ],
+)
+def test_a_timm_model_that_cannot_be_had_is_one_clear_error(model, message, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no internet here: fail at once, not retry
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
+    with pytest.raises(BackboneError, match=message):
+        create_backbone("timm", model=model)
+
+
+def test_a_timm_cell_runs_end_to_end_offline_and_is_reported_by_its_name(
+    make_cfg, resnet18_file, tmp_path
+):
+    import pandas as pd
+
+    from benchmark.cell import run_cell
+    from benchmark.report.__main__ import main as report
+    from tests.conftest import TINY
+
+    timm_cell = ["backbone=timm", "backbone.model=resnet18.a1_in1k"]
+    summary = run_cell(make_cfg(*timm_cell, f"backbone.weights_path={resnet18_file}", *TINY))
+    run = mlflow.MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "timm"
+    assert run.data.params["backbone.model"] == "resnet18.a1_in1k"
+    out = tmp_path / "report"
+    uri = summary.tracking_uri
+    assert report(["--tracking-uri", uri, "--out", str(out), "--include-debug"]) == 0
+    assert list(pd.read_csv(out / "report.csv").backbone) == ["timm:resnet18.a1_in1k"]

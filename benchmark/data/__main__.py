@@ -73,7 +73,8 @@ def preview(argv: list[str]) -> int:
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    preprocess = create_backbone(cfg.backbone.name, cfg.backbone.weights_path).preprocess
+    made = create_backbone(cfg.backbone.name, cfg.backbone.weights_path, model=cfg.backbone.model)
+    preprocess = made.preprocess
     augmentation = build_augmentation(cfg.augment.transforms, preprocess)
     transform = build_transform(preprocess, cfg.colour.grayscale, augmentation)
     train = manifest.frame[manifest.frame.split == "train"]

@@ -111,6 +111,7 @@ def load_runs(
     debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
     if not include_debug:
         runs = runs[~debug]
+    runs = runs.assign(**{"params.backbone": backbone_labels(runs)})
     runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
     foreign, left_out = int((~cells & ~sweeps).sum()), 0 if include_debug else int(debug.sum())
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
@@ -145,6 +146,15 @@ def dataset_labels(runs: pd.DataFrame) -> pd.Series:
         if key in runs:
             own = runs["params.dataset"].eq(name) & runs[key].notna()
             labels[own] = name + ":" + runs.loc[own, key].map(lambda p: Path(p).name)
+    return labels
+
+
+def backbone_labels(runs: pd.DataFrame) -> pd.Series:
+    """The backbone by name; a timm model by its own (timm:convnext_small.fb_in22k_ft_in1k)."""
+    labels = runs["params.backbone"].astype(object).copy()
+    if "params.backbone.model" in runs:
+        named = labels.eq("timm") & runs["params.backbone.model"].notna()
+        labels[named] = "timm:" + runs.loc[named, "params.backbone.model"].astype(str)
     return labels
 
 
