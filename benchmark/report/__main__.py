@@ -17,7 +17,12 @@ from benchmark.identity import default_tracking_uri
 from benchmark.progress import progress
 from benchmark.report import figures
 from benchmark.report.latex import latex_document, to_latex
-from benchmark.report.stats import average_ranks, best_in_row, paired_differences
+from benchmark.report.stats import (
+    average_ranks,
+    best_in_row,
+    paired_differences,
+    rank_agreement,
+)
 from benchmark.report.tables import (
     CELL,
     GROUP,
@@ -26,6 +31,7 @@ from benchmark.report.tables import (
     column_names,
     cost_table,
     latest_per_seed,
+    load_ranks,
     load_runs,
     split_protocols,
     summarise,
@@ -103,9 +109,19 @@ def bold_best(table: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:
     return flags
 
 
+def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> pd.DataFrame:
+    """`python -m benchmark.rank`'s scores against the measured accuracy of each backbone."""
+    scores = load_ranks(uri, experiment)
+    if scores.empty:
+        return pd.DataFrame()
+    measured = table[(table.n > 0) & table.variant.fillna("").eq("")]
+    agreement = rank_agreement(measured, scores, ("logme", "knn_val_acc"))
+    return agreement.round(3) if not agreement.empty else agreement
+
+
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
-    footnote: str,
+    footnote: str, predicted: pd.DataFrame | None = None,
 ) -> list[Path]:  # fmt: skip
     accuracy, cost = accuracy_table(table), cost_table(table)
     bold = bold_best(table, accuracy)
@@ -127,6 +143,14 @@ def write_tables(
         + lines
         + "\n\n"
         + f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
+        + (
+            "## Ranking before training (python -m benchmark.rank)\n\nKendall's tau between "
+            "each score, computed on frozen features before any training, and the measured "
+            "test accuracy, over the backbones of each row (p: two-sided).\n\n"
+            f"{predicted.to_markdown(index=False)}\n\n"
+            if predicted is not None and not predicted.empty
+            else ""
+        )
         + f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(**markdown)}\n"
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
@@ -245,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )
+    predicted = ranking_before_training(table, uri, args.experiment)
     written = [
-        *write_tables(table, verdicts, ranking, args.out, source, footnote),
+        *write_tables(table, verdicts, ranking, args.out, source, footnote, predicted),
         write_html(table, runs, verdicts, args.out, source, footnote, uri),
     ]
     for path in written:

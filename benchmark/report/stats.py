@@ -230,3 +230,28 @@ def _p(p: float) -> str:
 def _check_confidence(confidence: float) -> None:
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
+
+
+def rank_agreement(
+    measured: pd.DataFrame, scores: pd.DataFrame, score_columns: tuple[str, ...]
+) -> pd.DataFrame:
+    """Per dataset x colour x strategy, how well each score (computed before training, one per
+    backbone) orders the backbones as their measured test accuracy does: Kendall's tau and its
+    p-value over the backbones that have both (at least 2), with the two orders."""
+    joined = measured.merge(scores, on=["dataset", "colour", "backbone"])
+    rows = []
+    for (dataset, colour, strategy), group in joined.groupby(
+        ["dataset", "colour", "strategy"], sort=False
+    ):
+        group = group.dropna(subset=["test_acc_mean"])
+        if group.backbone.nunique() < 2:
+            continue
+        row = {"dataset": dataset, "colour": colour, "strategy": strategy, "n": len(group)}
+        for score in score_columns:
+            tau, p = stats.kendalltau(group[score], group.test_acc_mean)
+            row[f"tau_{score}"], row[f"p_{score}"] = float(tau), float(p)
+        row["measured"] = " > ".join(group.sort_values("test_acc_mean", ascending=False).backbone)
+        first = score_columns[0]
+        row["predicted"] = " > ".join(group.sort_values(first, ascending=False).backbone)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -105,8 +105,11 @@ def load_runs(
     every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
     ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
     cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
-    # A sweep's parent run is the harness's too (before schema 2's tag, by its kind alone).
-    sweeps = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{KIND_TAG}"].eq("sweep")
+    # A sweep's parent run and a backbone's ranking scores are the harness's too (a sweep's
+    # before schema 2's tag, by its kind alone).
+    sweeps = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{KIND_TAG}"].isin(
+        ["sweep", "rank"]
+    )
     runs = every[cells]
     debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
     if not include_debug:
@@ -408,3 +411,24 @@ def cost_table(table: pd.DataFrame) -> pd.DataFrame:
             "device": done.device,
         }
     ).dropna(axis=1, how="all")
+
+
+def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """The latest ranking scores (`python -m benchmark.rank`) per dataset x colour x backbone."""
+    mlflow.set_tracking_uri(tracking_uri)
+    query = f"tags.`{KIND_TAG}` = 'rank' and attributes.status = 'FINISHED'"
+    found = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    columns = ["dataset", "colour", "backbone", "logme", "knn_val_acc"]
+    if found.empty:
+        return pd.DataFrame(columns=columns)
+    found = found.assign(**{"params.backbone": backbone_labels(found)})
+    found = found.assign(dataset=dataset_labels(found)).sort_values("start_time")
+    found = found.rename(
+        columns={
+            "params.colour": "colour",
+            "params.backbone": "backbone",
+            "metrics.logme": "logme",
+            "metrics.knn_val_acc": "knn_val_acc",
+        }
+    )
+    return found.groupby(columns[:3]).tail(1)[columns].reset_index(drop=True)

@@ -1,0 +1,144 @@
+"""`python -m benchmark.rank [key=value ...] backbone=a,b,c`: which backbone to try first, scored
+on its frozen features before any training.
+
+For each backbone (and each value of any other comma-separated key) the cell's data is split
+as a cell splits it and the frozen backbone's features are extracted, or read from the feature
+cache that the cells share. Two scores, from the training split alone, none reading the test split:
+
+- `logme`: LogME (You et al., 2021), the log marginal evidence per sample of a Bayesian linear
+  model from the features to each class's one-hot target, its prior and noise precisions chosen
+  by maximising that evidence, averaged over classes; computed with scikit-learn's
+  `BayesianRidge`, whose evidence maximisation and log marginal likelihood are the same
+  quantities. Higher is better.
+- `knn_val_acc`: a plain baseline, the accuracy on the validation split of a 5-nearest-neighbour
+  classifier on the training split's L2-normalised features.
+
+Each backbone's scores go to MLflow as a run of kind `rank` (params as a cell's, metrics `logme`,
+`knn_val_acc`, `rank_s`); the report sets the predicted order beside the measured one (Kendall's
+tau between each score and the backbones' test accuracy, per dataset x colour x strategy).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from itertools import product
+
+import mlflow
+import numpy as np
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict
+from sklearn.linear_model import BayesianRidge
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import normalize
+
+from benchmark import identity, precision, store
+from benchmark.cell import cell_features, image_data, use_channels_last
+from benchmark.config import check, register_configs
+from benchmark.models import create_backbone
+from benchmark.resume import cell_manifest
+
+log = logging.getLogger("benchmark")
+SCORES = ("logme", "knn_val_acc")
+
+
+def logme(features: np.ndarray, targets: np.ndarray) -> float:
+    """LogME: the mean over classes of the maximised log evidence per sample of a Bayesian
+    linear regression from `features` to the class's one-hot column."""
+    features = features.astype(np.float64)
+    evidence = []
+    for label in np.unique(targets):
+        model = BayesianRidge(compute_score=True, fit_intercept=False, max_iter=300)
+        model.fit(features, (targets == label).astype(np.float64))
+        evidence.append(model.scores_[-1] / len(features))
+    return float(np.mean(evidence))
+
+
+def knn_val_acc(
+    train: np.ndarray, train_y: np.ndarray, val: np.ndarray, val_y: np.ndarray
+) -> float:
+    knn = KNeighborsClassifier(n_neighbors=5).fit(normalize(train), train_y)
+    return float(knn.score(normalize(val), val_y))
+
+
+def rank_one(cfg: DictConfig) -> dict[str, float]:
+    """The scores of the backbone of `cfg` on its data (features extracted or read back)."""
+    check(cfg)
+    precision.resolve(cfg)
+    start = time.perf_counter()
+    manifest = cell_manifest(cfg)
+    made = cfg.backbone
+    backbone = create_backbone(made.name, made.weights_path, model=made.model)
+    channels_last = use_channels_last(cfg)
+    data, _ = image_data(cfg, manifest.frame, backbone, channels_last)
+    features = cell_features(cfg, data, backbone, 0, channels_last)  # as the images are
+    train, train_y = features.train[0].numpy(), features.targets["train"].numpy()
+    val, val_y = features.val.numpy(), features.targets["val"].numpy()
+    return {
+        "logme": logme(train, train_y),
+        "knn_val_acc": knn_val_acc(train, train_y, val, val_y),
+        "rank_s": time.perf_counter() - start,
+        "feature_build_s": features.build_s,
+    }
+
+
+def log_scores(cfg: DictConfig, scores: dict[str, float]) -> str:
+    """One MLflow run of kind `rank` for a backbone's scores."""
+    uri = identity.tracking_uri(cfg)
+    experiment = store.experiment_id(uri, cfg.tracking.experiment)
+    tags = {
+        identity.HARNESS_TAG: "benchmark",
+        identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
+        identity.KIND_TAG: "rank",
+        identity.GIT_COMMIT_TAG: identity.git_commit(),
+    }
+    with mlflow.start_run(experiment_id=experiment, tags=tags, log_system_metrics=False) as run:
+        mlflow.log_params(identity.run_params(cfg))
+        mlflow.log_metrics(scores)
+    return run.info.run_id
+
+
+def configs(overrides: list[str]) -> list[DictConfig]:
+    """One composed config per combination of the comma-separated values in `overrides`."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in parsed
+    ]
+    register_configs()
+    with initialize_config_dir(str(identity.PROJECT_DIR / "conf"), version_base="1.3"):
+        made = [compose("config", overrides=list(c)) for c in product(*choices)]
+    for cfg in made:
+        with open_dict(cfg):
+            cfg.paths.output_dir = "outputs/rank"  # no Hydra run folder: nothing is trained
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(o in ("-h", "--help") for o in overrides):
+        print(__doc__)
+        return 0
+    rows = []
+    for cfg in configs(overrides):
+        name = identity.cell_name(cfg).rsplit("/", 1)[0]
+        scores = rank_one(cfg)
+        run_id = log_scores(cfg, scores)
+        log.info(
+            "%s: LogME %.4f, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
+            name, scores["logme"], scores["knn_val_acc"], scores["rank_s"], run_id,
+        )  # fmt: skip
+        rows.append({"cell": name, "backbone": cfg.backbone.name, **scores})
+    table = pd.DataFrame(rows).sort_values("logme", ascending=False)
+    print(table.round(4).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
