@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from omegaconf import DictConfig
 from torch import nn
 
-from benchmark import identity, precision, tracking
+from benchmark import identity, precision, tracking, tune
 from benchmark.classifier import (
     TrainThroughput,
     make_model,
@@ -77,6 +77,7 @@ class Fitted:
     checkpoint: str | None = None
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
+    tuned: tune.Tuned | None = None
 
 
 def compute_cell(
@@ -118,6 +119,9 @@ def compute_cell(
         checkpoint=fitted.checkpoint,
         probe_val_acc=fitted.probe_val_acc,
         probe_c=fitted.probe_c,
+        tuned=fitted.tuned.values if fitted.tuned else None,
+        tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
+        tune_s=fitted.tuned.seconds if fitted.tuned else None,
     )
 
 
@@ -253,15 +257,28 @@ def fit_and_test(
     alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
     draws random numbers while extracting) and a hit train the same head."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if features is None:
-        model = make_model(cfg, backbone, len(data.classes))
-        datamodule: L.LightningDataModule = data
-    else:
-        head_only = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
-        model = make_model(cfg, head_only, len(data.classes))
+    datamodule: L.LightningDataModule = data
+    fitted_on = backbone
+    if features is not None:  # the model is the head alone
+        fitted_on = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
         datamodule = FeatureDataModule(features, data.classes, cfg.data.batch_size, cfg.seed)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # A head on cached features is a few small matrix products: autocast would only add casts
+    # (bf16 took 1.5 s against 0.85 s for a Hymenoptera head), so it trains in float32; the
+    # features were extracted at the cell's precision.
+    head = {"precision": "32-true"} if features is not None else {}
+
+    def build(model_cfg: DictConfig) -> L.LightningModule:
+        model = make_model(model_cfg, fitted_on, len(data.classes))
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    tuned = None
+    if cfg.tune.trials:  # on the validation split, from the same starting weights each trial
+        restore = tune.fresh_weights(fitted_on.model)
+        tuned = tune.choose(cfg, datamodule, lambda c: (restore(), build(c))[1], **head)
+        restore()
+        cfg = tune.with_values(cfg, tuned.values)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=Path(cfg.paths.output_dir) / "checkpoints",
         monitor="val_acc",
@@ -271,10 +288,6 @@ def fit_and_test(
         filename="best-{epoch}-{val_acc:.4f}",
     )
     throughput = TrainThroughput()
-    # A head on cached features is a few small matrix products: autocast would only add casts
-    # (bf16 took 1.5 s against 0.85 s for a Hymenoptera head), so it trains in float32; the
-    # features were extracted at the cell's precision.
-    head = {"precision": "32-true"} if features is not None else {}
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         **head,
@@ -309,4 +322,5 @@ def fit_and_test(
         precision=precision,
         train_images_per_s=throughput.images_per_s,
         checkpoint=checkpoint.best_model_path or None,
+        tuned=tuned,
     )

@@ -173,6 +173,18 @@ class ProtocolConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`tune.trials=K`: the cell's lr (and a head's weight decay) searched on the validation split
+    before its fit (benchmark.tune). Every key is null by default: an untuned cell's identity
+    does not mention tuning."""
+
+    trials: int | None = None  # null: no tuning, the strategy's lr
+    epochs: int | None = None  # a trial's epochs (null: trainer.max_epochs): finetune's budget
+    lr_range: list[float] | None = None  # log-uniform (null: [1e-4, 0.3])
+    weight_decay_range: list[float] | None = None  # heads alone (null: [1e-6, 1e-2])
+
+
+@dataclass
 class DataConfig:
     batch_size: int = 32
     num_workers: int = 2
@@ -233,6 +245,7 @@ class Config:
     logger: Any = MISSING
     optim: OptimConfig = MISSING
     protocol: ProtocolConfig = MISSING
+    tune: TuneConfig = field(default_factory=TuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -275,6 +288,18 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.gamma", lambda v: v > 0, "> 0"),
     ("optim.early_stopping_patience", lambda v: v is None or v >= 1, "null or >= 1"),
     ("speed.augmented_views", lambda v: v >= 0, ">= 0"),
+    ("tune.trials", lambda v: v is None or v >= 1, "null (no tuning) or >= 1"),
+    ("tune.epochs", lambda v: v is None or v >= 1, "null (the cell's) or >= 1"),
+    (
+        "tune.lr_range",
+        lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1]),
+        "null or [low, high] with 0 < low < high",
+    ),
+    (
+        "tune.weight_decay_range",
+        lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1]),
+        "null or [low, high] with 0 < low < high",
+    ),
 ]
 
 
@@ -315,6 +340,15 @@ def problems(cfg: DictConfig) -> list[str]:
                 f"carves no validation split: dataset.val_fraction={cfg.dataset.val_fraction} "
                 "must be 0."
             )
+    if cfg.tune.trials and cfg.strategy.fit == Fit.lbfgs:
+        found.append(
+            "strategy=linear_probe already chooses its C on the validation split: tune.trials "
+            "is for the strategies fitted with SGD (drop tune.trials)."
+        )
+    if cfg.tune.trials and cfg.protocol.selection == Selection.max_eval:
+        found.append(
+            f"protocol={cfg.protocol.name} has no validation split to tune on: drop tune.trials."
+        )
     if cfg.strategy.fit == Fit.lbfgs and not cfg.strategy.probe_c:
         found.append("strategy.probe_c is empty: give the C values to choose from.")
     return found

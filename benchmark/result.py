@@ -27,6 +27,11 @@ class CellResult:
     # linear_probe: validation accuracy of each C tried, and the C chosen.
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
+    # tune.trials: the values chosen on validation (config key -> value), the best trial's
+    # validation accuracy and the seconds the search took.
+    tuned: dict[str, float] | None = None
+    tune_val_acc: float | None = None
+    tune_s: float | None = None
 
     @property
     def headline(self) -> tuple[str, float]:

@@ -178,6 +178,9 @@ def log_result(cfg: DictConfig, result: CellResult) -> None:
         **result.build_s,
     }
     mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})
+    if result.tuned is not None:
+        mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
+        mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})
     if result.probe_val_acc is not None:
         mlflow.log_param("probe_c_chosen", result.probe_c)
         grid = sorted(result.probe_val_acc.items())

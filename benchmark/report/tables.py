@@ -120,6 +120,7 @@ def load_runs(
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
+    wanted |= {"params.tune.trials": "tune_trials"}
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error"}
@@ -132,6 +133,7 @@ def load_runs(
         selection=runs.selection.fillna("held_out").astype(object),
         n_classes=pd.to_numeric(runs.n_classes, errors="coerce"),
         n_images=images.where(images > 0),
+        tune_trials=pd.to_numeric(runs.tune_trials, errors="coerce"),  # "None": untuned
     )
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values(), "variant"]
     columns.append("n_images")
@@ -230,7 +232,7 @@ def summarise(
     )
     cost = finished.groupby(GROUP)[COST_METRICS].mean()
     devices = finished.groupby(GROUP).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
-    data = latest.groupby(GROUP)[["n_classes", "n_images"]].max()  # what the cell ran on
+    data = latest.groupby(GROUP)[["n_classes", "n_images", "tune_trials"]].max()
     states = pd.crosstab([latest[c] for c in GROUP], latest.status)
     every = pd.concat([runs, study_runs]) if study_runs is not None else runs
     expected = pd.Series([*every.dataset.dropna().unique(), *datasets], dtype=object)
@@ -310,7 +312,12 @@ def column_names(table: pd.DataFrame) -> pd.Series:
     if table.backbone.nunique() > 1:
         names = names + " / " + table.backbone
     variant = table.variant.fillna("") if "variant" in table else pd.Series("", index=table.index)
-    return names.where(variant.eq(""), names + " · " + variant)
+    names = names.where(variant.eq(""), names + " · " + variant)
+    if "tune_trials" in table:  # said even when every run was tuned (no variant then)
+        trials = pd.to_numeric(table.tune_trials, errors="coerce")
+        tuned = trials.notna() & ~variant.str.contains("tune.trials=", regex=False)
+        names = names.where(~tuned, names + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
+    return names
 
 
 STUDY_COLUMN = "study: ResNet-18, 15 epochs, max val ({})"
