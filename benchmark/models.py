@@ -293,6 +293,23 @@ def feature_info_stages(model: nn.Module) -> list[list[str]]:
     return [stage for stage in stages if stage]
 
 
+def imagenet_head(
+    name: str, weights_path: str | None = None, model: str | None = None
+) -> nn.Linear | None:
+    """The backbone's pretrained ImageNet classifier as the Linear layer that maps its pooled
+    features (what `create_backbone` gives with num_classes=0) to the 1000 ImageNet logits;
+    None where the classifier is more than that layer or has not 1000 classes."""
+    full = create_backbone(name, weights_path, IMAGENET_CLASSES, model=model).model
+    get = getattr(full, "get_classifier", None)  # timm
+    head = get() if get is not None else full.get_submodule(_last_linear(full))
+    if not isinstance(head, nn.Linear) or head.out_features != IMAGENET_CLASSES:
+        return None
+    return head
+
+
+# ---------------------------------------------------------------- strategies
+
+
 def stage_of(name: str, stages: list[list[str]]) -> int:
     """0 for the stem, 1..K for the stages above it (K: the top)."""
     for index, prefixes in enumerate(stages, start=1):

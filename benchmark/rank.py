@@ -10,6 +10,11 @@ cache that the cells share. Two scores, from the training split alone, none read
   by maximising that evidence, averaged over classes; computed with scikit-learn's
   `BayesianRidge`, whose evidence maximisation and log marginal likelihood are the same
   quantities. Higher is better.
+- `leep` (Nguyen et al., 2020) and `nce` (Tran et al., 2019), where the backbone's ImageNet
+  classifier is a Linear layer on those features: how well the ImageNet label distribution
+  (LEEP: the soft predictions; NCE: the hard ones) predicts the target labels through their
+  empirical conditional, the log-likelihood per sample (LEEP) or minus the conditional entropy
+  H(Y|Z) (NCE). Higher is better.
 - `knn_val_acc`: a plain baseline, the accuracy on the validation split of a 5-nearest-neighbour
   classifier on the training split's L2-normalised features.
 
@@ -28,6 +33,7 @@ from itertools import product
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
@@ -38,11 +44,11 @@ from sklearn.preprocessing import normalize
 from benchmark import identity, precision, store
 from benchmark.cell import cell_features, image_data, use_channels_last
 from benchmark.config import check, register_configs
-from benchmark.models import create_backbone
+from benchmark.models import create_backbone, imagenet_head
 from benchmark.resume import cell_manifest
 
 log = logging.getLogger("benchmark")
-SCORES = ("logme", "knn_val_acc")
+SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
 
 def logme(features: np.ndarray, targets: np.ndarray) -> float:
@@ -55,6 +61,27 @@ def logme(features: np.ndarray, targets: np.ndarray) -> float:
         model.fit(features, (targets == label).astype(np.float64))
         evidence.append(model.scores_[-1] / len(features))
     return float(np.mean(evidence))
+
+
+def leep(source_probs: np.ndarray, targets: np.ndarray) -> float:
+    """LEEP: mean log of the expected empirical prediction, sum_z P(y_i | z) theta_i(z), where
+    P(y | z) comes from the joint P(y, z) = mean_i theta_i(z) [y_i = y]."""
+    labels = np.unique(targets, return_inverse=True)[1]
+    onehot = np.eye(labels.max() + 1)[labels]
+    joint = onehot.T @ source_probs / len(labels)  # (Y, Z)
+    conditional = joint / joint.sum(axis=0, keepdims=True).clip(min=1e-12)
+    expected = (source_probs @ conditional.T)[np.arange(len(labels)), labels]
+    return float(np.mean(np.log(expected.clip(min=1e-12))))
+
+
+def nce(source_labels: np.ndarray, targets: np.ndarray) -> float:
+    """NCE: minus the conditional entropy H(Y | Z) of the target labels given the hard
+    ImageNet predictions, from their empirical joint distribution."""
+    table = pd.crosstab(source_labels, targets).to_numpy(float)
+    joint = table / table.sum()
+    marginal = joint.sum(axis=1, keepdims=True)
+    inside = joint > 0
+    return float(np.sum(joint[inside] * np.log((joint / marginal)[inside])))
 
 
 def knn_val_acc(
@@ -77,9 +104,17 @@ def rank_one(cfg: DictConfig) -> dict[str, float]:
     features = cell_features(cfg, data, backbone, 0, channels_last)  # as the images are
     train, train_y = features.train[0].numpy(), features.targets["train"].numpy()
     val, val_y = features.val.numpy(), features.targets["val"].numpy()
-    return {
+    scores = {
         "logme": logme(train, train_y),
         "knn_val_acc": knn_val_acc(train, train_y, val, val_y),
+    }
+    head = imagenet_head(made.name, made.weights_path, model=made.model)
+    if head is not None:
+        with torch.inference_mode():
+            probs = head(features.train[0].float()).softmax(dim=1).double().numpy()
+        scores |= {"leep": leep(probs, train_y), "nce": nce(probs.argmax(axis=1), train_y)}
+    return {
+        **scores,
         "rank_s": time.perf_counter() - start,
         "feature_build_s": features.build_s,
     }
@@ -131,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = rank_one(cfg)
         run_id = log_scores(cfg, scores)
         log.info(
-            "%s: LogME %.4f, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
-            name, scores["logme"], scores["knn_val_acc"], scores["rank_s"], run_id,
+            "%s: LogME %.4f, LEEP %s, NCE %s, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
+            name, scores["logme"], f"{scores.get('leep', float('nan')):.4f}",
+            f"{scores.get('nce', float('nan')):.4f}", scores["knn_val_acc"], scores["rank_s"],
+            run_id,
         )  # fmt: skip
         rows.append({"cell": name, "backbone": cfg.backbone.name, **scores})
     table = pd.DataFrame(rows).sort_values("logme", ascending=False)

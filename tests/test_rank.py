@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmark.identity import HARNESS_TAG, KIND_TAG, SCHEMA_TAG, SCHEMA_VERSION
-from benchmark.rank import knn_val_acc, logme
+from benchmark.rank import knn_val_acc, leep, logme, nce
 from benchmark.rank import main as rank
 
 
@@ -25,6 +25,16 @@ def test_logme_and_knn_prefer_features_that_carry_the_label():
     assert knn_val_acc(informative[half], targets[half], informative[~half], targets[~half]) > 0.9
     chance = knn_val_acc(noise[half], targets[half], noise[~half], targets[~half])
     assert chance < 0.6
+
+
+def test_leep_and_nce_are_zero_for_a_perfect_source_and_minus_the_entropy_for_none():
+    targets = np.array([0, 0, 1, 1, 2, 2])
+    perfect = np.eye(5)[[3, 3, 0, 0, 4, 4]]  # ImageNet class 3 is always target 0, ...
+    assert leep(perfect, targets) == pytest.approx(0.0)
+    assert nce(perfect.argmax(axis=1), targets) == pytest.approx(0.0)
+    uninformative = np.full((6, 5), 0.2)  # the same prediction for every image
+    assert leep(uninformative, targets) == pytest.approx(np.log(1 / 3))
+    assert nce(np.zeros(6, dtype=int), targets) == pytest.approx(np.log(1 / 3))
 
 
 @pytest.fixture
@@ -54,6 +64,8 @@ def test_the_rank_command_scores_each_backbone_and_logs_it(small_folder, tmp_pat
     assert sorted(runs["params.backbone"]) == ["efficientnet_lite0", "efficientnet_lite1"]
     assert set(runs[f"tags.{KIND_TAG}"]) == {"rank"} and set(runs.status) == {"FINISHED"}
     assert runs["metrics.knn_val_acc"].between(0, 1).all() and runs["metrics.logme"].notna().all()
+    # The Lite models' ImageNet classifier is a Linear layer on the features: LEEP and NCE too.
+    assert (runs["metrics.leep"] <= 0).all() and (runs["metrics.nce"] <= 0).all()
     assert (runs["metrics.feature_build_s"] > 0).all()
     assert rank([*overrides[:2], "backbone=efficientnet_lite0", *overrides[3:]]) == 0
     again = mlflow.search_runs(experiment_names=["benchmark"], order_by=["start_time DESC"])
@@ -89,3 +101,15 @@ def test_the_report_sets_the_predicted_order_beside_the_measured_one(tmp_path):
     assert cells[:4] == ["hymenoptera", "rgb", "finetune", "3"]
     assert float(cells[4]) == 1.0 and float(cells[6]) == -1.0  # tau: LogME, then 5-NN
     assert "run(s) not made by the harness" not in markdown  # rank runs are the harness's
+
+
+def test_the_imagenet_head_on_cached_features_gives_the_full_models_logits():
+    import torch
+
+    from benchmark.models import IMAGENET_CLASSES, create_backbone, imagenet_head
+
+    images = torch.randn(2, 3, 224, 224)
+    features = create_backbone("efficientnet_lite0").model.eval()(images)
+    full = create_backbone("efficientnet_lite0", num_classes=IMAGENET_CLASSES).model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(imagenet_head("efficientnet_lite0")(features), full(images))

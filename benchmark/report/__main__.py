@@ -115,7 +115,8 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
     if scores.empty:
         return pd.DataFrame()
     measured = table[(table.n > 0) & table.variant.fillna("").eq("")]
-    agreement = rank_agreement(measured, scores, ("logme", "knn_val_acc"))
+    present = tuple(c for c in ("logme", "leep", "nce", "knn_val_acc") if scores[c].notna().any())
+    agreement = rank_agreement(measured, scores, present)
     return agreement.round(3) if not agreement.empty else agreement
 
 

@@ -425,7 +425,7 @@ def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri)
     query = f"tags.`{KIND_TAG}` = 'rank' and attributes.status = 'FINISHED'"
     found = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
-    columns = ["dataset", "colour", "backbone", "logme", "knn_val_acc"]
+    columns = ["dataset", "colour", "backbone", "logme", "leep", "nce", "knn_val_acc"]
     if found.empty:
         return pd.DataFrame(columns=columns)
     found = found.assign(**{"params.backbone": backbone_labels(found)})
@@ -435,7 +435,10 @@ def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
             "params.colour": "colour",
             "params.backbone": "backbone",
             "metrics.logme": "logme",
+            "metrics.leep": "leep",
+            "metrics.nce": "nce",
             "metrics.knn_val_acc": "knn_val_acc",
         }
     )
+    found = found.reindex(columns=[*found.columns, *set(columns) - set(found.columns)])
     return found.groupby(columns[:3]).tail(1)[columns].reset_index(drop=True)
