@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
 .PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench \
-	results results-grid \
+	results results-grid backbones \
 	gpu-pack gpu-check clean
 
 install:  ## virtual environment with the package, torch and the dev tools
@@ -80,6 +80,23 @@ results-grid:  ## the grid's cells (Caltech-256 is not in ../shared: its rows sa
 results: results-grid  ## the grid, then results/report.* from its store
 	$(BIN)/python -m benchmark.report --tracking-uri $(RESULTS_STORE) --out results \
 	  --datasets $(RESULTS_DATASETS)
+
+# Which backbone (issue: any model, tuned cells, a ranking before training): the offline
+# backbones ranked on frozen features, then freeze tuned on validation and linear_probe, every
+# dataset and colour, 3 seeds; store results/backbones/, report results/backbones/report.*.
+BACKBONES_STORE := sqlite:///$(CURDIR)/results/backbones/mlflow.db
+BACKBONES := efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
+BACKBONES_CELL := tracking.uri=$(BACKBONES_STORE) tracking.log_model=false \
+	paths.data_root=$(RESULTS_DATA) paths.cache_dir=$(CURDIR)/.cache/benchmark \
+	trainer.enable_progress_bar=false dataset=hymenoptera,simpsons,dogs_vs_cats \
+	dataset.classes=null colour=rgb,gray backbone=$(BACKBONES)
+backbones:  ## ranking, tuned freeze and linear_probe for each offline backbone (about an hour)
+	$(BIN)/python -m benchmark.rank $(BACKBONES_CELL)
+	-$(BIN)/python -m benchmark -m seed=0,1,2 strategy=freeze tune.trials=10 $(BACKBONES_CELL) \
+	  hydra.sweep.dir=multirun/backbones/freeze
+	-$(BIN)/python -m benchmark -m seed=0,1,2 strategy=linear_probe $(BACKBONES_CELL) \
+	  hydra.sweep.dir=multirun/backbones/linear_probe
+	$(BIN)/python -m benchmark.report --tracking-uri $(BACKBONES_STORE) --out results/backbones
 
 clean:
 	rm -rf outputs multirun .pytest_cache
