@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for cfg in configs(overrides):
-        name = identity.cell_name(cfg).rsplit("/", 1)[0]
+        backbone = cfg.backbone.model or cfg.backbone.name
+        name = f"{cfg.dataset.name}/{cfg.colour.name}/{backbone}"
         scores = rank_one(cfg)
         run_id = log_scores(cfg, scores)
         log.info(
