@@ -13,10 +13,10 @@ install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 
-test:  ## the default suite (no slow, no gpu); real images from ../shared/data
+test:  ## the default suite (no slow, no gpu); real images from ../shared/data; a worker per core
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 test-slow:  ## full-length trainings on the real data (minutes each)
 	$(BIN)/pytest -m slow
