@@ -281,9 +281,11 @@ def _order_key(column: pd.Series) -> tuple:
 
 
 def _ordered(values: pd.Series) -> list[str]:
-    """Alphabetical, but in the study's order where it has one (rgb before gray)."""
+    """Alphabetical, but in the study's order where it has one (its datasets first, as its
+    table lists them; rgb before gray)."""
     first = {"rgb": 0, "gray": 1, "finetune": 0, "freeze": 1}
-    return sorted(values.dropna().unique(), key=lambda v: (first.get(v, 2), v))
+    first |= {"hymenoptera": 0, "simpsons": 1, "dogs_vs_cats": 2, "caltech256": 3}
+    return sorted(values.dropna().unique(), key=lambda v: (first.get(v, 4), v))
 
 
 def _state(row: pd.Series) -> str:
