@@ -35,6 +35,8 @@ CELL_KEY_TAG = "cell_key"
 CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# The metrics of a run of kind "rank" (benchmark.rank), in the report's order.
+RANK_SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
 # In a cell's output folder once its run has started: which run to end FAILED if the process is
 # killed before the cell can (launchers, and the stale-run rule of `benchmark.store`).

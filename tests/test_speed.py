@@ -19,23 +19,12 @@ from benchmark.data.cache import build_image_cache
 from benchmark.data.loading import build_transform
 from benchmark.images import load_rgb
 from benchmark.models import create_backbone
-from tests.conftest import TINY
+from tests.conftest import FEW
 
 
 @pytest.fixture(scope="module")
 def lite0():
     return create_backbone("efficientnet_lite0")
-
-
-@pytest.fixture
-def ants_and_bees(tmp_path: Path, shared_data: Path) -> Path:
-    """A small image folder of real photos: 15 ants and 15 bees."""
-    root = tmp_path / "antsbees"
-    for label in ("ants", "bees"):
-        (root / label).mkdir(parents=True)
-        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:15]:
-            shutil.copy(photo, root / label / photo.name)
-    return root
 
 
 def sample_photos(shared_data: Path) -> list[str]:
@@ -87,12 +76,6 @@ def run(make_cfg, *overrides: str):
     result = run_cell(make_cfg(*overrides))
     mlflow.set_tracking_uri(result.tracking_uri)
     return result, mlflow.get_run(result.run_id).data
-
-
-FEW = [o for o in TINY if not o.startswith(("trainer.limit_", "speed."))] + [
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=3",
-]
 
 
 def test_freeze_on_cached_features_matches_freeze_on_images(make_cfg, ants_and_bees):

@@ -3,9 +3,6 @@ alone, before the cell's own fit; never from the test split; never pooled with u
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import mlflow
 import pytest
 from lightning.pytorch.callbacks import Callback
@@ -14,22 +11,7 @@ from benchmark import tune
 from benchmark.cell import run_cell
 from benchmark.config import ConfigError
 from benchmark.data.loading import SplitLoaders
-from tests.conftest import TINY
-
-FEW = [o for o in TINY if not o.startswith(("trainer.limit_", "speed."))] + [
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=3",
-]
-
-
-@pytest.fixture
-def ants_and_bees(tmp_path: Path, shared_data: Path) -> Path:
-    root = tmp_path / "antsbees"
-    for label in ("ants", "bees"):
-        (root / label).mkdir(parents=True)
-        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:15]:
-            shutil.copy(photo, root / label / photo.name)
-    return root
+from tests.conftest import FEW
 
 
 class FitLr(Callback):

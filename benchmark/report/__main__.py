@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from benchmark.identity import default_tracking_uri
+from benchmark.identity import RANK_SCORES, default_tracking_uri
 from benchmark.progress import progress
 from benchmark.report import figures
 from benchmark.report.latex import latex_document, to_latex
@@ -115,7 +115,7 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
     if scores.empty:
         return pd.DataFrame()
     measured = table[(table.n > 0) & table.variant.fillna("").eq("")]
-    present = tuple(c for c in ("logme", "leep", "nce", "knn_val_acc") if scores[c].notna().any())
+    present = tuple(c for c in RANK_SCORES if scores[c].notna().any())
     agreement = rank_agreement(measured, scores, present)
     return agreement.round(3) if not agreement.empty else agreement
 

@@ -20,6 +20,7 @@ from benchmark.identity import (
     DEBUG_TAG,
     HARNESS_TAG,
     KIND_TAG,
+    RANK_SCORES,
     SCHEMA_TAG,
 )
 from benchmark.report.stats import seed_summary
@@ -135,8 +136,8 @@ def load_runs(
         n_images=images.where(images > 0),
         tune_trials=pd.to_numeric(runs.tune_trials, errors="coerce"),  # "None": untuned
     )
-    columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values(), "variant"]
-    columns.append("n_images")
+    columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
+    columns += ["variant", "n_images"]
     return Runs(runs[columns].reset_index(drop=True), foreign, left_out)
 
 
@@ -427,20 +428,12 @@ def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri)
     query = f"tags.`{KIND_TAG}` = 'rank' and attributes.status = 'FINISHED'"
     found = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
-    columns = ["dataset", "colour", "backbone", "logme", "leep", "nce", "knn_val_acc"]
+    columns = ["dataset", "colour", "backbone", *RANK_SCORES]
     if found.empty:
         return pd.DataFrame(columns=columns)
     found = found.assign(**{"params.backbone": backbone_labels(found)})
     found = found.assign(dataset=dataset_labels(found)).sort_values("start_time")
-    found = found.rename(
-        columns={
-            "params.colour": "colour",
-            "params.backbone": "backbone",
-            "metrics.logme": "logme",
-            "metrics.leep": "leep",
-            "metrics.nce": "nce",
-            "metrics.knn_val_acc": "knn_val_acc",
-        }
-    )
+    names = {"params.colour": "colour", "params.backbone": "backbone"}
+    found = found.rename(columns=names | {f"metrics.{score}": score for score in RANK_SCORES})
     found = found.reindex(columns=[*found.columns, *set(columns) - set(found.columns)])
     return found.groupby(columns[:3]).tail(1)[columns].reset_index(drop=True)
