@@ -161,8 +161,30 @@ def log_identity(cfg: DictConfig, manifest: Manifest) -> None:
         mlflow.log_artifacts(str(hydra_dir), "hydra")
     mlflow.log_text(manifest.csv, "manifest.csv")
     mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
-    for split, dataset in split_datasets(cfg, manifest).items():
-        mlflow.log_input(dataset, context=SPLITS[split])
+    log_splits(split_datasets(cfg, manifest))
+
+
+INPUT_TRIES = 3
+
+
+def log_splits(datasets: Mapping[str, mlflow.data.Dataset]) -> None:
+    """The splits as the run's inputs, in one request. MLflow's SQL store looks a dataset up and
+    then inserts it, so two cells that log the same split at once (the gpus launcher's cells on
+    one store) race, and the second insert fails the store's UNIQUE constraint. The row is there
+    by then: the next try finds it and links this run to it."""
+    splits = list(datasets)
+    for attempt in range(1, INPUT_TRIES + 1):
+        try:
+            mlflow.log_inputs(
+                datasets=[datasets[s] for s in splits],
+                contexts=[SPLITS[s] for s in splits],
+                tags_list=[None] * len(splits),
+            )
+            return
+        except mlflow.MlflowException as error:
+            said = str(error).lower()  # SQLite, PostgreSQL and MySQL word it so
+            if not ("unique constraint" in said or "duplicate" in said) or attempt == INPUT_TRIES:
+                raise
 
 
 @rank_zero_only

@@ -10,9 +10,12 @@ import traceback
 from pathlib import Path
 
 import mlflow
+import mlflow.data
+import pandas as pd
 import pytest
+from mlflow.entities import DatasetInput, InputTag
 
-from benchmark import store
+from benchmark import store, tracking
 
 PROCESSES = 4
 STEPS = 100  # x 3 metrics, one call each: many small write transactions
@@ -73,3 +76,44 @@ def test_four_processes_log_to_one_fresh_sqlite_store_at_once(tmp_path: Path):
         assert len(client.get_metric_history(run_id, "val_acc")) == STEPS
         assert {a.path for a in client.list_artifacts(run_id)} == {"manifest.csv", "config.yaml"}
     assert len(mlflow.search_experiments(filter_string="name = 'benchmark'")) == 1
+
+
+def test_a_split_another_cell_logs_at_the_same_moment_is_linked_not_fatal(tmp_path, monkeypatch):
+    """MLflow's SQL store looks a dataset up, then inserts it. Here the other cell's insert of the
+    same split lands between the two, as it did under the gpus launcher: the cell still logs
+    every split, linked to the one row per split that both runs share."""
+    from mlflow.store.tracking import sqlalchemy_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp_id = store.experiment_id(uri, "benchmark")
+    frame = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["ants", "bees"]})
+    splits = {
+        split: mlflow.data.from_pandas(frame, source="/data", name=f"ants-{split}", digest="d1")
+        for split in tracking.SPLITS
+    }
+    other_run = mlflow.MlflowClient().create_run(exp_id).info.run_id
+    other_store = sqlalchemy_store.SqlAlchemyStore(uri, str(tmp_path / "artifacts"))
+    new_row = sqlalchemy_store.SqlDataset.__init__
+
+    def dataset_row(self, *args, **kwargs):  # this cell found no row and is about to insert one
+        if not raced:
+            raced.append(other_run)
+            entities = [
+                DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", "x")])
+                for d in splits.values()
+            ]
+            other_store.log_inputs(other_run, entities)  # the other cell's insert lands first
+        new_row(self, *args, **kwargs)
+
+    raced: list[str] = []
+    monkeypatch.setattr(sqlalchemy_store.SqlDataset, "__init__", dataset_row)
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        tracking.log_splits(splits)
+    assert raced  # the race happened
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["ants-test", "ants-train", "ants-val"]
+    contexts = {i.dataset.name: i.tags[0].value for i in inputs}
+    assert contexts == {f"ants-{s}": c for s, c in tracking.SPLITS.items()}
+    shared = mlflow.get_run(other_run).inputs.dataset_inputs
+    assert {i.dataset.digest for i in shared} == {"d1"} and len(shared) == 3
