@@ -36,6 +36,10 @@ TINY = [
     # A frozen backbone's features would be extracted for every image, whatever the limits
     # above; tests/test_speed.py covers that path on a small folder.
     "speed.feature_cache=false",
+    # float32: on this CPU bf16 autocast's first training step costs 5-7 s of kernel set-up per
+    # cell, and one batch does not test the fast path. It has its own tests (test_speed,
+    # test_config); test_e2e's four-cell grid runs the default.
+    "trainer.precision=32-true",
 ]
 
 
