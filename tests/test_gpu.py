@@ -21,8 +21,12 @@ from benchmark.config import DatasetConfig
 from benchmark.data import build_manifest
 from benchmark.data.loading import ManifestDataModule
 from benchmark.models import create_backbone
-from tests.conftest import PROJECT, TINY
+from tests.conftest import PROJECT
+from tests.conftest import TINY as CPU_TINY
 from tests.test_e2e import runs_in
+
+# The GPU's own precision (trainer=gpu: bf16-mixed), not the CPU tests' float32.
+TINY = [o for o in CPU_TINY if not o.startswith("trainer.precision")]
 
 pytestmark = [
     pytest.mark.gpu,

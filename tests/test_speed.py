@@ -171,8 +171,8 @@ def features_at(make_cfg, root: Path, backbone, precision: str):
         "dataset=imagefolder",
         f"dataset.root={root}",
         "strategy=freeze",
-        f"trainer.precision={precision}",
         *FEW,
+        f"trainer.precision={precision}",  # after FEW's float32
     )
     manifest = build_manifest(cfg.dataset, Path(cfg.paths.data_root), 0, Path(cfg.paths.cache_dir))
     data, _ = image_data(cfg, manifest.frame, backbone, channels_last=True)
