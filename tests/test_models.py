@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -20,9 +23,15 @@ def lite0_imagenet():
     return create_backbone("efficientnet_lite0", num_classes=IMAGENET_CLASSES)
 
 
+@functools.cache
+def hymenoptera(shared_data: Path) -> pd.DataFrame:
+    """Its manifest, built once for the zero-shot checks (each build verifies the 397 images)."""
+    return build_manifest(DatasetConfig(name="hymenoptera"), shared_data, seed=0).frame
+
+
 def zero_shot_hits(backbone, preprocess, shared_data, per_class: int = 40) -> dict[str, float]:
     """Share of held-out ants predicted as ImageNet 'ant', and of bees as 'bee'."""
-    manifest = build_manifest(DatasetConfig(name="hymenoptera"), shared_data, seed=0).frame
+    manifest = hymenoptera(shared_data)
     test = manifest[manifest.split == "test"].groupby("label").head(per_class)
     data = ManifestDataModule(test, preprocess, False, batch_size=per_class, num_workers=0)
     backbone.model.eval()
