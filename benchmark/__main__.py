@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from benchmark import interrupt
 from benchmark.config import problems, register_configs
 from benchmark.identity import cell_name
 from benchmark.sweep import CellOutcome
@@ -24,15 +25,6 @@ register_configs()
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # A frozen backbone runs in eval mode on purpose (TransferClassifier.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-class Terminated(Exception):
-    """SIGTERM (a scheduler's preemption, `kill`): the cell ends FAILED and the process exits
-    143, never 0."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated(f"terminated by signal {signum} ({signal.Signals(signum).name})")
 
 
 # Absolute: the installed `benchmark` command finds conf/ from any folder.
@@ -66,11 +58,12 @@ def main(cfg: DictConfig) -> CellOutcome:
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
-    signal.signal(signal.SIGTERM, _terminate)  # Lightning calls it too while it trains
+    interrupt.install()
     try:
+        interrupt.check()  # an earlier cell of this sweep was asked to stop
         with explained(tracking_uri(cfg)):  # the tracking server went away: one line
             result = run_cell(cfg)
-    except (Terminated, SIGTERMException) as error:
+    except (interrupt.Terminated, SIGTERMException) as error:
         reason = str(error) or "terminated by signal 15 (SIGTERM)"
         log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
         CellOutcome(name, "failed", error=reason).save(folder)
@@ -95,6 +88,9 @@ def main(cfg: DictConfig) -> CellOutcome:
     status = "skipped" if result.skipped else "finished"
     outcome = CellOutcome(name, status, result.score, result.run_id)
     outcome.save(folder)
+    if signum := interrupt.received():  # it came as the cell ended: the cell is done, stop here
+        log.error("%s finished, then the process was terminated by signal %d.", name, signum)
+        raise SystemExit(128 + signum)
     return outcome
 
 

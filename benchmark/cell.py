@@ -23,6 +23,7 @@ from torch import nn
 
 from benchmark import identity, precision, tracking, tune
 from benchmark.classifier import (
+    StopOnSignal,
     TrainThroughput,
     make_model,
     progress_callbacks,
@@ -212,7 +213,10 @@ def cell_features(
         devices=1,
         strategy="auto",
         logger=False,
-        callbacks=progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
+        callbacks=[
+            StopOnSignal(),
+            *progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
+        ],
         enable_checkpointing=False,
         enable_model_summary=False,
     )
@@ -294,6 +298,7 @@ def fit_and_test(
         callbacks=[
             checkpoint,
             throughput,
+            StopOnSignal(),
             *recipe_callbacks(cfg),
             *progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
             *callbacks,

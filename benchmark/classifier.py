@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from benchmark import interrupt
 from benchmark.config import OptimConfig
 from benchmark.models import Backbone, stage_of, trainable_from
 from benchmark.progress import line
@@ -288,6 +289,16 @@ class LineProgress(ProgressBar):
             return
         self.tenths = done * 10 // total
         log.info("%s", line("extracting features", done, total, time.monotonic() - self.started))
+
+
+class StopOnSignal(Callback):
+    """Ends any loop at the next batch once SIGTERM came, even if the exception its handler
+    raised was lost (benchmark.interrupt)."""
+
+    def on_train_batch_end(self, *args: object, **kwargs: object) -> None:
+        interrupt.check()
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = on_train_batch_end
 
 
 def progress_callbacks(enabled: bool) -> list[Callback]:

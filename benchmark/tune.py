@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
+from benchmark.classifier import StopOnSignal
 from benchmark.data.loading import ManifestDataModule
 from benchmark.features import FeatureSet
 
@@ -100,7 +101,7 @@ def choose(
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[best],
+            callbacks=[best, StopOnSignal()],
         )
         trainer.fit(make_model(trial_cfg), datamodule=data)
         log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)

@@ -23,7 +23,7 @@ import pytest
 from filelock import FileLock
 from PIL import Image
 
-from benchmark import store
+from benchmark import interrupt, store
 from benchmark.cell import run_cell
 from benchmark.config import ConfigError
 from benchmark.data import DatasetError, build_manifest
@@ -302,6 +302,37 @@ def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, when):
     assert runs["tags.error"].iloc[0] == "Terminated: terminated by signal 15 (SIGTERM)"
     (outcome,) = tmp_path.rglob("outcome.json")
     assert json.loads(outcome.read_text())["status"] == "failed"
+
+
+def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(make_cfg, monkeypatch):
+    """Seen in the results grid: SIGTERM came while a DataLoader forked its workers; Python ran
+    the handler inside its at-fork hook and dropped the exception it raised, and the sweep went
+    on. The signal is remembered: the cell stops at its next batch, its run FAILED."""
+    monkeypatch.setattr(interrupt, "_received", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    armed = [True]
+
+    def at_fork() -> None:  # the at-fork hook of a fork that a loader makes
+        if armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here, and its exception is dropped
+
+    os.register_at_fork(after_in_parent=at_fork)
+    interrupt.install()
+    try:
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert not armed and interrupt.received() == signal.SIGTERM  # the raise was lost
+        cfg = make_cfg("strategy=finetune", *TINY)
+        with pytest.raises(interrupt.Terminated, match=r"signal 15 \(SIGTERM\)"):
+            run_cell(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    runs = runs_in(Path(cfg.tracking.uri.removeprefix("sqlite:///")))
+    assert list(runs.status) == ["FAILED"]
 
 
 # ---------------------------------------------------------------- the tracking store

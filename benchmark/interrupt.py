@@ -1,0 +1,44 @@
+"""SIGTERM (a scheduler's preemption, `kill`): the cell ends FAILED and the process exits 143.
+
+Python runs a signal handler between two bytecodes of whatever runs then, and an exception the
+handler raises inside an at-fork hook or a finalizer is printed ("Exception ignored in ...") and
+dropped: a SIGTERM that arrives while a DataLoader forks its workers would be lost, and the sweep
+would go on. So the signal is also remembered, and `check` raises it again where a cell can stop:
+after each batch (`StopOnSignal`), and before and after each cell.
+"""
+
+from __future__ import annotations
+
+import signal
+
+_received: int | None = None
+
+
+class Terminated(Exception):
+    """The process was asked to stop: its cell ends FAILED, and the process exits 143."""
+
+
+def _said(signum: int) -> str:
+    return f"terminated by signal {signum} ({signal.Signals(signum).name})"
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _received
+    _received = signum
+    raise Terminated(_said(signum))
+
+
+def install() -> None:
+    """Handle SIGTERM from now on (Lightning's own handler calls this one while it trains)."""
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+def received() -> int | None:
+    """The signal that asked this process to stop, if one did."""
+    return _received
+
+
+def check() -> None:
+    """Raise Terminated if the process was asked to stop, even if that first raise was lost."""
+    if _received is not None:
+        raise Terminated(_said(_received))
