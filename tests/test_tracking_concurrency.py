@@ -18,7 +18,7 @@ from mlflow.entities import DatasetInput, InputTag
 from benchmark import store, tracking
 
 PROCESSES = 4
-STEPS = 100  # x 3 metrics, one call each: many small write transactions
+STEPS = 50  # x 3 metrics, one call each: many small write transactions
 
 pytestmark = pytest.mark.foreign_runs  # runs written by hand, as another tool would
 
