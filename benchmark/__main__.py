@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> CellOutcome:
     interrupt.install()
     try:
         interrupt.check()  # an earlier cell of this sweep was asked to stop
-        with explained(tracking_uri(cfg)):  # the tracking server went away: one line
+        with interrupt.cell(), explained(tracking_uri(cfg)):  # a server gone: one line
             result = run_cell(cfg)
     except (interrupt.Terminated, SIGTERMException) as error:
         reason = str(error) or "terminated by signal 15 (SIGTERM)"

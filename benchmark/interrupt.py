@@ -4,14 +4,19 @@ Python runs a signal handler between two bytecodes of whatever runs then, and an
 handler raises inside an at-fork hook or a finalizer is printed ("Exception ignored in ...") and
 dropped: a SIGTERM that arrives while a DataLoader forks its workers would be lost, and the sweep
 would go on. So the signal is also remembered, and `check` raises it again where a cell can stop:
-after each batch (`StopOnSignal`), and before and after each cell.
+after each batch (`StopOnSignal`), and before and after each cell. Between two cells of a sweep
+(inside Hydra's own code) the handler only remembers it: the next cell then ends at once, FAILED
+before its run opens, and the process exits 143.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _received: int | None = None
+_in_cell = False
 
 
 class Terminated(Exception):
@@ -25,7 +30,19 @@ def _said(signum: int) -> str:
 def _on_signal(signum: int, frame: object) -> None:
     global _received
     _received = signum
-    raise Terminated(_said(signum))
+    if _in_cell:
+        raise Terminated(_said(signum))
+
+
+@contextmanager
+def cell() -> Iterator[None]:
+    """While a cell runs, the signal raises Terminated where it lands."""
+    global _in_cell
+    _in_cell = True
+    try:
+        yield
+    finally:
+        _in_cell = False
 
 
 def install() -> None:

@@ -21,7 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmark import identity
+from benchmark import identity, interrupt
 from benchmark.progress import SweepProgress, duration, sweep_size
 
 log = logging.getLogger("benchmark")
@@ -131,5 +131,8 @@ class SweepSummary(Callback):
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         for failure in self.failed:
             log.error("Failed: %s", failure)
+        if signum := interrupt.received():  # it came after the last cell had started
+            log.error("The sweep was terminated by signal %d; relaunch it to run the rest.", signum)
+            raise SystemExit(128 + signum)
         if self.failed:
             raise SystemExit(1)

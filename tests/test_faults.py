@@ -321,10 +321,11 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(make_c
     os.register_at_fork(after_in_parent=at_fork)
     interrupt.install()
     try:
-        child = os.fork()
-        if child == 0:
-            os._exit(0)
-        os.waitpid(child, 0)
+        with interrupt.cell():  # the handler raises, inside the hook
+            child = os.fork()
+            if child == 0:
+                os._exit(0)
+            os.waitpid(child, 0)
         assert not armed and interrupt.received() == signal.SIGTERM  # the raise was lost
         cfg = make_cfg("strategy=finetune", *TINY)
         with pytest.raises(interrupt.Terminated, match=r"signal 15 \(SIGTERM\)"):
@@ -333,6 +334,25 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(make_c
         signal.signal(signal.SIGTERM, previous)
     runs = runs_in(Path(cfg.tracking.uri.removeprefix("sqlite:///")))
     assert list(runs.status) == ["FAILED"]
+
+
+def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(monkeypatch):
+    """Between cells the signal lands in Hydra's own code: raised there it was a traceback and
+    exit 1. Now it is only remembered there; inside a cell it raises where it lands."""
+    monkeypatch.setattr(interrupt, "_received", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # between cells: no exception here
+        time.sleep(0.1)
+        assert interrupt.received() == signal.SIGTERM
+        with pytest.raises(interrupt.Terminated, match="signal 15"):
+            interrupt.check()  # what the next cell does first
+        with pytest.raises(interrupt.Terminated, match="signal 15"), interrupt.cell():
+            os.kill(os.getpid(), signal.SIGTERM)  # inside a cell: raised where it lands
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- the tracking store
