@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -304,12 +305,22 @@ def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, when):
     assert json.loads(outcome.read_text())["status"] == "failed"
 
 
-def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(make_cfg, monkeypatch):
+@pytest.fixture
+def sigterm_handled(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """benchmark.interrupt's SIGTERM handler in this process, for the test only."""
+    monkeypatch.setattr(interrupt, "_received", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt.install()
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(
+    make_cfg, sigterm_handled
+):
     """Seen in the results grid: SIGTERM came while a DataLoader forked its workers; Python ran
     the handler inside its at-fork hook and dropped the exception it raised, and the sweep went
     on. The signal is remembered: the cell stops at its next batch, its run FAILED."""
-    monkeypatch.setattr(interrupt, "_received", None)
-    previous = signal.getsignal(signal.SIGTERM)
     armed = [True]
 
     def at_fork() -> None:  # the at-fork hook of a fork that a loader makes
@@ -319,40 +330,30 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(make_c
             time.sleep(0.1)  # the handler runs here, and its exception is dropped
 
     os.register_at_fork(after_in_parent=at_fork)
-    interrupt.install()
-    try:
-        with interrupt.cell():  # the handler raises, inside the hook
-            child = os.fork()
-            if child == 0:
-                os._exit(0)
-            os.waitpid(child, 0)
-        assert not armed and interrupt.received() == signal.SIGTERM  # the raise was lost
-        cfg = make_cfg("strategy=finetune", *TINY)
-        with pytest.raises(interrupt.Terminated, match=r"signal 15 \(SIGTERM\)"):
-            run_cell(cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with interrupt.cell():  # the handler raises, inside the hook
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+    assert not armed and interrupt.received() == signal.SIGTERM  # the raise was lost
+    cfg = make_cfg("strategy=finetune", *TINY)
+    with pytest.raises(interrupt.Terminated, match=r"signal 15 \(SIGTERM\)"):
+        run_cell(cfg)
     runs = runs_in(Path(cfg.tracking.uri.removeprefix("sqlite:///")))
     assert list(runs.status) == ["FAILED"]
 
 
-def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(monkeypatch):
+def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(sigterm_handled):
     """Between cells the signal lands in Hydra's own code: raised there it was a traceback and
     exit 1. Now it is only remembered there; inside a cell it raises where it lands."""
-    monkeypatch.setattr(interrupt, "_received", None)
-    previous = signal.getsignal(signal.SIGTERM)
-    interrupt.install()
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)  # between cells: no exception here
-        time.sleep(0.1)
-        assert interrupt.received() == signal.SIGTERM
-        with pytest.raises(interrupt.Terminated, match="signal 15"):
-            interrupt.check()  # what the next cell does first
-        with pytest.raises(interrupt.Terminated, match="signal 15"), interrupt.cell():
-            os.kill(os.getpid(), signal.SIGTERM)  # inside a cell: raised where it lands
-            time.sleep(5)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    os.kill(os.getpid(), signal.SIGTERM)  # between cells: no exception here
+    time.sleep(0.1)
+    assert interrupt.received() == signal.SIGTERM
+    with pytest.raises(interrupt.Terminated, match="signal 15"):
+        interrupt.check()  # what the next cell does first
+    with pytest.raises(interrupt.Terminated, match="signal 15"), interrupt.cell():
+        os.kill(os.getpid(), signal.SIGTERM)  # inside a cell: raised where it lands
+        time.sleep(5)
 
 
 # ---------------------------------------------------------------- the tracking store
