@@ -94,6 +94,17 @@ def test_seed_summary_one_seed_no_seed_and_no_spread():
     assert table.loc["linear_probe", ["sd", "ci_low", "ci_high"]].tolist() == [0.0, 0.8, 0.8]
 
 
+def test_seed_summary_clips_the_interval_to_the_bounds():
+    # Two seeds near 1: the t interval (df = 1) reaches far past 1, which no accuracy can.
+    near_one = runs(("h", "rgb", "finetune", [0.99, 0.95]))
+    free = seed_summary(near_one, ["strategy"]).iloc[0]
+    assert free.ci_high > 1 and free.ci_low < 0.95
+    clipped = seed_summary(near_one, ["strategy"], bounds=(0.0, 1.0)).iloc[0]
+    assert clipped.ci_high == 1.0
+    assert clipped.ci_low == pytest.approx(free.ci_low)  # inside the bounds: unchanged
+    assert clipped["mean"] == free["mean"] and clipped.sd == free.sd
+
+
 def test_paired_difference_known_case_against_scipy():
     result = one(
         paired_differences(

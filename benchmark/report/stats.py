@@ -38,13 +38,19 @@ DIFFERENCE_COLUMNS = [
 
 
 def seed_summary(
-    runs: pd.DataFrame, by: list[str], value: str = "test_acc", confidence: float = 0.95
+    runs: pd.DataFrame,
+    by: list[str],
+    value: str = "test_acc",
+    confidence: float = 0.95,
+    bounds: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """One row per group of `by` (in order of first appearance): `n` (non-missing values), `mean`,
     `sd` (n - 1 denominator) and the `confidence` t interval of the mean, `ci_low`, `ci_high`.
 
     n = 1: sd and the interval are NaN (one seed says nothing about the spread); n = 0 (only
     missing values): everything but n is NaN; sd = 0: the interval is the mean itself.
+    `bounds`: the range the value cannot leave (an accuracy's [0, 1]); the interval is clipped to
+    it, since with 2 or 3 seeds a t interval of a mean near 1 reaches past 1.
     """
     _check_confidence(confidence)
     rows = []
@@ -54,6 +60,8 @@ def seed_summary(
         mean = values.mean() if n else np.nan
         sd = values.std(ddof=1) if n > 1 else np.nan
         low, high = _mean_interval(mean, sd, n, confidence)
+        if bounds is not None and n > 1:
+            low, high = float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
         rows.append((*_key_tuple(key), n, mean, sd, low, high))
     return pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS]).astype({"n": int})
 

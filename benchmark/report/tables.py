@@ -33,7 +33,8 @@ RULES = (
     "mean ± sd over seeds (n = FINISHED seeds). Of each (cell, seed) the latest FINISHED run "
     "counts (as for a relaunch, which skips it), else the latest run; failed, running and "
     "never-run cells are marked, never averaged in. Runs that differ in anything but the seed "
-    "are separate columns, labelled by what differs. [a, b]: 95 % t interval of the mean. "
+    "are separate columns, labelled by what differs. [a, b]: 95 % t interval of the mean, "
+    "clipped to [0, 1]. "
     "The study's numbers (ResNet-18, 15 epochs, maximum validation accuracy over epochs) are "
     "another backbone and protocol: shown beside ours, not subtracted. Where protocol=study "
     "ran (the study's recipe on our backbone, its maximum validation accuracy over epochs read "
@@ -222,7 +223,7 @@ def summarise(
     it."""
     latest = latest_per_seed(runs)
     finished = latest[latest.status == "FINISHED"]
-    summary = seed_summary(finished, GROUP, "test_acc").set_index(GROUP)
+    summary = seed_summary(finished, GROUP, "test_acc", bounds=(0.0, 1.0)).set_index(GROUP)
     accuracy = summary.rename(
         columns={
             "mean": "test_acc_mean",
@@ -268,7 +269,7 @@ def with_study_protocol(table: pd.DataFrame, study_runs: pd.DataFrame | None) ->
         return table.assign(**{c: pd.NA for c in columns}, delta_vs_study_protocol=pd.NA)
     latest = latest_per_seed(study_runs)
     finished = latest[latest.status == "FINISHED"]
-    summary = seed_summary(finished, SAME_BACKBONE, "max_val_acc")
+    summary = seed_summary(finished, SAME_BACKBONE, "max_val_acc", bounds=(0.0, 1.0))
     summary.columns = [*SAME_BACKBONE, *columns]
     table = table.merge(summary, on=SAME_BACKBONE, how="left")
     table["study_protocol_n"] = table.study_protocol_n.fillna(0).astype(int)
