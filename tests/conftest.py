@@ -83,13 +83,29 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["BENCHMARK_CACHE_DIR"] = saved
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new MLflow SQLite store, tables created and migrated by MLflow itself, once per session:
+    creating one costs 2-4 s of schema migrations, which most tests would pay for each store."""
+    file = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{file}").search_experiments()
+    return file
+
+
 @pytest.fixture
-def make_cfg(tmp_path: Path, shared_data: Path, shared_cache: Path) -> Callable[..., DictConfig]:
+def make_cfg(
+    tmp_path: Path, shared_data: Path, shared_cache: Path, empty_store: Path
+) -> Callable[..., DictConfig]:
     """Compose conf/ like `python -m benchmark`, with the store and outputs under tmp_path and
-    the session's cache (pass paths.cache_dir=... for a test's own)."""
+    the session's cache (pass paths.cache_dir=... for a test's own). The store starts as a copy
+    of `empty_store`; `store=False` leaves it to be created by the code under test."""
     register_configs()
 
-    def make(*overrides: str, data_root: Path | None = shared_data) -> DictConfig:
+    def make(
+        *overrides: str, data_root: Path | None = shared_data, store: bool = True
+    ) -> DictConfig:
+        if store and not (tmp_path / "mlflow.db").exists():
+            shutil.copy(empty_store, tmp_path / "mlflow.db")
         pinned = [f"paths.data_root={data_root}"] if data_root else []
         with initialize_config_dir(str(CONF), version_base="1.3"):
             return compose(

@@ -103,14 +103,33 @@ def log_run(
     return run.info.run_id
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def new_store(folder: Path, empty_store: Path) -> tuple[mlflow.MlflowClient, str, str]:
+    """A new store in `folder` (a copy of the session's empty MLflow store) with the experiment
+    "benchmark", its artifacts in `folder`/artifacts: the client, the URI, the experiment."""
+    shutil.copy(empty_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    experiment = client.create_experiment("benchmark", (tmp_path / "artifacts").as_uri())
+    return client, uri, client.create_experiment("benchmark", (folder / "artifacts").as_uri())
+
+
+@pytest.fixture(scope="module")
+def known_runs(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Path:
+    """The store of RUNS, logged once per module (a test gets a copy: `store`)."""
+    folder = tmp_path_factory.mktemp("known-runs")
+    client, _, experiment = new_store(folder, empty_store)
     for dataset, colour, strategy, seed, status, accuracy, order in RUNS:
         log_run(client, experiment, (dataset, colour, strategy, seed), status, accuracy, order)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path: Path, known_runs: Path) -> str:
+    """A copy of the store of RUNS in tmp_path, for the test to read or add runs to (the runs'
+    artifacts stay where RUNS logged them: the copy refers to them)."""
+    shutil.copy(known_runs, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -152,11 +171,8 @@ def test_debug_runs_other_settings_and_foreign_runs_are_never_pooled(store, tmp_
     assert len(debug_rows) == 1 and debug_rows.n.iloc[0] == 2  # its own column, when asked
 
 
-def test_two_user_folders_are_two_rows_by_name(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    experiment = client.create_experiment("benchmark", (tmp_path / "artifacts").as_uri())
+def test_two_user_folders_are_two_rows_by_name(tmp_path, empty_store):
+    client, uri, experiment = new_store(tmp_path, empty_store)
     for order, (root, accuracy) in enumerate([("/data/bees_2024", 0.7), ("/data/wasps", 0.9)]):
         extra = {"dataset.root": root}
         log_run(
@@ -209,12 +225,14 @@ def test_expected_datasets_without_runs_are_rows_that_say_not_run(store, tmp_pat
     assert "| caltech256" in markdown and "0.674" in markdown  # the study's number, still shown
 
 
-def test_a_moved_store_still_shows_its_confusion_matrices(tmp_path):
+def test_a_moved_store_still_shows_its_confusion_matrices(tmp_path, empty_store):
     from benchmark.report.__main__ import best_confusions
     from benchmark.report.tables import load_runs, summarise
     from benchmark.store import experiment_id
 
     first = tmp_path / "work" / "results"  # as `make results` lays its store out
+    first.mkdir(parents=True)
+    shutil.copy(empty_store, first / "mlflow.db")
     experiment = experiment_id(f"sqlite:///{first / 'mlflow.db'}", "benchmark")
     client = mlflow.MlflowClient()
     for dataset, colour, strategy, seed, status, accuracy, order in RUNS:
@@ -320,11 +338,8 @@ def test_html_renders_in_a_real_browser_without_errors(store, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def test_the_studys_number_names_its_data_where_ours_differ(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    experiment = client.create_experiment("benchmark", (tmp_path / "artifacts").as_uri())
+def test_the_studys_number_names_its_data_where_ours_differ(tmp_path, empty_store):
+    client, uri, experiment = new_store(tmp_path, empty_store)
     subset = {"n_classes": "5", "n_train": "224", "n_val": "56", "n_test": "70"}  # ../shared
     whole = {"n_classes": "2", "n_train": "195", "n_val": "49", "n_test": "153"}
     log_run(client, experiment, ("simpsons", "rgb", "finetune", 0), "FINISHED", 0.9, 1, subset)
