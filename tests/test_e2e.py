@@ -132,7 +132,12 @@ def test_missing_dataset_fails_clearly_before_any_run_opens(tmp_path, shared_dat
     assert "Hymenoptera not found" in json.loads(outcome.read_text())["error"]
 
 
-def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):
+def test_own_folder_and_csv_end_to_end_and_a_failing_cell_stops_nothing(
+    tmp_path, shared_data, empty_store
+):
+    """A sweep on Hydra's own launcher over the user's folder and CSV, two of whose four cells
+    fail (a value out of range): the others finish, the sweep says so, a relaunch skips them."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is the four-cell grid's
     folder = tmp_path / "my_images"
     for name in ("ants", "bees"):
         shutil.copytree(shared_data / "hymenoptera_data" / "val" / name, folder / name)
@@ -140,23 +145,27 @@ def test_your_own_folder_and_csv_run_end_to_end(tmp_path, shared_data):
     rows = [(str(p), p.name.split(".")[0]) for p in photos[:20] + photos[-20:]]
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "labels.csv", index=False)
 
-    swept = benchmark(
-        "benchmark",
-        "-m",
-        "dataset=imagefolder,csv",
-        f"dataset.root={folder}",
-        f"dataset.file={tmp_path / 'labels.csv'}",
-        "strategy=freeze",
-        *TINY,
-        cwd=tmp_path,
-        data_root=shared_data,
-    )
-    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    command = [
+        "benchmark", "-m", "dataset=imagefolder,csv", "trainer.max_epochs=1,-1",
+        f"dataset.root={folder}", f"dataset.file={tmp_path / 'labels.csv'}", "strategy=freeze",
+        *(o for o in TINY if not o.startswith("trainer.max_epochs")),
+    ]  # fmt: skip
+    swept = benchmark(*command, cwd=tmp_path, data_root=shared_data)
+    assert swept.returncode != 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    assert "Sweep done: 4 cells: 2 finished, 0 skipped, 2 failed." in swept.stdout, swept.stdout
+    assert swept.stdout.count("trainer.max_epochs=-1: must be an integer >= 1") >= 2
     runs = runs_in(tmp_path / "mlflow.db").set_index("params.dataset")
-    assert set(runs.status) == {"FINISHED"}
+    assert set(runs.status) == {"FINISHED"} and len(runs) == 2  # bad input opens no run
     assert runs.loc["imagefolder", "params.n_test"] == "31"  # 20% of 70 ants + 83 bees
     assert runs.loc["csv", "params.n_classes"] == "2"
     assert runs["params.manifest_sha256"].str.len().eq(64).all()
+    (sweep,) = runs_in(tmp_path / "mlflow.db", kind="sweep").status
+    assert sweep == "FAILED"  # the sweep's parent run says a cell failed
+
+    again = benchmark(*command, cwd=tmp_path, data_root=shared_data)
+    assert "Sweep done: 4 cells: 0 finished, 2 skipped, 2 failed." in again.stdout, again.stdout
+    runs = runs_in(tmp_path / "mlflow.db")
+    assert len(runs) == 2 and set(runs.status) == {"FINISHED"}  # no duplicate of a finished cell
 
 
 def test_every_strategy_appears_in_the_report(make_cfg, tmp_path):
