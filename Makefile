@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The store: $MLFLOW_TRACKING_URI, else ./mlflow.db (what `python -m benchmark` uses too).
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# pytest workers: one more than the cores (the end-to-end tests wait on their commands), at most
+# 8 (each holds torch and a model); one torch/OpenMP thread each, not one per core per worker.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n + 1 : 8 )))
 
 .PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench \
 	results results-grid backbones \
@@ -13,10 +16,10 @@ install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 
-test:  ## the default suite (no slow, no gpu); real images from ../shared/data; a worker per core
+test:  ## the default suite (no slow, no gpu); real images from ../shared/data; parallel
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -n auto --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow:  ## full-length trainings on the real data (minutes each)
 	$(BIN)/pytest -m slow

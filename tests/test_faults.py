@@ -143,6 +143,7 @@ def test_values_out_of_range_are_refused_before_a_run_opens(make_cfg, tmp_path, 
     assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store
 
 
+@pytest.mark.e2e
 def test_a_value_out_of_range_on_the_command_line_is_one_line(tmp_path, shared_data):
     command = [sys.executable, "-m", "benchmark", "trainer.max_epochs=-1"]
     env = {**cell_env(), "BENCHMARK_DATA_ROOT": str(shared_data)}
@@ -262,6 +263,7 @@ def test_a_live_run_is_left_alone_and_a_silent_remote_one_is_failed():
 # ---------------------------------------------------------------- 4. SIGTERM
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("when", ["training", "image cache"])
 def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, empty_store, when):
     shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is not the point here

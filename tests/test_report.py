@@ -20,6 +20,7 @@ from benchmark.identity import (
     SCHEMA_TAG,
     SCHEMA_VERSION,
 )
+from benchmark.report.__main__ import RERUN_NOTE
 from benchmark.report.__main__ import main as report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -294,6 +295,16 @@ def test_html_page_is_self_contained_with_its_pictures(store, tmp_path):
     assert page.count("<svg") == 4  # bars, cost vs accuracy, curves, confusion small multiples
     assert not re.search(r"""(src|href)=["']https?:""", page)  # nothing fetched from elsewhere
     assert "0.920 ± 0.020" in page
+    failed = page.split("<h2>Failed runs</h2>")[1].split("</ul>")[0]
+    lines = {line.split(":")[0]: line for line in failed.split("<li>")[1:]}
+    assert set(lines) == {  # the latest failure of each cell and seed
+        "hymenoptera / gray / finetune / efficientnet_lite0 / 0",
+        "hymenoptera / gray / freeze / efficientnet_lite0 / 0",
+        "hymenoptera / rgb / finetune / efficientnet_lite0 / 2",
+    }
+    # Seed 2 of rgb finetune FINISHED before its failed retry: the list says which one counts.
+    assert RERUN_NOTE in lines["hymenoptera / rgb / finetune / efficientnet_lite0 / 2"]
+    assert RERUN_NOTE not in lines["hymenoptera / gray / finetune / efficientnet_lite0 / 0"]
 
 
 def test_missing_experiment_and_a_misspelt_store_are_clear_errors(store, tmp_path, capsys):

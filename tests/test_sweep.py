@@ -132,6 +132,7 @@ def _pid_of_cell(folder: Path) -> int | None:
 
 # Cell processes, 2 at a time, in the default suite as the issue asks: 4 cells, of which 2 fail
 # on a value out of range in their own processes and 1 is killed mid-run; then the relaunch.
+@pytest.mark.e2e
 def test_gpu_launcher_runs_cells_in_parallel_isolates_failures_and_resumes_a_killed_cell(
     tmp_path, shared_data, empty_store
 ):

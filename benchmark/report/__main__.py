@@ -39,6 +39,9 @@ from benchmark.report.tables import (
 from benchmark.server import TrackingUnreachable, check_reachable
 from benchmark.store import StoreError, artifact_file, check_sqlite
 
+# After a failed run in the HTML's list, when the same cell and seed also FINISHED (a relaunch).
+RERUN_NOTE = " (another run of this cell and seed FINISHED: that one counts)"
+
 
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch validation accuracy of each counted FINISHED run."""
@@ -189,9 +192,11 @@ def write_html(
         for title, figure in pictures
     )
     failures = runs[runs.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
+    finished = set(runs.loc[runs.status == "FINISHED", [*GROUP, "seed"]].itertuples(index=False))
     failed = "".join(
         f"<li>{html.escape(' / '.join(str(r[c]) for c in [*CELL, 'seed']))}: "
-        f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}</li>"
+        f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}"
+        f"{RERUN_NOTE if tuple(r[[*GROUP, 'seed']]) in finished else ''}</li>"
         for _, r in failures.iterrows()
     )
     verdict_list = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts.verdict)
