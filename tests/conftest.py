@@ -52,7 +52,8 @@ FEW = [o for o in TINY if not o.startswith(("trainer.limit_", "speed."))] + [
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with end-to-end tests (`e2e`: minutes of subprocesses) first, the rest in their
-    order: `make test` hands whole modules to its workers as they free up (--dist loadfile), and
+    order: `make test` hands whole modules to its workers in this order as they free up (--dist
+    loadfile --no-loadscope-reorder; xdist would otherwise sort them by test count), and
     a long module handed out last would run alone at the end."""
     heavy = {item.module for item in items if item.get_closest_marker("e2e")}
     items.sort(key=lambda item: item.module not in heavy)  # stable: the order within stays
