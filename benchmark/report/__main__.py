@@ -192,7 +192,7 @@ def write_html(
         for title, figure in pictures
     )
     failures = runs[runs.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
-    finished = set(runs.loc[runs.status == "FINISHED", [*GROUP, "seed"]].itertuples(index=False))
+    finished = set(counted[[*GROUP, "seed"]].itertuples(index=False))  # counted: FINISHED ones
     failed = "".join(
         f"<li>{html.escape(' / '.join(str(r[c]) for c in [*CELL, 'seed']))}: "
         f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}"
