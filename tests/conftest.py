@@ -102,6 +102,15 @@ def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def tmp_store(tmp_path: Path, empty_store: Path) -> Path:
+    """tmp_path/mlflow.db (the default store of a command run in tmp_path) as a copy of
+    `empty_store`, for tests whose point is not its creation: the four-cell grid of test_e2e
+    creates one, and test_tracking_concurrency has processes race to create one."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return tmp_path / "mlflow.db"
+
+
+@pytest.fixture
 def make_cfg(
     tmp_path: Path, shared_data: Path, shared_cache: Path, empty_store: Path
 ) -> Callable[..., DictConfig]:

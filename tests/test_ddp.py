@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -35,11 +34,10 @@ def test_ddp_under_the_basic_multirun_launcher_is_refused_before_any_cell(tmp_pa
 
 
 def test_a_ddp_cell_runs_two_ranks_and_logs_one_run_from_rank_zero(
-    tmp_path, shared_data, empty_store
+    tmp_path, shared_data, tmp_store
 ):
     """Under hydra/launcher=gpus (a cell's own process, which Lightning re-runs for rank 1,
     as it re-runs a single `python -m benchmark` cell)."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is not the point here
     swept = benchmark(
         "benchmark",
         "-m",

@@ -133,11 +133,10 @@ def test_missing_dataset_fails_clearly_before_any_run_opens(tmp_path, shared_dat
 
 
 def test_own_folder_and_csv_end_to_end_and_a_failing_cell_stops_nothing(
-    tmp_path, shared_data, empty_store
+    tmp_path, shared_data, tmp_store
 ):
     """A sweep on Hydra's own launcher over the user's folder and CSV, two of whose four cells
     fail (a value out of range): the others finish, the sweep says so, a relaunch skips them."""
-    shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is the four-cell grid's
     folder = tmp_path / "my_images"
     for name in ("ants", "bees"):
         shutil.copytree(shared_data / "hymenoptera_data" / "val" / name, folder / name)

@@ -265,8 +265,7 @@ def test_a_live_run_is_left_alone_and_a_silent_remote_one_is_failed():
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("when", ["training", "image cache"])
-def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, empty_store, when):
-    shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is not the point here
+def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, tmp_store, when):
     root = folder_of(tmp_path, shared_data)
     cache = tmp_path / "cache"
     command = [

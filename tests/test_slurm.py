@@ -3,8 +3,6 @@ cluster needs; hydra/launcher=slurm_local runs the same code path as local proce
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
@@ -60,9 +58,8 @@ def test_the_slurm_launcher_refuses_a_misspelt_knob():
 
 @pytest.mark.e2e
 def test_a_grid_through_submitit_processes_finishes_and_is_summarised(
-    tmp_path, shared_data, empty_store
+    tmp_path, shared_data, tmp_store
 ):
-    shutil.copy(empty_store, tmp_path / "mlflow.db")  # its creation is not the point here
     swept = benchmark(
         "benchmark",
         "-m",

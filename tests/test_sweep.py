@@ -134,9 +134,8 @@ def _pid_of_cell(folder: Path) -> int | None:
 # on a value out of range in their own processes and 1 is killed mid-run; then the relaunch.
 @pytest.mark.e2e
 def test_gpu_launcher_runs_cells_in_parallel_isolates_failures_and_resumes_a_killed_cell(
-    tmp_path, shared_data, empty_store
+    tmp_path, shared_data, tmp_store
 ):
-    shutil.copy(empty_store, tmp_path / "mlflow.db")  # creation races: test_tracking_concurrency
     command = [
         sys.executable, "-m", "benchmark", "-m", "hydra/launcher=gpus", "hydra.launcher.workers=2",
         "trainer.max_epochs=1,-1", "seed=0,1", "strategy=finetune",
