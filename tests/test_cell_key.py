@@ -1,0 +1,95 @@
+"""The cell key must not move: a relaunch finds a finished cell by it, so a refactor that changes
+it silently reruns hours of grid. Pinned two ways: the keys of a handful of composed configs
+(with a fixed data digest), and the keys the committed grid (results/grid) holds, recomputed
+from the Makefile's cell overrides on the real data."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from benchmark import identity
+from benchmark.resume import cell_identity
+
+PROJECT = Path(__file__).resolve().parents[1]
+GRID = PROJECT / "results" / "grid" / "mlflow.db"
+DATA = "0" * 64  # a fixed data digest: these keys pin the config part alone
+
+# Config overrides -> the key `identity.cell_key(cfg, DATA)` gave before the redesign of issue 22.
+PINNED = {
+    (): ("2df4ed1895924209859cd2a4690dd6e6317ab598094677f73ecbfb44717aa56d"),
+    ("strategy=freeze", "colour=gray", "seed=2"): (
+        "86d29cac5125102726ed3b91ed78a190999b86ba5affbe7069e354a619e8b8b9"
+    ),
+    ("strategy=linear_probe", "dataset=dogs_vs_cats"): (
+        "23e937dffefb2d0171d2e7573b9e0cad9a30e5083c2ab4519b6146da6414a0e2"
+    ),
+    ("protocol=study", "strategy=freeze"): (
+        "577034a90542c03bb8222861e32b88f80f0890b0683ee9b3af146c16325e08ef"
+    ),
+    ("strategy=two_stage", "tune.trials=4", "head=mlp"): (
+        "5c16045792b77e5165247778836678d2f5cfa670c11b42108eb88c69346aba63"
+    ),
+    (
+        "strategy=partial",
+        "optim=adamw_cosine",
+        "augment=strong",
+        "dataset=simpsons",
+        "dataset.classes=null",
+    ): ("39f2180199e9f9f633c6a9562f96d81fc5474dd4be0407297dda9bf8299c2a03"),
+}
+
+
+@pytest.mark.parametrize("overrides", list(PINNED), ids=lambda o: " ".join(o) or "defaults")
+def test_cell_key_of_a_config_is_pinned(
+    make_cfg: Callable[..., DictConfig], overrides: tuple[str, ...]
+) -> None:
+    cfg = make_cfg("trainer.precision=bf16-mixed", *overrides)
+    assert identity.cell_key(cfg, DATA) == PINNED[overrides]
+
+
+def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str]]:
+    """(colour, strategy, protocol, precision, cell_key) of the grid's FINISHED runs."""
+    with sqlite3.connect(f"file:{GRID}?mode=ro", uri=True) as db:
+        return db.execute(
+            """
+            SELECT (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid AND key = 'colour'),
+                   (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid AND key = 'strategy'),
+                   (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid AND key = 'protocol'),
+                   (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
+                     AND key = 'trainer.precision'),
+                   (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND key = 'cell_key')
+            FROM runs r
+            WHERE r.status = 'FINISHED'
+              AND (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
+                    AND key = 'dataset') = ?
+              AND (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid AND key = 'seed') = ?
+            """,
+            (dataset, str(seed)),
+        ).fetchall()
+
+
+@pytest.mark.skipif(not GRID.is_file(), reason="results/grid/mlflow.db is not in this checkout")
+def test_the_committed_grid_keys_are_what_a_relaunch_computes(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    """Hymenoptera seed 0: every colour x strategy of ours and of protocol=study, composed as
+    `make results` composes them, gives the key its FINISHED run in results/grid carries."""
+    runs = grid_runs("hymenoptera", 0)
+    assert len({(c, s, p) for c, s, p, _, _ in runs}) == 10  # 2 x 3 ours, 2 x 2 study
+    for colour, strategy, protocol, precision, key in runs:
+        ours = ["dataset.classes=null"] if protocol == "default" else []
+        cfg = make_cfg(
+            f"colour={colour}",
+            f"strategy={strategy}",
+            f"protocol={protocol}",
+            f"trainer.precision={precision}",
+            "trainer.enable_progress_bar=false",
+            "tracking.log_model=false",
+            *ours,
+        )
+        assert cell_identity(cfg)[1] == key, (colour, strategy, protocol)
