@@ -49,11 +49,11 @@ ui-check:  ## the MLflow UI in headless Chromium (needs chromium, chromium-drive
 
 DATASET ?= hymenoptera
 data-stats:  ## per-split class counts and skipped files: make data-stats DATASET=simpsons
-	$(BIN)/python -m benchmark.data stats dataset=$(DATASET)
+	$(BIN)/python -m benchmark.tools.data stats dataset=$(DATASET)
 
 BENCH_ARGS ?=
 bench:  ## cell cost vs the study's loop and the compute-only limit (long: see README)
-	$(BIN)/python -m benchmark.bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmark.tools.bench $(BENCH_ARGS)
 
 GPU_PACK_ARGS ?=
 gpu-pack:  ## .gpu-pack/: the wheels and images a lent GPU machine lacks (fails over 64 MiB)
@@ -94,7 +94,7 @@ BACKBONES_CELL := tracking.uri=$(BACKBONES_STORE) tracking.log_model=false \
 	trainer.enable_progress_bar=false dataset=hymenoptera,simpsons,dogs_vs_cats \
 	dataset.classes=null colour=rgb,gray backbone=$(BACKBONES)
 backbones:  ## ranking, tuned freeze and linear_probe for each offline backbone (about an hour)
-	$(BIN)/python -m benchmark.rank $(BACKBONES_CELL)
+	$(BIN)/python -m benchmark.tools.rank $(BACKBONES_CELL)
 	-$(BIN)/python -m benchmark -m seed=0,1,2 strategy=freeze tune.trials=10 $(BACKBONES_CELL) \
 	  hydra.sweep.dir=multirun/backbones/freeze
 	-$(BIN)/python -m benchmark -m seed=0,1,2 strategy=linear_probe $(BACKBONES_CELL) \

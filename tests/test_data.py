@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.config import DatasetConfig
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, acquire, scan_class_folders, sources
 from benchmark.data import build_manifest as build
+from benchmark.data.images import Preprocess
 from benchmark.data.loading import ManifestDataModule, build_transform
-from benchmark.images import Preprocess
 
 LITE = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 

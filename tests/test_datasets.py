@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmark.cell import run_cell
-from benchmark.config import DatasetConfig
+from benchmark.cell.run import run_cell
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest
-from benchmark.data.__main__ import main as data_cli
-from benchmark.images import load_rgb
+from benchmark.data.images import load_rgb
+from benchmark.tools.data import main as data_cli
 from tests.conftest import TINY
 
 STUDY_SIMPSONS = 20

@@ -74,7 +74,7 @@ def test_a_ddp_cell_runs_two_ranks_and_logs_one_run_from_rank_zero(
 
 
 def test_a_ddp_trainer_is_recognised_whatever_its_precision(make_cfg):
-    from benchmark.distributed import relaunches_command
+    from benchmark.orchestration.distributed import relaunches_command
 
     for precision in ("auto", "32-true", "bf16-mixed"):
         ddp = make_cfg(*DDP_CPU, f"trainer.precision={precision}")

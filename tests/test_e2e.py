@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from benchmark.precision import native_bf16
+from benchmark.models.precision import native_bf16
 from tests.conftest import PROJECT, TINY
 
 pytestmark = pytest.mark.e2e
@@ -170,7 +170,7 @@ def test_own_folder_and_csv_end_to_end_and_a_failing_cell_stops_nothing(
 def test_every_strategy_appears_in_the_report(make_cfg, tmp_path):
     """In-process (the command line's path is the four-cell grid's above): each strategy with
     an MLP head, AdamW and strong augmentation, then the report's table and its header."""
-    from benchmark.cell import run_cell
+    from benchmark.cell.run import run_cell
     from benchmark.report.__main__ import main as report
 
     strategies = ["finetune", "freeze", "freeze_bn_train", "partial", "two_stage"]

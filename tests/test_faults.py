@@ -24,15 +24,16 @@ import pytest
 from filelock import FileLock
 from PIL import Image
 
-from benchmark import interrupt, store
-from benchmark.cell import run_cell
-from benchmark.config import ConfigError
+from benchmark.cell.mlflow_run import cell_run
+from benchmark.cell.run import run_cell
+from benchmark.config.rules import ConfigError
 from benchmark.data import DatasetError, build_manifest
 from benchmark.data.cache import build_image_cache, files_key, stored_size
-from benchmark.images import Preprocess
-from benchmark.resume import cell_manifest
-from benchmark.store import StoreError
-from benchmark.tracking import cell_run
+from benchmark.data.images import Preprocess
+from benchmark.runtime import interrupt
+from benchmark.tracking import store
+from benchmark.tracking.resume import cell_manifest
+from benchmark.tracking.store import StoreError
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import runs_in
 
@@ -77,7 +78,7 @@ def test_a_file_listed_twice_in_a_csv_is_one_image_in_one_split(tmp_path, shared
     ants, bees = photos(shared_data, "ants", 12), photos(shared_data, "bees", 12)
     rows = [(str(p), "ant") for p in ants] + [(str(p), "bee") for p in bees]
     rows += rows  # every row twice
-    from benchmark.config import DatasetConfig
+    from benchmark.config.schema import DatasetConfig
 
     cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, rows))
     manifest = build_manifest(cfg, tmp_path, 0)
@@ -89,7 +90,7 @@ def test_a_path_with_two_labels_names_the_image(tmp_path, shared_data):
     (ant,) = photos(shared_data, "ants", 1)
     rows = [(str(ant), "ant"), (str(ant), "bee")]
     rows += [(str(p), "bee") for p in photos(shared_data, "bees", 5)]
-    from benchmark.config import DatasetConfig
+    from benchmark.config.schema import DatasetConfig
 
     with pytest.raises(DatasetError, match=f"listed with two labels \\({ant}\\)"):
         build_manifest(DatasetConfig(name="csv", file=csv_dataset(tmp_path, rows)), tmp_path, 0)
@@ -104,7 +105,7 @@ def test_a_path_with_two_labels_names_the_image(tmp_path, shared_data):
     ],
 )
 def test_empty_header_only_and_blank_label_csvs_are_one_line(tmp_path, content, message):
-    from benchmark.config import DatasetConfig
+    from benchmark.config.schema import DatasetConfig
 
     cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, content))
     with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -172,7 +173,7 @@ def test_a_pixel_bomb_and_broken_links_are_skipped_not_fatal(tmp_path, shared_da
     Image.new("1", (20000, 20000)).save(root / "ants" / "bomb.png")  # 400 Mpx, a few kB
     (root / "ants" / "dangling.jpg").symlink_to(root / "nowhere.jpg")
     (root / "bees" / "loop.jpg").symlink_to(root / "bees" / "loop.jpg")
-    from benchmark.config import DatasetConfig
+    from benchmark.config.schema import DatasetConfig
 
     cache = tmp_path / "cache"
     cfg = DatasetConfig(name="imagefolder", root=str(root))
@@ -309,7 +310,7 @@ def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, tmp_st
 
 @pytest.fixture
 def sigterm_handled(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """benchmark.interrupt's SIGTERM handler in this process, for the test only."""
+    """benchmark.runtime.interrupt's SIGTERM handler in this process, for the test only."""
     monkeypatch.setattr(interrupt, "_received", None)
     previous = signal.getsignal(signal.SIGTERM)
     interrupt.install()

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.config import DatasetConfig
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import build_manifest
 from benchmark.data.loading import ManifestDataModule
-from benchmark.models import create_backbone
+from benchmark.models.backbones import create_backbone
 from tests.conftest import PROJECT
 from tests.conftest import TINY as CPU_TINY
 from tests.test_e2e import runs_in

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from benchmark.config import DatasetConfig
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import build_manifest
 from benchmark.data.loading import ManifestDataModule
-from benchmark.models import IMAGENET_CLASSES, BackboneError, create_backbone
+from benchmark.models.backbones import IMAGENET_CLASSES, BackboneError, create_backbone
 
 ANT, BEE = 310, 309  # ImageNet class indices
 
@@ -132,7 +132,7 @@ def test_a_timm_model_by_name_loads_its_weights_file_and_pretrained_config(resne
 def test_timm_stages_match_the_hand_written_ones_of_a_known_family():
     import timm
 
-    from benchmark.models import EFFICIENTNET_STAGES, feature_info_stages
+    from benchmark.models.backbones import EFFICIENTNET_STAGES, feature_info_stages
 
     lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     found = feature_info_stages(lite0)
@@ -167,7 +167,7 @@ def test_a_timm_cell_runs_end_to_end_offline_and_is_reported_by_its_name(
 ):
     import pandas as pd
 
-    from benchmark.cell import run_cell
+    from benchmark.cell.run import run_cell
     from benchmark.report.__main__ import main as report
     from tests.conftest import TINY
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from benchmark.cell import run_cell
-from benchmark.config import ConfigError
-from benchmark.identity import run_params
+from benchmark.cell.run import run_cell
+from benchmark.config.rules import ConfigError
+from benchmark.tracking.identity import run_params
 from tests.conftest import TINY
 
 

@@ -1,4 +1,4 @@
-"""python -m benchmark.rank: transferability scores from frozen features, before any training,
+"""python -m benchmark.tools.rank: transferability scores from frozen features, before any training,
 and their agreement with the measured accuracies in the report."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from benchmark.identity import HARNESS_TAG, KIND_TAG, SCHEMA_TAG, SCHEMA_VERSION
-from benchmark.rank import knn_val_acc, leep, logme, nce
-from benchmark.rank import main as rank
+from benchmark.tools.rank import knn_val_acc, leep, logme, nce
+from benchmark.tools.rank import main as rank
+from benchmark.tracking.identity import HARNESS_TAG, KIND_TAG, SCHEMA_TAG, SCHEMA_VERSION
 
 
 def test_logme_and_knn_prefer_features_that_carry_the_label():
@@ -93,7 +93,7 @@ def test_the_report_sets_the_predicted_order_beside_the_measured_one(tmp_path):
 def test_the_imagenet_head_on_cached_features_gives_the_full_models_logits():
     import torch
 
-    from benchmark.models import IMAGENET_CLASSES, create_backbone, imagenet_head
+    from benchmark.models.backbones import IMAGENET_CLASSES, create_backbone, imagenet_head
 
     images = torch.randn(2, 3, 224, 224)
     features = create_backbone("efficientnet_lite0").model.eval()(images)

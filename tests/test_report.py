@@ -12,7 +12,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from benchmark.identity import (
+from benchmark.report.__main__ import RERUN_NOTE
+from benchmark.report.__main__ import main as report
+from benchmark.tracking.identity import (
     CELL_GROUP_TAG,
     DEBUG_TAG,
     HARNESS_TAG,
@@ -20,8 +22,6 @@ from benchmark.identity import (
     SCHEMA_TAG,
     SCHEMA_VERSION,
 )
-from benchmark.report.__main__ import RERUN_NOTE
-from benchmark.report.__main__ import main as report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -229,7 +229,7 @@ def test_expected_datasets_without_runs_are_rows_that_say_not_run(store, tmp_pat
 def test_a_moved_store_still_shows_its_confusion_matrices(tmp_path, empty_store):
     from benchmark.report.__main__ import best_confusions
     from benchmark.report.tables import load_runs, summarise
-    from benchmark.store import experiment_id
+    from benchmark.tracking.store import experiment_id
 
     first = tmp_path / "work" / "results"  # as `make results` lays its store out
     first.mkdir(parents=True)

@@ -9,8 +9,8 @@ from hydra.utils import get_class
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import DictConfig
 
-from benchmark.config import register_configs
-from benchmark.launcher import ReportsCellsHere
+from benchmark.config.schema import register_configs
+from benchmark.orchestration.launcher import ReportsCellsHere
 from tests.conftest import CONF, TINY
 from tests.test_e2e import benchmark, runs_in
 

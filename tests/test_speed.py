@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.cell import cell_features, image_data, run_cell
+from benchmark.cell.run import cell_features, image_data, run_cell
 from benchmark.data import build_manifest
 from benchmark.data.cache import build_image_cache
+from benchmark.data.images import load_rgb
 from benchmark.data.loading import build_transform
-from benchmark.images import load_rgb
-from benchmark.models import create_backbone
+from benchmark.models.backbones import create_backbone
 from tests.conftest import FEW
 
 
@@ -197,7 +197,7 @@ def test_fast_path_features_match_fp32_within_tolerance(make_cfg, ants_and_bees,
 def test_fast_path_logits_match_fp32_within_tolerance(make_cfg, shared_data, lite0):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from benchmark.classifier import make_model
+    from benchmark.models.classifier import make_model
 
     cfg = make_cfg("strategy=finetune")
     evaluation = build_transform(lite0.preprocess, grayscale=False, normalize=True)

@@ -8,9 +8,9 @@ import torchvision
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from benchmark.cell import run_cell
-from benchmark.classifier import TransferClassifier
-from benchmark.models import BACKBONES, create_backbone, stage_of
+from benchmark.cell.run import run_cell
+from benchmark.models.backbones import BACKBONES, create_backbone, stage_of
+from benchmark.models.classifier import TransferClassifier
 from tests.conftest import TINY
 
 
@@ -214,8 +214,8 @@ def mlflow_history(run_id: str, uri: str) -> list[float]:
 
 @pytest.mark.parametrize("policy", ["none", "standard", "strong"])
 def test_augmentation_policies_give_backbone_sized_tensors(policy, make_cfg, shared_data):
+    from benchmark.data.images import load_rgb
     from benchmark.data.loading import build_augmentation, build_transform
-    from benchmark.images import load_rgb
 
     cfg = make_cfg(f"augment={policy}", "backbone=efficientnet_lite1")
     preprocess = create_backbone("efficientnet_lite1").preprocess
@@ -236,7 +236,7 @@ def test_augmentation_policies_give_backbone_sized_tensors(policy, make_cfg, sha
 def test_preview_writes_a_grid_of_augmented_images(tmp_path, shared_data):
     from PIL import Image
 
-    from benchmark.data.__main__ import main as data_cli
+    from benchmark.tools.data import main as data_cli
 
     out = tmp_path / "preview.png"
     code = data_cli(

@@ -17,17 +17,17 @@ import mlflow
 import pytest
 from omegaconf import DictConfig, open_dict
 
-from benchmark import tracking
-from benchmark.cell import run_cell
-from benchmark.identity import cell_key
-from benchmark.launcher import (
+from benchmark.cell import mlflow_run
+from benchmark.cell.run import run_cell
+from benchmark.orchestration.launcher import (
     CellProcessLauncher,
     DevicePool,
     Running,
     visible_gpus,
 )
-from benchmark.progress import SweepProgress, progress, sweep_size
-from benchmark.resume import cell_manifest
+from benchmark.runtime.progress import SweepProgress, progress, sweep_size
+from benchmark.tracking.identity import cell_key
+from benchmark.tracking.resume import cell_manifest
 from tests.conftest import PROJECT, TINY
 from tests.test_e2e import runs_in
 
@@ -198,7 +198,7 @@ def test_gpu_launcher_runs_cells_in_parallel_isolates_failures_and_resumes_a_kil
 
 def _die_inside_a_cell_run(cfg: DictConfig) -> None:
     manifest = cell_manifest(cfg)
-    with tracking.cell_run(cfg, "doomed", manifest):
+    with mlflow_run.cell_run(cfg, "doomed", manifest):
         os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: the run is left RUNNING
 
 

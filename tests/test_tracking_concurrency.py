@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from mlflow.entities import DatasetInput, InputTag
 
-from benchmark import store, tracking
+from benchmark.cell import mlflow_run
+from benchmark.tracking import store
 
 PROCESSES = 4
 STEPS = 50  # x 3 metrics, one call each: many small write transactions
@@ -90,7 +91,7 @@ def test_a_split_another_cell_logs_at_the_same_moment_is_linked_not_fatal(tmp_pa
     frame = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["ants", "bees"]})
     splits = {
         split: mlflow.data.from_pandas(frame, source="/data", name=f"ants-{split}", digest="d1")
-        for split in tracking.SPLITS
+        for split in mlflow_run.SPLITS
     }
     other_run = mlflow.MlflowClient().create_run(exp_id).info.run_id
     other_store = sqlalchemy_store.SqlAlchemyStore(uri, str(tmp_path / "artifacts"))
@@ -109,11 +110,11 @@ def test_a_split_another_cell_logs_at_the_same_moment_is_linked_not_fatal(tmp_pa
     raced: list[str] = []
     monkeypatch.setattr(sqlalchemy_store.SqlDataset, "__init__", dataset_row)
     with mlflow.start_run(experiment_id=exp_id) as run:
-        tracking.log_splits(splits)
+        mlflow_run.log_splits(splits)
     assert raced  # the race happened
     inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(i.dataset.name for i in inputs) == ["ants-test", "ants-train", "ants-val"]
     contexts = {i.dataset.name: i.tags[0].value for i in inputs}
-    assert contexts == {f"ants-{s}": c for s, c in tracking.SPLITS.items()}
+    assert contexts == {f"ants-{s}": c for s, c in mlflow_run.SPLITS.items()}
     shared = mlflow.get_run(other_run).inputs.dataset_inputs
     assert {i.dataset.digest for i in shared} == {"d1"} and len(shared) == 3

@@ -28,11 +28,11 @@ import mlflow
 import pytest
 import requests
 
-from benchmark import server as mlflow_server
-from benchmark.cell import run_cell
-from benchmark.identity import HARNESS_TAG, KIND_TAG, RUN_FILE, cell_key
-from benchmark.server import TrackingUnreachable
-from benchmark.store import experiment_id, finished_run
+from benchmark.cell.run import run_cell
+from benchmark.tracking import server as mlflow_server
+from benchmark.tracking.identity import HARNESS_TAG, KIND_TAG, RUN_FILE, cell_key
+from benchmark.tracking.server import TrackingUnreachable
+from benchmark.tracking.store import experiment_id, finished_run
 from tests.conftest import PROJECT, TINY
 from tests.test_sweep import _pid_of_cell
 

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from benchmark.cell import run_cell
+from benchmark.cell.run import run_cell
 from tests.conftest import TINY
 
 

@@ -7,9 +7,9 @@ import mlflow
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from benchmark import tune
-from benchmark.cell import run_cell
-from benchmark.config import ConfigError
+from benchmark.cell import tune
+from benchmark.cell.run import run_cell
+from benchmark.config.rules import ConfigError
 from benchmark.data.loading import SplitLoaders
 from tests.conftest import FEW
 

@@ -26,8 +26,8 @@ from filelock import FileLock
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from benchmark.images import Preprocess, load_rgb
-from benchmark.progress import progress
+from benchmark.data.images import Preprocess, load_rgb
+from benchmark.runtime.progress import progress
 
 log = logging.getLogger("benchmark")
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from benchmark.images import Preprocess, load_rgb
+from benchmark.data.images import Preprocess, load_rgb
 
 if TYPE_CHECKING:
     from benchmark.data.cache import ImageCache

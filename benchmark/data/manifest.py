@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.config import DatasetConfig
+from benchmark.config.schema import DatasetConfig
 from benchmark.data.scan import DatasetError, remembered_verdicts
 from benchmark.data.sources import PREPARERS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from benchmark.progress import progress
+from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.config import DatasetConfig
+from benchmark.config.registry import Registry
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import acquire
 from benchmark.data.scan import (
     DatasetError,
@@ -24,7 +25,6 @@ from benchmark.data.scan import (
     select_classes,
     verify,
 )
-from benchmark.registry import Registry
 
 
 @dataclass

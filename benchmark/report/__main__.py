@@ -13,8 +13,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from benchmark.identity import RANK_SCORES, default_tracking_uri
-from benchmark.progress import progress
 from benchmark.report import figures
 from benchmark.report.latex import latex_document, to_latex
 from benchmark.report.stats import (
@@ -36,8 +34,10 @@ from benchmark.report.tables import (
     split_protocols,
     summarise,
 )
-from benchmark.server import TrackingUnreachable, check_reachable
-from benchmark.store import StoreError, artifact_file, check_sqlite
+from benchmark.runtime.progress import progress
+from benchmark.tracking.identity import RANK_SCORES, default_tracking_uri
+from benchmark.tracking.server import TrackingUnreachable, check_reachable
+from benchmark.tracking.store import StoreError, artifact_file, check_sqlite
 
 # After a failed run in the HTML's list, when the same cell and seed also FINISHED (a relaunch).
 RERUN_NOTE = " (another run of this cell and seed FINISHED: that one counts)"
@@ -113,7 +113,7 @@ def bold_best(table: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:
 
 
 def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> pd.DataFrame:
-    """`python -m benchmark.rank`'s scores against the measured accuracy of each backbone."""
+    """`python -m benchmark.tools.rank`'s scores against the measured accuracy of each backbone."""
     scores = load_ranks(uri, experiment)
     if scores.empty:
         return pd.DataFrame()
@@ -148,7 +148,7 @@ def write_tables(
         + "\n\n"
         + f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
         + (
-            "## Ranking before training (python -m benchmark.rank)\n\nKendall's tau between "
+            "## Ranking before training (python -m benchmark.tools.rank)\n\nKendall's tau between "
             "each score, computed on frozen features before any training, and the measured "
             "test accuracy, over the backbones of each row (p: two-sided).\n\n"
             f"{predicted.to_markdown(index=False)}\n\n"

@@ -14,7 +14,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from benchmark.identity import (
+from benchmark.report.stats import seed_summary
+from benchmark.tracking.identity import (
     CELL_GROUP_TAG,
     CELL_PARAMS,
     DEBUG_TAG,
@@ -23,8 +24,7 @@ from benchmark.identity import (
     RANK_SCORES,
     SCHEMA_TAG,
 )
-from benchmark.report.stats import seed_summary
-from benchmark.store import end_stale_runs
+from benchmark.tracking.store import end_stale_runs
 
 CELL = list(CELL_PARAMS)
 GROUP = [*CELL, "variant"]  # one experiment: runs that differ only in their seed
@@ -425,7 +425,8 @@ def cost_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """The latest ranking scores (`python -m benchmark.rank`) per dataset x colour x backbone."""
+    """The latest ranking scores (`python -m benchmark.tools.rank`) per dataset x colour x
+    backbone."""
     mlflow.set_tracking_uri(tracking_uri)
     query = f"tags.`{KIND_TAG}` = 'rank' and attributes.status = 'FINISHED'"
     found = mlflow.search_runs(experiment_names=[experiment], filter_string=query)

@@ -31,8 +31,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from benchmark.progress import SweepProgress
-from benchmark.sweep import OUTCOME_FILE, CellOutcome
+from benchmark.orchestration.sweep import OUTCOME_FILE, CellOutcome
+from benchmark.runtime.progress import SweepProgress
 
 log = logging.getLogger("benchmark")
 
@@ -128,12 +128,15 @@ class CellProcessLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from benchmark import identity, store  # the store and experiment exist before cells race
+        from benchmark.tracking import (  # the store and experiment exist before cells race
+            identity,
+            store,
+        )
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
-        from benchmark.server import TrackingUnreachable
+        from benchmark.tracking.server import TrackingUnreachable
 
         try:
             store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
@@ -211,7 +214,8 @@ class CellProcessLauncher(Launcher):
         cell's own process decides."""
         if config.rerun:
             return None
-        from benchmark import precision, resume
+        from benchmark.models import precision
+        from benchmark.tracking import resume
 
         saved = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
@@ -262,7 +266,7 @@ class CellProcessLauncher(Launcher):
         or exit code, and the MLflow run it had started is ended FAILED with that reason."""
         if (cell.folder / OUTCOME_FILE).is_file():
             return CellOutcome.load(cell.folder, " ".join(cell.overrides))
-        from benchmark import identity, store
+        from benchmark.tracking import identity, store
 
         code = cell.process.returncode
         if code < 0:
@@ -281,8 +285,8 @@ class CellProcessLauncher(Launcher):
         """A cell that failed because the tracking server went away could neither end nor tag
         its run (nor could `_outcome`, while the server was down): it would stay RUNNING. Once
         the sweep is over, each failed cell's run is ended FAILED with the cell's error, if the
-        store answers by then (benchmark.store.settle_failed_run)."""
-        from benchmark import identity, server, store
+        store answers by then (benchmark.tracking.store.settle_failed_run)."""
+        from benchmark.tracking import identity, server, store
 
         failed = [
             (Path(job.working_dir) / identity.RUN_FILE, job.return_value.error or "failed")

@@ -1,5 +1,6 @@
-"""What one cell computed, as plain values: `benchmark.cell` fills it, `benchmark.tracking` logs it
-in one call, the command line prints its summary. Nothing here computes or logs."""
+"""What one cell computed, as plain values: `benchmark.cell.run` fills it,
+`benchmark.cell.mlflow_run` logs it in one call, the command line prints its summary.
+Nothing here computes or logs."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ down would sit silent for minutes before failing with a retry trace. Here:
 - a cell whose server goes away mid-run fails with the same kind of one-line error
   (`explained`), and relaunching the sweep runs it again;
 - the run such a cell could not end (the server was down) is ended FAILED, with the cell's error,
-  instead of staying RUNNING (`benchmark.store.settle_failed_run`, `settle_abandoned_runs`).
+  instead of staying RUNNING (`benchmark.tracking.store.settle_failed_run`,
+  `settle_abandoned_runs`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 # Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
 NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "protocol")
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 # Tags every run of the harness carries; anything else in an experiment is not a result of ours.
 HARNESS_TAG = "benchmark.harness"
@@ -35,11 +35,11 @@ CELL_KEY_TAG = "cell_key"
 CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
-# The metrics of a run of kind "rank" (benchmark.rank), in the report's order.
+# The metrics of a run of kind "rank" (benchmark.tools.rank), in the report's order.
 RANK_SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
 # In a cell's output folder once its run has started: which run to end FAILED if the process is
-# killed before the cell can (launchers, and the stale-run rule of `benchmark.store`).
+# killed before the cell can (launchers, and the stale-run rule of `benchmark.tracking.store`).
 RUN_FILE = "mlflow_run.json"
 # In a cell's output folder when it ends, whichever launcher ran it: what happened (sweep.py).
 OUTCOME_FILE = "outcome.json"

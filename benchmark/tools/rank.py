@@ -1,5 +1,5 @@
-"""`python -m benchmark.rank [key=value ...] backbone=a,b,c`: which backbone to try first, scored
-on its frozen features before any training.
+"""`python -m benchmark.tools.rank [key=value ...] backbone=a,b,c`: which backbone to try first,
+scored on its frozen features before any training.
 
 For each backbone (and each value of any other comma-separated key) the cell's data is split
 as a cell splits it and the frozen backbone's features are extracted, or read from the feature
@@ -41,11 +41,13 @@ from sklearn.linear_model import BayesianRidge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 
-from benchmark import identity, precision, store
-from benchmark.cell import cell_features, image_data, use_channels_last
-from benchmark.config import check, register_configs
-from benchmark.models import create_backbone, imagenet_head
-from benchmark.resume import cell_manifest
+from benchmark.cell.run import cell_features, image_data, use_channels_last
+from benchmark.config.rules import check
+from benchmark.config.schema import register_configs
+from benchmark.models import precision
+from benchmark.models.backbones import create_backbone, imagenet_head
+from benchmark.tracking import identity, store
+from benchmark.tracking.resume import cell_manifest
 
 log = logging.getLogger("benchmark")
 

@@ -1,8 +1,8 @@
 """Looking at the data before training, with the same overrides as `python -m benchmark`:
 
-- `python -m benchmark.data stats dataset=NAME ...`: what a run would train and test on (images per
-  class and split, as the study printed them) and every file left out, with the reason.
-- `python -m benchmark.data preview dataset=NAME augment=POLICY ... [--out FILE]`: a grid of
+- `python -m benchmark.tools.data stats dataset=NAME ...`: what a run would train and test on
+  (images per class and split, as the study printed them) and every file left out, with the reason.
+- `python -m benchmark.tools.data preview dataset=NAME augment=POLICY ... [--out FILE]`: a grid of
   augmented training images, as the backbone will see them (before normalisation).
 """
 
@@ -17,16 +17,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from benchmark.config import register_configs
+from benchmark.config.schema import register_configs
 from benchmark.data.loading import build_augmentation, build_transform, load_rgb
 from benchmark.data.manifest import Manifest, build_manifest
 from benchmark.data.scan import DatasetError
-from benchmark.models import create_backbone
+from benchmark.models.backbones import create_backbone
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 USAGE = (
-    "usage: python -m benchmark.data stats [key=value ...]\n"
-    "       python -m benchmark.data preview [key=value ...] [--out FILE] [--images N]"
+    "usage: python -m benchmark.tools.data stats [key=value ...]\n"
+    "       python -m benchmark.tools.data preview [key=value ...] [--out FILE] [--images N]"
 )
 
 
@@ -62,7 +62,7 @@ def stats(overrides: list[str]) -> int:
 
 
 def preview(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.data preview")
+    parser = argparse.ArgumentParser(prog="python -m benchmark.tools.data preview")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--images", type=int, default=16)

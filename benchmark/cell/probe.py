@@ -18,7 +18,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from benchmark.features import FeatureSet
+from benchmark.models.features import FeatureSet
 
 
 @dataclass

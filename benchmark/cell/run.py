@@ -21,24 +21,27 @@ from mlflow.entities import Run
 from omegaconf import DictConfig
 from torch import nn
 
-from benchmark import identity, precision, tracking, tune
-from benchmark.classifier import (
+from benchmark.cell import mlflow_run, tune
+from benchmark.cell.cost import CellCost
+from benchmark.cell.probe import fit_probe
+from benchmark.config.rules import check
+from benchmark.config.schema import Selection
+from benchmark.data.cache import build_image_cache
+from benchmark.data.loading import ManifestDataModule, build_augmentation
+from benchmark.data.manifest import Manifest
+from benchmark.models import precision
+from benchmark.models.backbones import Backbone, create_backbone
+from benchmark.models.classifier import (
     StopOnSignal,
     TrainThroughput,
     make_model,
     progress_callbacks,
     recipe_callbacks,
 )
-from benchmark.config import Selection, check
-from benchmark.cost import CellCost
-from benchmark.data.cache import build_image_cache
-from benchmark.data.loading import ManifestDataModule, build_augmentation
-from benchmark.data.manifest import Manifest
-from benchmark.features import FeatureDataModule, FeatureSet, feature_set
-from benchmark.models import Backbone, create_backbone
-from benchmark.probe import fit_probe
-from benchmark.result import CellResult, CellSummary
-from benchmark.resume import cell_identity, finished_earlier
+from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
+from benchmark.tracking import identity
+from benchmark.tracking.result import CellResult, CellSummary
+from benchmark.tracking.resume import cell_identity, finished_earlier
 
 log = logging.getLogger("benchmark")
 
@@ -51,9 +54,9 @@ def run_cell(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> CellSummary
     manifest, key = cell_identity(cfg)
     if not cfg.rerun and (done := finished_earlier(cfg, key)) is not None:
         return done
-    with tracking.cell_run(cfg, key, manifest) as run:
+    with mlflow_run.cell_run(cfg, key, manifest) as run:
         result = compute_cell(cfg, manifest, run, callbacks)
-        tracking.log_result(cfg, result)
+        mlflow_run.log_result(cfg, result)
     name, score = result.headline
     return CellSummary(
         result.cell,
@@ -303,7 +306,7 @@ def fit_and_test(
             *progress_callbacks(cfg.trainer.get("enable_progress_bar", True)),
             *callbacks,
         ],
-        logger=tracking.lightning_loggers(cfg, run),
+        logger=mlflow_run.lightning_loggers(cfg, run),
         default_root_dir=cfg.paths.output_dir,
     )
     fitted = torch.compile(model) if cfg.speed.compile else model

@@ -25,8 +25,8 @@ from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from benchmark import server
-from benchmark.identity import (
+from benchmark.tracking import server
+from benchmark.tracking.identity import (
     CELL_KEY_TAG,
     HARNESS_TAG,
     KIND_TAG,

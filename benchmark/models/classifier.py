@@ -17,10 +17,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from benchmark import interrupt
-from benchmark.config import OptimConfig
-from benchmark.models import Backbone, stage_of, trainable_from
-from benchmark.progress import line
+from benchmark.config.schema import OptimConfig
+from benchmark.models.backbones import Backbone, stage_of, trainable_from
+from benchmark.runtime import interrupt
+from benchmark.runtime.progress import line
 
 
 def build_head(
@@ -293,7 +293,7 @@ class LineProgress(ProgressBar):
 
 class StopOnSignal(Callback):
     """Ends any loop at the next batch once SIGTERM came, even if the exception its handler
-    raised was lost (benchmark.interrupt)."""
+    raised was lost (benchmark.runtime.interrupt)."""
 
     def on_train_batch_end(self, *args: object, **kwargs: object) -> None:
         interrupt.check()

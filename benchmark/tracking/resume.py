@@ -9,9 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from benchmark import identity, store
 from benchmark.data.manifest import Manifest, build_manifest
-from benchmark.result import HEADLINES, CellSummary
+from benchmark.tracking import identity, store
+from benchmark.tracking.result import HEADLINES, CellSummary
 
 
 def cell_manifest(cfg: DictConfig) -> Manifest:

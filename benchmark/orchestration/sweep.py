@@ -21,8 +21,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from benchmark import identity, interrupt
-from benchmark.progress import SweepProgress, duration, sweep_size
+from benchmark.runtime import interrupt
+from benchmark.runtime.progress import SweepProgress, duration, sweep_size
+from benchmark.tracking import identity
 
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = identity.OUTCOME_FILE
@@ -73,7 +74,7 @@ class SweepSummary(Callback):
         self.here: dict[str, float] = {}  # cells started in this process: their start time
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from benchmark import store
+        from benchmark.tracking import store
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
@@ -121,7 +122,7 @@ class SweepSummary(Callback):
             )
             return
         if self.parent is not None:
-            from benchmark import store
+            from benchmark.tracking import store
 
             try:
                 store.end_sweep_run(*self.parent, dict(self.outcomes))

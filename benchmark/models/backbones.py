@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmark.images import Preprocess
-from benchmark.registry import Registry
+from benchmark.config.registry import Registry
+from benchmark.data.images import Preprocess
 
 IMAGENET_CLASSES = 1000
 

@@ -31,9 +31,9 @@ from mlflow.entities import Run, RunData, RunInfo, RunStatus
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from benchmark import identity, store
 from benchmark.data.manifest import Manifest
-from benchmark.result import CellResult
+from benchmark.tracking import identity, store
+from benchmark.tracking.result import CellResult
 
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's contexts
 

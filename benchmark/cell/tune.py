@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
-from benchmark.classifier import StopOnSignal
 from benchmark.data.loading import ManifestDataModule
-from benchmark.features import FeatureSet
+from benchmark.models.classifier import StopOnSignal
+from benchmark.models.features import FeatureSet
 
 log = logging.getLogger("benchmark")
 

@@ -33,11 +33,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from benchmark.config import DatasetConfig
-from benchmark.cost import peak_rss_mb
+from benchmark.cell.cost import peak_rss_mb
+from benchmark.config.schema import DatasetConfig
 from benchmark.data import build_manifest
-from benchmark.models import create_backbone
-from benchmark.precision import native_bf16
+from benchmark.models.backbones import create_backbone
+from benchmark.models.precision import native_bf16
 
 DEFAULT_DATA = os.environ.get("BENCHMARK_DATA_ROOT", "data")
 
@@ -262,7 +262,7 @@ def study(dataset: str, strategy: str, args: argparse.Namespace) -> dict[str, fl
     command = [
         sys.executable,
         "-m",
-        "benchmark.bench",
+        "benchmark.tools.bench",
         "--study-loop",
         f"--dataset={dataset}",
         f"--strategy={strategy}",
@@ -384,7 +384,7 @@ def fast_vs_fp32(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmark.tools.bench", description=__doc__)
     parser.add_argument("--datasets", default="hymenoptera,dogs_vs_cats")
     parser.add_argument("--strategies", default="finetune,freeze")
     parser.add_argument("--backbone", default="efficientnet_lite0")
