@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 
 from benchmark.config.rules import problems
 from benchmark.config.schema import register_configs
+from benchmark.config.spec import from_config
 from benchmark.orchestration.sweep import CellOutcome
 from benchmark.runtime import interrupt
-from benchmark.tracking.identity import cell_name
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -36,8 +36,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
     hydra_cfg = HydraConfig.get()
-    folder, name = Path(hydra_cfg.runtime.output_dir), cell_name(cfg)
-    if found := problems(cfg):  # out of range: said before torch and Lightning are imported
+    spec = from_config(cfg)  # the boundary: typed from here on
+    folder, name = Path(hydra_cfg.runtime.output_dir), spec.name
+    if found := problems(spec):  # out of range: said before torch and Lightning are imported
         log.error("%s", " ".join(found))
         outcome = CellOutcome(name, "failed", error=f"ConfigError: {' '.join(found)}")
         outcome.save(folder)
@@ -56,14 +57,14 @@ def main(cfg: DictConfig) -> CellOutcome:
     from benchmark.tracking.server import TrackingUnreachable, explained
     from benchmark.tracking.store import StoreError
 
-    if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(cfg.trainer):
-        log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=cfg.trainer.strategy))
+    if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(spec.trainer):
+        log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=spec.trainer["strategy"]))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
     interrupt.install()
     try:
         interrupt.check()  # an earlier cell of this sweep was asked to stop
-        with interrupt.cell(), explained(tracking_uri(cfg)):  # a server gone: one line
-            result = run_cell(cfg)
+        with interrupt.cell(), explained(tracking_uri(spec)):  # a server gone: one line
+            result = run_cell(spec)
     except (interrupt.Terminated, SIGTERMException) as error:
         reason = str(error) or "terminated by signal 15 (SIGTERM)"
         log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)

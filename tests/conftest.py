@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -14,6 +15,7 @@ from mlflow.entities import ViewType
 from omegaconf import DictConfig
 
 from benchmark.config.schema import register_configs
+from benchmark.config.spec import CellSpec, from_config
 from benchmark.tracking.identity import HARNESS_TAG
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -111,7 +113,7 @@ def tmp_store(tmp_path: Path, empty_store: Path) -> Path:
 
 
 @pytest.fixture
-def make_cfg(
+def compose_cfg(
     tmp_path: Path, shared_data: Path, shared_cache: Path, empty_store: Path
 ) -> Callable[..., DictConfig]:
     """Compose conf/ like `python -m benchmark`, with the store and outputs under tmp_path and
@@ -136,6 +138,16 @@ def make_cfg(
                     *overrides,
                 ],
             )
+
+    return make
+
+
+@pytest.fixture
+def make_cfg(compose_cfg: Callable[..., DictConfig]) -> Callable[..., CellSpec]:
+    """`compose_cfg`, then through the boundary as the entry points do: the typed cell."""
+
+    def make(*overrides: str, **options: Any) -> CellSpec:
+        return from_config(compose_cfg(*overrides, **options))
 
     return make
 

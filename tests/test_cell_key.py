@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
 
+from benchmark.config.spec import CellSpec
 from benchmark.tracking import identity
 from benchmark.tracking.resume import cell_identity
 
@@ -46,7 +46,7 @@ PINNED = {
 
 @pytest.mark.parametrize("overrides", list(PINNED), ids=lambda o: " ".join(o) or "defaults")
 def test_cell_key_of_a_config_is_pinned(
-    make_cfg: Callable[..., DictConfig], overrides: tuple[str, ...]
+    make_cfg: Callable[..., CellSpec], overrides: tuple[str, ...]
 ) -> None:
     cfg = make_cfg("trainer.precision=bf16-mixed", *overrides)
     assert identity.cell_key(cfg, DATA) == PINNED[overrides]
@@ -75,7 +75,7 @@ def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str]]:
 
 @pytest.mark.skipif(not GRID.is_file(), reason="results/grid/mlflow.db is not in this checkout")
 def test_the_committed_grid_keys_are_what_a_relaunch_computes(
-    make_cfg: Callable[..., DictConfig],
+    make_cfg: Callable[..., CellSpec],
 ) -> None:
     """Hymenoptera seed 0: every colour x strategy of ours and of protocol=study, composed as
     `make results` composes them, gives the key its FINISHED run in results/grid carries."""

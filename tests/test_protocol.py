@@ -19,14 +19,14 @@ def test_study_protocol_composes_the_studys_recipe(make_cfg):
     assert (cfg.protocol.name, cfg.protocol.selection) == ("study", "max_eval")
     assert cfg.optim.name == "sgd_step" and cfg.optim.step_size == 7 and cfg.optim.gamma == 0.1
     assert (cfg.strategy.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.001, 0.9, 0.0)
-    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.dataset.val_fraction) == (15, 4, 0)
+    assert (cfg.trainer["max_epochs"], cfg.data.batch_size, cfg.dataset.val_fraction) == (15, 4, 0)
     # the study's freeze: BatchNorm in train mode, trained on augmented images
     assert cfg.strategy.bn == "train" and cfg.strategy.train_augmentation
     assert cfg.augment.name == "standard" and cfg.augment.transforms
     assert run_params(cfg)["protocol"] == "study"
     # The default protocol is ours, and a command line still wins over the preset.
     assert make_cfg().protocol.selection == "held_out"
-    assert make_cfg("protocol=study", "trainer.max_epochs=3").trainer.max_epochs == 3
+    assert make_cfg("protocol=study", "trainer.max_epochs=3").trainer["max_epochs"] == 3
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,11 @@ def test_fast_path_logits_match_fp32_within_tolerance(make_cfg, shared_data, lit
     cfg = make_cfg("strategy=finetune")
     evaluation = build_transform(lite0.preprocess, grayscale=False, normalize=True)
     x = torch.stack([evaluation(load_rgb(p)) for p in sample_photos(shared_data)])
-    model = make_model(cfg, lite0, 2).eval().to(memory_format=torch.channels_last)
+    model = (
+        make_model(cfg.strategy, cfg.head, cfg.optim, lite0, 2)
+        .eval()
+        .to(memory_format=torch.channels_last)
+    )
     x = x.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         fp32 = model(x)

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from benchmark.cell.run import run_cell
+from benchmark.config.spec import plain
 from benchmark.models.backbones import BACKBONES, create_backbone, stage_of
 from benchmark.models.classifier import TransferClassifier
 from tests.conftest import TINY
@@ -170,7 +171,7 @@ def test_two_stage_unfreezes_the_top_stages_at_the_epoch_with_a_lower_lr(make_cf
 def learning_rates(make_cfg, preset: str, epochs: int) -> tuple[str, list[float]]:
     cfg = make_cfg(f"optim={preset}", f"trainer.max_epochs={epochs}")
     backbone = create_backbone("efficientnet_lite0")
-    model = classifier(backbone, lr=0.01, optim=dict(cfg.optim))
+    model = classifier(backbone, lr=0.01, optim=plain(cfg.optim))
     model.trainer = type("T", (), {"max_epochs": epochs})()
     configured = model.configure_optimizers()
     optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]

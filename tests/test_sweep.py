@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from omegaconf import DictConfig, open_dict
 
 from benchmark.cell import mlflow_run
 from benchmark.cell.run import run_cell
+from benchmark.config.spec import CellSpec
 from benchmark.orchestration.launcher import (
     CellProcessLauncher,
     DevicePool,
@@ -74,12 +74,8 @@ def test_cell_key_ignores_where_and_how_but_not_what(make_cfg, tmp_path):
     assert cell_key(make_cfg(*TINY, "strategy.lr=0.5")) != base
     # An option added later with a null default keeps the keys of the cells already run.
     later = make_cfg(*TINY)
-    with open_dict(later):
-        later.trainer.added_later = None
-    assert cell_key(later) == base
-    with open_dict(later):
-        later.trainer.added_later = "set"
-    assert cell_key(later) != base
+    assert cell_key(later.with_trainer(added_later=None)) == base
+    assert cell_key(later.with_trainer(added_later="set")) != base
 
 
 def test_device_pool_gives_each_running_cell_its_own_gpu_and_reuses_freed_ones():
@@ -196,7 +192,7 @@ def test_gpu_launcher_runs_cells_in_parallel_isolates_failures_and_resumes_a_kil
     assert killed["tags.cell_key"].iloc[0] in set(finished["tags.cell_key"])
 
 
-def _die_inside_a_cell_run(cfg: DictConfig) -> None:
+def _die_inside_a_cell_run(cfg: CellSpec) -> None:
     manifest = cell_manifest(cfg)
     with mlflow_run.cell_run(cfg, "doomed", manifest):
         os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: the run is left RUNNING

@@ -14,7 +14,6 @@ import threading
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 
 import hydra
 import matplotlib
@@ -28,9 +27,9 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.entities import Run, RunData, RunInfo, RunStatus
-from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import Manifest
 from benchmark.tracking import identity, store
 from benchmark.tracking.result import CellResult
@@ -38,18 +37,18 @@ from benchmark.tracking.result import CellResult
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's contexts
 
 
-def cell_tags(cfg: DictConfig, key: str) -> dict[str, str]:
+def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
     tags = {
         identity.HARNESS_TAG: "benchmark",
         identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
         identity.KIND_TAG: "cell",
         identity.CELL_KEY_TAG: key,
-        identity.CELL_GROUP_TAG: identity.cell_group(cfg),
-        identity.DEBUG_TAG: str(identity.is_debug(cfg)).lower(),
+        identity.CELL_GROUP_TAG: identity.cell_group(spec),
+        identity.DEBUG_TAG: str(identity.is_debug(spec)).lower(),
         identity.GIT_COMMIT_TAG: identity.git_commit(),
-        "cell": identity.cell_name(cfg),
+        "cell": spec.name,
         "torch_version": torch.__version__,
-        "hydra_output_dir": str(cfg.paths.output_dir),
+        "hydra_output_dir": str(spec.paths.output_dir),
         **store.heartbeat_tags(),
     }
     if sweep := os.environ.get(identity.SWEEP_ENV):
@@ -58,33 +57,33 @@ def cell_tags(cfg: DictConfig, key: str) -> dict[str, str]:
 
 
 @contextmanager
-def cell_run(cfg: DictConfig, key: str, manifest: Manifest) -> Iterator[Run]:
+def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     """The cell's run, nested under its sweep's run when there is one: FINISHED when the block
     completes, FAILED (the error as the tag `error`, the traceback as `error.txt`) when anything
     inside raises. A heartbeat says the process is alive while the block runs."""
     if rank_zero_only.rank != 0:
-        mlflow.set_tracking_uri(identity.tracking_uri(cfg))  # for its Lightning logger
+        mlflow.set_tracking_uri(identity.tracking_uri(spec))  # for its Lightning logger
         yield _other_rank_run()
         return
-    uri = identity.tracking_uri(cfg)
-    exp_id = store.experiment_id(uri, cfg.tracking.experiment)
+    uri = identity.tracking_uri(spec)
+    exp_id = store.experiment_id(uri, spec.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(10)  # seconds: few writes to a shared store
     mlflow.set_system_metrics_samples_before_logging(1)
     with mlflow.start_run(
         experiment_id=exp_id,
-        run_name=identity.cell_name(cfg).replace("/", "-"),
-        tags=cell_tags(cfg, key),
+        run_name=spec.name.replace("/", "-"),
+        tags=cell_tags(spec, key),
         parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
-        log_system_metrics=cfg.tracking.system_metrics,
+        log_system_metrics=spec.tracking.system_metrics,
     ) as run:
-        output = Path(cfg.paths.output_dir)
+        output = spec.output_dir
         output.mkdir(parents=True, exist_ok=True)
         started = {"run_id": run.info.run_id, "tracking_uri": uri}
         (output / identity.RUN_FILE).write_text(json.dumps(started))
         os.environ[identity.RUN_ID_ENV] = run.info.run_id
         stop_heartbeat = _heartbeat(uri, run.info.run_id)
         try:
-            log_identity(cfg, manifest)
+            log_identity(spec, manifest)
             yield run
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
@@ -126,7 +125,7 @@ def _other_rank_run() -> Run:
     return Run(info, RunData())
 
 
-def split_datasets(cfg: DictConfig, manifest: Manifest) -> dict[str, mlflow.data.Dataset]:
+def split_datasets(spec: CellSpec, manifest: Manifest) -> dict[str, mlflow.data.Dataset]:
     """Each split as an MLflow dataset: its rows of the manifest, digest = the manifest hash."""
     frames = manifest.relative_frame()
     return {
@@ -134,7 +133,7 @@ def split_datasets(cfg: DictConfig, manifest: Manifest) -> dict[str, mlflow.data
             frames[frames.split == split].reset_index(drop=True),
             source=str(manifest.root),
             targets="label",
-            name=f"{cfg.dataset.name}-{split}",
+            name=f"{spec.dataset.name}-{split}",
             digest=manifest.sha256[:16],
         )
         for split in SPLITS
@@ -142,10 +141,10 @@ def split_datasets(cfg: DictConfig, manifest: Manifest) -> dict[str, mlflow.data
 
 
 @rank_zero_only
-def log_identity(cfg: DictConfig, manifest: Manifest) -> None:
+def log_identity(spec: CellSpec, manifest: Manifest) -> None:
     """What the cell is, before it computes: params, its config and Hydra's overrides, and the
     exact images of each split (as MLflow datasets and as the manifest file)."""
-    mlflow.log_params(identity.run_params(cfg))
+    mlflow.log_params(identity.run_params(spec))
     counts = manifest.frame.groupby("split").size()
     mlflow.log_params(
         {
@@ -155,13 +154,13 @@ def log_identity(cfg: DictConfig, manifest: Manifest) -> None:
             "manifest_sha256": manifest.sha256,
         }
     )
-    mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "config.yaml")
-    hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
+    mlflow.log_dict(spec.as_dict(), "config.yaml")
+    hydra_dir = spec.output_dir / ".hydra"
     if hydra_dir.is_dir():  # config.yaml, hydra.yaml and overrides.yaml as Hydra wrote them
         mlflow.log_artifacts(str(hydra_dir), "hydra")
     mlflow.log_text(manifest.csv, "manifest.csv")
     mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
-    log_splits(split_datasets(cfg, manifest))
+    log_splits(split_datasets(spec, manifest))
 
 
 INPUT_TRIES = 3
@@ -188,7 +187,7 @@ def log_splits(datasets: Mapping[str, mlflow.data.Dataset]) -> None:
 
 
 @rank_zero_only
-def log_result(cfg: DictConfig, result: CellResult) -> None:
+def log_result(spec: CellSpec, result: CellResult) -> None:
     """Everything the cell computed, once it is complete."""
     mlflow.log_param("input", result.input)
     mlflow.set_tags({"device": result.device, "precision": result.precision})
@@ -215,20 +214,20 @@ def log_result(cfg: DictConfig, result: CellResult) -> None:
     mlflow.log_figure(figure, "confusion_matrix.png")
     plt.close(figure)
     model_id = None
-    if cfg.tracking.log_model and result.checkpoint:
-        model_id = log_checkpoint(cfg, result.checkpoint)
+    if spec.tracking.log_model and result.checkpoint:
+        model_id = log_checkpoint(spec, result.checkpoint)
     mlflow.log_metrics(result.scores, model_id=model_id)
 
 
-def log_checkpoint(cfg: DictConfig, checkpoint: str) -> str:
+def log_checkpoint(spec: CellSpec, checkpoint: str) -> str:
     """The checkpoint selected on validation as an MLflow logged model of the run (the UI's
     Models column), its weights the Lightning checkpoint file."""
     run = mlflow.active_run()
     model = mlflow.initialize_logged_model(
-        name=f"{cfg.backbone.name}-{cfg.strategy.name}",
+        name=f"{spec.backbone.name}-{spec.strategy.name}",
         source_run_id=run.info.run_id,
         model_type="lightning-checkpoint",
-        params={"dataset": cfg.dataset.name, "colour": cfg.colour.name, "seed": str(cfg.seed)},
+        params={"dataset": spec.dataset.name, "colour": spec.colour.name, "seed": str(spec.seed)},
     )
     mlflow.MlflowClient().log_model_artifact(model.model_id, checkpoint)
     mlflow.finalize_logged_model(model.model_id, "READY")
@@ -262,15 +261,15 @@ class CellLogger(MLFlowLogger):
         super().log_metrics(metrics, step=step if epoch is None else int(epoch))
 
 
-def lightning_loggers(cfg: DictConfig, run: Run | None) -> list[Logger]:
+def lightning_loggers(spec: CellSpec, run: Run | None) -> list[Logger]:
     """The `logger` group's Lightning loggers. An entry with `_partial_: true` (the `mlflow` one)
     receives the cell's run id and store. A DDP rank other than 0 has no run: its logger opens
     none and logs nothing, Lightning's logger methods being rank-zero only."""
     run_id = run.info.run_id if run is not None else None
     run_id = run_id or os.environ.get(identity.RUN_ID_ENV)
     loggers = []
-    for spec in cfg.logger.values():
-        logger = hydra.utils.instantiate(spec)
+    for arguments in spec.logger.values():
+        logger = hydra.utils.instantiate(arguments)
         if isinstance(logger, functools.partial):
             logger = logger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
         loggers.append(logger)

@@ -13,6 +13,7 @@ interval over seeds includes the tuning's own variance.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -23,8 +24,8 @@ import lightning as L
 import optuna
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, open_dict
 
+from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import StopOnSignal
 from benchmark.models.features import FeatureSet
@@ -67,34 +68,34 @@ LR_RANGE = (1e-4, 0.3)
 WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
 
 
-def search_space(cfg: DictConfig) -> dict[str, tuple[float, float]]:
+def search_space(spec: CellSpec) -> dict[str, tuple[float, float]]:
     """Config key -> (low, high), sampled log-uniformly."""
-    space = {"strategy.lr": tuple(cfg.tune.lr_range or LR_RANGE)}
-    if cfg.strategy.trainable_stages == 0:  # a head alone: its weight decay too
-        space["optim.weight_decay"] = tuple(cfg.tune.weight_decay_range or WEIGHT_DECAY_RANGE)
+    space = {"strategy.lr": tuple(spec.tune.lr_range or LR_RANGE)}
+    if spec.head_only:  # a head alone, ever (not two_stage): its weight decay too
+        space["optim.weight_decay"] = tuple(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE)
     return space
 
 
 def choose(
-    cfg: DictConfig,
+    spec: CellSpec,
     datamodule: L.LightningDataModule,
-    make_model: Callable[[DictConfig], L.LightningModule],
+    make_model: Callable[[CellSpec], L.LightningModule],
     **trainer_args: object,
 ) -> Tuned:
     """Run the trials on `datamodule` less its test split; the values of the best one.
     `trainer_args` override the cell's Trainer arguments (as the cell's own fit does)."""
     start = time.perf_counter()
     data = without_test(datamodule)
-    space = search_space(cfg)
-    epochs = cfg.tune.epochs or cfg.trainer.max_epochs
+    space = search_space(spec)
+    epochs = spec.tune.epochs or spec.max_epochs
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in space.items()}
-        trial_cfg = with_values(cfg, values)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        trial_spec = with_values(spec, values)
+        L.seed_everything(spec.seed, workers=True, verbose=False)
         best = BestValAcc()
         trainer: L.Trainer = hydra.utils.instantiate(
-            cfg.trainer,
+            spec.trainer,
             **trainer_args,
             max_epochs=epochs,
             logger=False,
@@ -103,27 +104,26 @@ def choose(
             enable_model_summary=False,
             callbacks=[best, StopOnSignal()],
         )
-        trainer.fit(make_model(trial_cfg), datamodule=data)
+        trainer.fit(make_model(trial_spec), datamodule=data)
         log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)
         return best.value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed)
+    sampler = optuna.samplers.TPESampler(seed=spec.seed)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    study.optimize(objective, n_trials=cfg.tune.trials)
+    study.optimize(objective, n_trials=spec.tune.trials)
     return Tuned(
-        dict(study.best_params), study.best_value, cfg.tune.trials, time.perf_counter() - start
+        dict(study.best_params), study.best_value, spec.tune.trials, time.perf_counter() - start
     )
 
 
-def with_values(cfg: DictConfig, values: dict[str, float]) -> DictConfig:
-    """A copy of `cfg` with the chosen values set."""
-    tuned = copy.deepcopy(cfg)
-    with open_dict(tuned):
-        for key, value in values.items():
-            group, name = key.split(".")
-            tuned[group][name] = float(value)
-    return tuned
+def with_values(spec: CellSpec, values: dict[str, float]) -> CellSpec:
+    """The cell with the chosen values set (`strategy.lr`, `optim.weight_decay`...)."""
+    for key, value in values.items():
+        group, name = key.split(".")
+        changed = dataclasses.replace(getattr(spec, group), **{name: float(value)})
+        spec = dataclasses.replace(spec, **{group: changed})
+    return spec
 
 
 def fresh_weights(module: torch.nn.Module) -> Callable[[], torch.nn.Module]:

@@ -4,12 +4,10 @@ values). Checked once, at the entry points, before any data is read or any run o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from omegaconf import DictConfig
-
-from benchmark.config.schema import Fit, Selection
+from benchmark.config.spec import CellSpec
 
 # (key, test, what it must be): every number a cell reads, checked on the composed config
 # before any data is touched or any run is opened (`python -m benchmark` refuses the cell).
@@ -56,19 +54,27 @@ class ConfigError(ValueError):
     """A value out of its range: the message names each key and what it must be."""
 
 
-def check(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every value out of range (see RULES)."""
-    if found := problems(cfg):
+def check(spec: CellSpec) -> None:
+    """Raise ConfigError listing every value out of range and every rule broken."""
+    if found := problems(spec):
         raise ConfigError(" ".join(found))
 
 
-def problems(cfg: DictConfig) -> list[str]:
-    """What is out of range in a composed config, one line each naming the key and the fix."""
-    from omegaconf import OmegaConf
+def value_at(spec: CellSpec, key: str) -> Any:
+    """`strategy.lr` of the spec; None where the key is absent (a Trainer argument not set)."""
+    group, name = key.split(".", 1)
+    holder = getattr(spec, group)
+    if isinstance(holder, Mapping):
+        return holder.get(name)
+    return getattr(holder, name, None)
 
+
+def problems(spec: CellSpec) -> list[str]:
+    """What is out of range or contradictory in a cell, one line each naming the key and the
+    fix: checked at the entry points, before any data is read or any run opened."""
     found = []
     for key, valid, requirement in RULES:
-        value = OmegaConf.select(cfg, key, default=None)
+        value = value_at(spec, key)
         if value is None and not requirement.startswith("null"):
             continue  # not in this config (a trainer without the key): Lightning's default
         try:
@@ -77,27 +83,35 @@ def problems(cfg: DictConfig) -> list[str]:
             ok = False
         if not ok:
             found.append(f"{key}={value}: must be {requirement} (set {key}=...).")
-    if cfg.protocol.selection == Selection.max_eval:
-        if cfg.strategy.fit == Fit.lbfgs:
+    if spec.max_eval:
+        if spec.probe:
             found.append(
-                f"protocol={cfg.protocol.name} has no linear probe (the study fine-tuned and "
+                f"protocol={spec.protocol.name} has no linear probe (the study fine-tuned and "
                 "froze): use strategy=finetune or strategy=freeze with it."
             )
-        if cfg.dataset.val_fraction > 0:
+        if spec.dataset.val_fraction > 0:
             found.append(
-                f"protocol={cfg.protocol.name} reads the evaluation split every epoch and "
-                f"carves no validation split: dataset.val_fraction={cfg.dataset.val_fraction} "
+                f"protocol={spec.protocol.name} reads the evaluation split every epoch and "
+                f"carves no validation split: dataset.val_fraction={spec.dataset.val_fraction} "
                 "must be 0."
             )
-    if cfg.tune.trials and cfg.strategy.fit == Fit.lbfgs:
+    if spec.tune.trials and spec.probe:
         found.append(
             "strategy=linear_probe already chooses its C on the validation split: tune.trials "
             "is for the strategies fitted with SGD (drop tune.trials)."
         )
-    if cfg.tune.trials and cfg.protocol.selection == Selection.max_eval:
+    if spec.tune.trials and spec.max_eval:
         found.append(
-            f"protocol={cfg.protocol.name} has no validation split to tune on: drop tune.trials."
+            f"protocol={spec.protocol.name} has no validation split to tune on: drop tune.trials."
         )
-    if cfg.strategy.fit == Fit.lbfgs and not cfg.strategy.probe_c:
+    if spec.probe and not spec.strategy.probe_c:
         found.append("strategy.probe_c is empty: give the C values to choose from.")
+    if spec.probe and (not spec.frozen or spec.distributed):
+        found.append(
+            f"strategy.fit=lbfgs fits on one device's features of a frozen backbone, but "
+            f"strategy={spec.strategy.name} has trainable_stages={spec.strategy.trainable_stages}, "
+            f"bn={spec.strategy.bn}, unfreeze_at_epoch={spec.strategy.unfreeze_at_epoch}, "
+            f"trainer.strategy={spec.trainer.get('strategy', 'auto')}: use trainable_stages=0, "
+            "bn=eval, no unfreezing and a single-device trainer (not trainer=ddp)."
+        )
     return found

@@ -12,12 +12,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ProgressBar
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from benchmark.config.schema import OptimConfig
+from benchmark.config.schema import HeadConfig, OptimConfig, StrategyConfig
+from benchmark.config.spec import plain
 from benchmark.models.backbones import Backbone, stage_of, trainable_from
 from benchmark.runtime import interrupt
 from benchmark.runtime.progress import line
@@ -306,8 +306,13 @@ def progress_callbacks(enabled: bool) -> list[Callback]:
     return [LineProgress()] if enabled and not sys.stderr.isatty() else []
 
 
-def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> TransferClassifier:
-    strategy, head = cfg.strategy, cfg.head
+def make_model(
+    strategy: StrategyConfig,
+    head: HeadConfig,
+    optim: OptimConfig,
+    backbone: Backbone,
+    num_classes: int,
+) -> TransferClassifier:
     return TransferClassifier(
         backbone.model,
         backbone.stages,
@@ -316,20 +321,19 @@ def make_model(cfg: DictConfig, backbone: Backbone, num_classes: int) -> Transfe
         trainable_stages=strategy.trainable_stages,
         bn=str(strategy.bn),  # plain values: the checkpoint's hparams load with weights_only
         lr=strategy.lr,
-        optim=OmegaConf.to_container(cfg.optim, enum_to_str=True),
+        optim=plain(optim),
         head_hidden=list(head.hidden),
         head_batchnorm=head.batchnorm,
         head_dropout=head.dropout,
     )
 
 
-def recipe_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Early stopping and the two-stage unfreezing, when the config asks for them."""
+def recipe_callbacks(strategy: StrategyConfig, optim: OptimConfig) -> list[Callback]:
+    """Early stopping and the two-stage unfreezing, when the recipe asks for them."""
     callbacks: list[Callback] = []
-    if cfg.optim.early_stopping_patience is not None:
-        patience = cfg.optim.early_stopping_patience
+    if optim.early_stopping_patience is not None:
+        patience = optim.early_stopping_patience
         callbacks.append(EarlyStopping("val_acc", mode="max", patience=patience))
-    strategy = cfg.strategy
     if strategy.unfreeze_at_epoch is not None:
         lr = strategy.lr * strategy.unfreeze_lr_factor
         callbacks.append(StagedUnfreeze(strategy.unfreeze_at_epoch, strategy.unfreeze_stages, lr))

@@ -7,7 +7,7 @@ and later). Autocast keeps the weights, the optimizer and the loss in float32, s
 convolutions and matrix products run in bf16 (on this project's 2-core EPYC: Lite0 forward 1.5x,
 train step 1.2-1.35x on top of channels-last; see `make bench`).
 
-`resolve` writes the concrete value into the config before the cell's key is computed, so the key,
+`resolve` puts the concrete value into the cell before the cell's key is computed, so the key,
 the run's params (`trainer.precision`) and the feature cache all name what actually ran; any
 explicit `trainer.precision` (e.g. `32-true`) is kept as it is.
 """
@@ -17,7 +17,8 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
-from omegaconf import DictConfig, open_dict
+
+from benchmark.config.spec import CellSpec
 
 AUTO = "auto"
 
@@ -54,9 +55,9 @@ def choose(accelerator: str) -> Precision:
     return Precision.fast if native_bf16(device_type(accelerator)) else Precision.fp32
 
 
-def resolve(cfg: DictConfig) -> None:
-    """Replace `trainer.precision=auto` in `cfg` by the concrete precision (see the module)."""
-    if str(cfg.trainer.get("precision", AUTO)) != AUTO:
-        return
-    with open_dict(cfg):
-        cfg.trainer.precision = choose(str(cfg.trainer.get("accelerator", "auto"))).value
+def resolve(spec: CellSpec) -> CellSpec:
+    """The cell with `trainer.precision=auto` replaced by the concrete precision (see the
+    module); any other precision is kept."""
+    if str(spec.trainer.get("precision", AUTO)) != AUTO:
+        return spec
+    return spec.with_trainer(precision=choose(str(spec.trainer.get("accelerator", "auto"))).value)

@@ -10,10 +10,11 @@ the ranks themselves, so nothing is re-run there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import hydra
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig
 
 log = logging.getLogger("benchmark")
 
@@ -26,7 +27,7 @@ RELAUNCH_UNDER_MULTIRUN = (
 )
 
 
-def relaunches_command(trainer_cfg: DictConfig) -> bool:
+def relaunches_command(trainer_cfg: Mapping[str, Any]) -> bool:
     """Whether Lightning would start this cell's other ranks by re-running the command line.
 
     Asks Lightning itself: a Trainer built from the config (no model, nothing started) has the

@@ -11,7 +11,6 @@ one (SIGKILL, out of memory) is failed, and its MLflow run is ended FAILED rathe
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
@@ -139,7 +138,9 @@ class CellProcessLauncher(Launcher):
         from benchmark.tracking.server import TrackingUnreachable
 
         try:
-            store.experiment_id(identity.tracking_uri(self.config), self.config.tracking.experiment)
+            store.experiment_id(
+                identity.store_uri(self.config.tracking.uri), self.config.tracking.experiment
+            )
         except (TrackingUnreachable, store.StoreError) as error:  # one line, before any cell
             log.error("%s", error)
             raise SystemExit(1) from None
@@ -214,17 +215,13 @@ class CellProcessLauncher(Launcher):
         cell's own process decides."""
         if config.rerun:
             return None
-        from benchmark.models import precision
-        from benchmark.tracking import resume
+        from benchmark.cell.run import finished
+        from benchmark.config.spec import from_config
 
         saved = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
         try:
-            cell_cfg = copy.deepcopy(config)
-            with open_dict(cell_cfg):
-                del cell_cfg["hydra"]
-            precision.resolve(cell_cfg)  # as the cell will
-            done = resume.finished_earlier(cell_cfg, resume.cell_identity(cell_cfg)[1])
+            done = finished(from_config(config))  # the cell's own first steps
         except Exception:  # bad data, say: the cell's own process reports it
             log.debug("Cell %s not checked here", folder, exc_info=True)
             return None
@@ -296,7 +293,7 @@ class CellProcessLauncher(Launcher):
         if not failed:
             return
         try:
-            server.check_reachable(identity.tracking_uri(self.config))
+            server.check_reachable(identity.store_uri(self.config.tracking.uri))
         except server.TrackingUnreachable as error:
             log.warning("%s The runs of the failed cells may stay RUNNING.", error)
             return

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
 from benchmark.config.schema import register_configs
+from benchmark.config.spec import CellSpec, from_config
 from benchmark.data.loading import build_augmentation, build_transform, load_rgb
 from benchmark.data.manifest import Manifest, build_manifest
 from benchmark.data.scan import DatasetError
@@ -30,16 +31,18 @@ USAGE = (
 )
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str]) -> CellSpec:
+    """The cell these overrides describe (the boundary: typed from here on)."""
     register_configs()
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "outputs/data"  # no Hydra run folder: nothing is written there
+    return from_config(cfg)
 
 
-def manifest_for(cfg: DictConfig) -> Manifest:
-    return build_manifest(
-        cfg.dataset, Path(cfg.paths.data_root), cfg.seed, Path(cfg.paths.cache_dir)
-    )
+def manifest_for(spec: CellSpec) -> Manifest:
+    return build_manifest(spec.dataset, Path(spec.paths.data_root), spec.seed, spec.cache_dir)
 
 
 def stats(overrides: list[str]) -> int:

@@ -36,14 +36,15 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 from sklearn.linear_model import BayesianRidge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 
-from benchmark.cell.run import cell_features, image_data, use_channels_last
+from benchmark.cell.run import cell_features, image_data
 from benchmark.config.rules import check
 from benchmark.config.schema import register_configs
+from benchmark.config.spec import CellSpec, from_config
 from benchmark.models import precision
 from benchmark.models.backbones import create_backbone, imagenet_head
 from benchmark.tracking import identity, store
@@ -92,17 +93,17 @@ def knn_val_acc(
     return float(knn.score(normalize(val), val_y))
 
 
-def rank_one(cfg: DictConfig) -> dict[str, float]:
-    """The scores of the backbone of `cfg` on its data (features extracted or read back)."""
-    check(cfg)
-    precision.resolve(cfg)
+def rank_one(spec: CellSpec) -> dict[str, float]:
+    """The scores of the backbone of `spec` on its data (features extracted or read back)."""
+    check(spec)
+    spec = precision.resolve(spec)
     start = time.perf_counter()
-    manifest = cell_manifest(cfg)
-    made = cfg.backbone
+    manifest = cell_manifest(spec)
+    made = spec.backbone
     backbone = create_backbone(made.name, made.weights_path, model=made.model)
-    channels_last = use_channels_last(cfg)
-    data, _ = image_data(cfg, manifest.frame, backbone, channels_last)
-    features = cell_features(cfg, data, backbone, 0, channels_last)  # as the images are
+    channels_last = spec.speed.channels_last
+    data, _ = image_data(spec, manifest.frame, backbone, channels_last)
+    features = cell_features(spec, data, backbone, 0, channels_last)  # as the images are
     train, train_y = features.train[0].numpy(), features.targets["train"].numpy()
     val, val_y = features.val.numpy(), features.targets["val"].numpy()
     scores = {
@@ -121,10 +122,10 @@ def rank_one(cfg: DictConfig) -> dict[str, float]:
     }
 
 
-def log_scores(cfg: DictConfig, scores: dict[str, float]) -> str:
+def log_scores(spec: CellSpec, scores: dict[str, float]) -> str:
     """One MLflow run of kind `rank` for a backbone's scores."""
-    uri = identity.tracking_uri(cfg)
-    experiment = store.experiment_id(uri, cfg.tracking.experiment)
+    uri = identity.tracking_uri(spec)
+    experiment = store.experiment_id(uri, spec.tracking.experiment)
     tags = {
         identity.HARNESS_TAG: "benchmark",
         identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
@@ -132,13 +133,13 @@ def log_scores(cfg: DictConfig, scores: dict[str, float]) -> str:
         identity.GIT_COMMIT_TAG: identity.git_commit(),
     }
     with mlflow.start_run(experiment_id=experiment, tags=tags, log_system_metrics=False) as run:
-        mlflow.log_params(identity.run_params(cfg))
+        mlflow.log_params(identity.run_params(spec))
         mlflow.log_metrics(scores)
     return run.info.run_id
 
 
-def configs(overrides: list[str]) -> list[DictConfig]:
-    """One composed config per combination of the comma-separated values in `overrides`."""
+def configs(overrides: list[str]) -> list[CellSpec]:
+    """One cell per combination of the comma-separated values in `overrides` (the boundary)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
@@ -152,7 +153,7 @@ def configs(overrides: list[str]) -> list[DictConfig]:
     for cfg in made:
         with open_dict(cfg):
             cfg.paths.output_dir = "outputs/rank"  # no Hydra run folder: nothing is trained
-    return made
+    return [from_config(cfg) for cfg in made]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,18 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     rows = []
-    for cfg in configs(overrides):
-        backbone = cfg.backbone.model or cfg.backbone.name
-        name = f"{cfg.dataset.name}/{cfg.colour.name}/{backbone}"
-        scores = rank_one(cfg)
-        run_id = log_scores(cfg, scores)
+    for spec in configs(overrides):
+        backbone = spec.backbone.model or spec.backbone.name
+        name = f"{spec.dataset.name}/{spec.colour.name}/{backbone}"
+        scores = rank_one(spec)
+        run_id = log_scores(spec, scores)
         log.info(
             "%s: LogME %.4f, LEEP %s, NCE %s, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
             name, scores["logme"], f"{scores.get('leep', float('nan')):.4f}",
             f"{scores.get('nce', float('nan')):.4f}", scores["knn_val_acc"], scores["rank_s"],
             run_id,
         )  # fmt: skip
-        rows.append({"cell": name, "backbone": cfg.backbone.name, **scores})
+        rows.append({"cell": name, "backbone": spec.backbone.name, **scores})
     table = pd.DataFrame(rows).sort_values("logme", ascending=False)
     print(table.round(4).to_string(index=False))
     return 0

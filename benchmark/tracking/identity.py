@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+
+from benchmark.config.spec import CellSpec
 
 # The names users filter and group by: params.dataset, params.colour, ...
 CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
@@ -67,22 +68,23 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def tracking_uri(cfg: DictConfig) -> str:
-    return cfg.tracking.uri or default_tracking_uri()
+def store_uri(uri: str | None) -> str:
+    """`tracking.uri`, or MLflow's default store when it is null."""
+    return uri or default_tracking_uri()
 
 
-def cell_name(cfg: DictConfig) -> str:
-    return (
-        f"{cfg.dataset.name}/{cfg.colour.name}/{cfg.strategy.name}/"
-        f"{cfg.backbone.name}/seed={cfg.seed}"
-    )
+def tracking_uri(spec: CellSpec) -> str:
+    return store_uri(spec.tracking.uri)
 
 
-def run_params(cfg: DictConfig) -> dict[str, object]:
+def cell_name(spec: CellSpec) -> str:
+    return spec.name
+
+
+def run_params(spec: CellSpec) -> dict[str, object]:
     """Every key of the resolved config once: a group's choice under the group's name
     (`dataset`, `head`), everything else flattened (`strategy.lr`, `optim.momentum`...)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    flat = pd.json_normalize(resolved, sep=".").iloc[0].to_dict()
+    flat = pd.json_normalize(spec.as_dict(), sep=".").iloc[0].to_dict()
     named = {group: flat.pop(f"{group}.name") for group in NAMED_GROUPS if f"{group}.name" in flat}
     return {**named, **flat}
 
@@ -104,20 +106,20 @@ def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cell_key(cfg: DictConfig, data_sha256: str | None = None) -> str:
+def cell_key(spec: CellSpec, data_sha256: str | None = None) -> str:
     """A stable hash of what the cell computes and on which data: the same command relaunched
     on the same files finds the cells it already finished."""
-    return _digest([_kept(run_params(cfg)), data_sha256])
+    return _digest([_kept(run_params(spec)), data_sha256])
 
 
-def cell_group(cfg: DictConfig) -> str:
+def cell_group(spec: CellSpec) -> str:
     """The hash of the config less the seed: runs with one group differ only in their seed."""
-    return _digest(_kept(run_params(cfg), also=("seed",)))
+    return _digest(_kept(run_params(spec), also=("seed",)))
 
 
-def is_debug(cfg: DictConfig) -> bool:
+def is_debug(spec: CellSpec) -> bool:
     """A partial budget: fewer batches than the data holds, a fast dev run or a step limit."""
-    trainer = cfg.trainer
+    trainer = spec.trainer
     limits = [trainer.get(f"limit_{split}_batches", 1.0) for split in ("train", "val", "test")]
     partial = any(
         limit is not None and (isinstance(limit, int) or float(limit) < 1.0) for limit in limits
