@@ -196,6 +196,7 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
         "peak_rss_mb": result.peak_rss_mb,
         "train_images_per_s": result.train_images_per_s,
         "peak_gpu_mem_mb": result.peak_gpu_mem_mb,
+        "optimizer_steps": result.optimizer_steps,
         **result.build_s,
     }
     mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})

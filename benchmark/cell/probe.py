@@ -29,6 +29,8 @@ class ProbeResult:
     test_loss: float
     val_acc_by_c: dict[float, float]
     confusion: torch.Tensor  # rows: true class, columns: predicted
+    iterations: int  # the chosen model's L-BFGS iterations
+    model: Pipeline  # the chosen model: standardisation, then the logistic regression
 
 
 def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> ProbeResult:
@@ -57,4 +59,6 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
         test_loss=float(log_loss(test_y, probabilities, labels=range(num_classes))),
         val_acc_by_c=scores,
         confusion=confusion,
+        iterations=int(models[best][-1].n_iter_.max()),
+        model=models[best],
     )

@@ -30,6 +30,7 @@ from benchmark.data.manifest import Manifest
 from benchmark.models import precision
 from benchmark.models.backbones import Backbone, create_backbone
 from benchmark.models.classifier import (
+    MinSteps,
     StopOnSignal,
     TrainThroughput,
     make_model,
@@ -93,6 +94,7 @@ class Fitted:
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
     tuned: tune.Tuned | None = None
+    optimizer_steps: int | None = None
 
 
 def compute_cell(
@@ -137,6 +139,7 @@ def compute_cell(
         tuned=fitted.tuned.values if fitted.tuned else None,
         tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
+        optimizer_steps=fitted.optimizer_steps,
     )
 
 
@@ -228,6 +231,7 @@ def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
         precision="64 (scikit-learn)",
         probe_val_acc=result.val_acc_by_c,
         probe_c=result.c,
+        optimizer_steps=result.iterations,
     )
 
 
@@ -275,10 +279,13 @@ def fit_and_test(
         filename="best-{epoch}-{val_acc:.4f}",
     )
     throughput = TrainThroughput()
+    budget = {"min_steps": spec.protocol.min_steps} if spec.protocol.min_steps else {}
     trainer: L.Trainer = hydra.utils.instantiate(
         spec.trainer,
         **head,
+        **budget,
         callbacks=[
+            MinSteps(),
             checkpoint,
             throughput,
             StopOnSignal(),
@@ -311,4 +318,5 @@ def fit_and_test(
         train_images_per_s=throughput.images_per_s,
         checkpoint=checkpoint.best_model_path or None,
         tuned=tuned,
+        optimizer_steps=trainer.global_step,
     )

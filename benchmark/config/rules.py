@@ -34,6 +34,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optim.step_size", lambda v: v >= 1, ">= 1"),
     ("optim.gamma", lambda v: v > 0, "> 0"),
     ("optim.early_stopping_patience", lambda v: v is None or v >= 1, "null or >= 1"),
+    ("protocol.min_steps", lambda v: v is None or v >= 1, "null (epochs alone) or >= 1"),
     ("speed.augmented_views", lambda v: v >= 0, ">= 0"),
     ("tune.trials", lambda v: v is None or v >= 1, "null (no tuning) or >= 1"),
     ("tune.epochs", lambda v: v is None or v >= 1, "null (the cell's) or >= 1"),
@@ -103,6 +104,16 @@ def problems(spec: CellSpec) -> list[str]:
     if spec.tune.trials and spec.max_eval:
         found.append(
             f"protocol={spec.protocol.name} has no validation split to tune on: drop tune.trials."
+        )
+    max_steps = spec.trainer.get("max_steps", -1)
+    if (
+        spec.protocol.min_steps
+        and max_steps not in (None, -1)
+        and max_steps < spec.protocol.min_steps
+    ):
+        found.append(
+            f"protocol.min_steps={spec.protocol.min_steps} is more than trainer.max_steps="
+            f"{max_steps}: lower protocol.min_steps or raise trainer.max_steps."
         )
     if spec.probe and not spec.strategy.probe_c:
         found.append("strategy.probe_c is empty: give the C values to choose from.")

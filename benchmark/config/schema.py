@@ -169,6 +169,10 @@ class ProtocolConfig:
 
     name: str = MISSING
     selection: Selection = Selection.held_out
+    # A budget in optimizer steps, not epochs alone: trainer.max_epochs is raised so that the
+    # fit takes at least this many steps (224 images at batch 32: 7 steps an epoch, so 10 epochs
+    # are 70 steps); it is also Lightning's `min_steps` (no early stop before). null: epochs.
+    min_steps: int | None = None
 
 
 @dataclass

@@ -4,6 +4,7 @@ the Lightning callbacks of the recipes (two-stage unfreezing, early stopping, th
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -210,6 +211,33 @@ class StagedUnfreeze(BaseFinetuning):
         )
         self.unfreeze_and_add_param_group(modules, optimizer, lr=self.lr, train_bn=True)
         pl_module.freeze_below(floor)
+
+
+class MinSteps(Callback):
+    """A budget in optimizer steps (`protocol.min_steps`, which is also Lightning's `min_steps`):
+    Lightning's `min_steps` only holds off early stopping, and `max_epochs` still ends the fit,
+    so this raises `max_epochs` until the epochs hold at least `min_steps` optimizer steps. It
+    runs in `setup`, before `configure_optimizers`: the LR schedule spans the raised epochs."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        wanted, epochs = trainer.fit_loop.min_steps, trainer.max_epochs
+        if stage != "fit" or not wanted or epochs is None or epochs < 1:
+            return
+        trainer.estimated_stepping_batches  # noqa: B018 -- loads the training data (Lightning)
+        batches = trainer.num_training_batches  # this rank's, after limit_train_batches
+        if not math.isfinite(batches) or batches < 1:
+            return
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        needed = math.ceil(wanted / per_epoch)
+        if needed > epochs:
+            log.info(
+                "min_steps=%d: %d optimizer steps an epoch, max_epochs %d -> %d",
+                wanted,
+                per_epoch,
+                epochs,
+                needed,
+            )
+            trainer.fit_loop.max_epochs = needed
 
 
 class TrainThroughput(Callback):

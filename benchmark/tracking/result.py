@@ -33,6 +33,9 @@ class CellResult:
     tuned: dict[str, float] | None = None
     tune_val_acc: float | None = None
     tune_s: float | None = None
+    # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
+    # model's L-BFGS iterations).
+    optimizer_steps: int | None = None
 
     @property
     def headline(self) -> tuple[str, float]:
