@@ -75,7 +75,7 @@ RESULTS_CELL := tracking.uri=$(RESULTS_STORE) tracking.log_model=false \
 RESULTS_DATASETS := hymenoptera,simpsons,dogs_vs_cats,caltech256
 results-grid:  ## the grid's cells (Caltech-256 is not in ../shared: its rows say "not run")
 	-$(BIN)/python -m benchmark -m seed=0,1,2 dataset=hymenoptera,simpsons,dogs_vs_cats \
-	  dataset.classes=null colour=rgb,gray strategy=finetune,freeze,linear_probe $(RESULTS_CELL) \
+	  dataset.classes=null colour=rgb,gray strategy=finetune,freeze,linear_probe,lp_ft $(RESULTS_CELL) \
 	  hydra.sweep.dir=multirun/results/ours
 	-$(BIN)/python -m benchmark -m seed=0,1,2 protocol=study dataset=hymenoptera colour=rgb,gray \
 	  strategy=finetune,freeze $(RESULTS_CELL) hydra.sweep.dir=multirun/results/study

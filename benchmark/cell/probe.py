@@ -25,6 +25,7 @@ from benchmark.models.features import FeatureSet
 class ProbeResult:
     c: float
     val_acc: float
+    val_loss: float
     test_acc: float
     test_loss: float
     val_acc_by_c: dict[float, float]
@@ -46,6 +47,7 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
     models = {c: fit(c) for c in sorted(c_grid)}
     scores = {c: float(np.mean(m.predict(val_x) == val_y)) for c, m in models.items()}
     best = max(scores, key=lambda c: (scores[c], -c))
+    val_loss = float(log_loss(val_y, models[best].predict_proba(val_x), labels=range(num_classes)))
     test_x, test_y = features.test.numpy(), features.targets["test"].numpy()
     probabilities = models[best].predict_proba(test_x)
     predicted = probabilities.argmax(1)
@@ -55,6 +57,7 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
     return ProbeResult(
         c=best,
         val_acc=scores[best],
+        val_loss=val_loss,
         test_acc=float(np.mean(predicted == test_y)),
         test_loss=float(log_loss(test_y, probabilities, labels=range(num_classes))),
         val_acc_by_c=scores,
@@ -62,3 +65,18 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
         iterations=int(models[best][-1].n_iter_.max()),
         model=models[best],
     )
+
+
+def linear_head(model: Pipeline, num_classes: int) -> dict[str, torch.Tensor]:
+    """The fitted probe as the state dict of one `nn.Linear` on the raw features, giving the
+    same probabilities: its standardisation folded in ((x - mean) / scale), and with two
+    classes scikit-learn's one logit z as the pair (-z/2, z/2), whose softmax is its sigmoid."""
+    scaler, regression = model[0], model[-1]
+    weight = regression.coef_ / scaler.scale_
+    bias = regression.intercept_ - weight @ scaler.mean_
+    if weight.shape[0] == 1 and num_classes == 2:
+        weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
+    return {
+        "weight": torch.from_numpy(weight).float(),
+        "bias": torch.from_numpy(bias).float(),
+    }

@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmark.cell import mlflow_run, tune
 from benchmark.cell.cost import CellCost
-from benchmark.cell.probe import fit_probe
+from benchmark.cell.probe import ProbeResult, fit_probe, linear_head
 from benchmark.config.rules import check
 from benchmark.config.spec import CellSpec, InputKind
 from benchmark.data.cache import build_image_cache
@@ -116,10 +116,13 @@ def compute_cell(
         views = spec.speed.augmented_views if kind is InputKind.feature_views else 0
         features = cell_features(spec, data, backbone, views, channels_last)
         build_s["feature_build_s"] = features.build_s
+    lp = None
+    if spec.probe_head:  # LP-FT: the linear probe on the frozen backbone's features first
+        lp, build_s["feature_build_s"] = probe_first(spec, data, backbone, channels_last)
     if spec.probe:
         fitted = probe(spec, features, data.classes)
     else:
-        fitted = fit_and_test(spec, data, backbone, features, run, channels_last, callbacks)
+        fitted = fit_and_test(spec, data, backbone, features, run, channels_last, callbacks, lp)
     return CellResult(
         cell=spec.name,
         input=kind.param(spec.speed.augmented_views),
@@ -235,6 +238,23 @@ def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
     )
 
 
+def probe_first(
+    spec: CellSpec, data: ManifestDataModule, backbone: Backbone, channels_last: bool
+) -> tuple[ProbeResult, float]:
+    """LP-FT's first stage: the linear probe (linear_probe's fit, C chosen on val) on the
+    backbone's features of the unaugmented images (extracted once and cached, as for freeze),
+    and the seconds the extraction took."""
+    features = cell_features(spec, data, backbone, 0, channels_last)
+    result = fit_probe(features, list(spec.strategy.probe_c), len(data.classes))
+    log.info(
+        "%s: linear probe first: C=%g, val_acc %.4f; fine-tuning from it",
+        spec.name,
+        result.c,
+        result.val_acc,
+    )
+    return result, features.build_s
+
+
 def fit_and_test(
     spec: CellSpec,
     data: ManifestDataModule,
@@ -243,10 +263,12 @@ def fit_and_test(
     run: Run,
     channels_last: bool,
     callbacks: Sequence[Callback] = (),
+    lp: ProbeResult | None = None,
 ) -> Fitted:
     """Lightning epochs on the images, or on cached features (then the model is the head
     alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
-    draws random numbers while extracting) and a hit train the same head."""
+    draws random numbers while extracting) and a hit train the same head. `lp`: the probe the
+    head starts from (LP-FT), in every tuning trial too."""
     L.seed_everything(spec.seed, workers=True, verbose=False)
     datamodule: L.LightningDataModule = data
     fitted_on = backbone
@@ -258,8 +280,12 @@ def fit_and_test(
     # features were extracted at the cell's precision.
     head = {"precision": "32-true"} if features is not None else {}
 
+    fitted_head = linear_head(lp.model, len(data.classes)) if lp is not None else None
+
     def build(cell: CellSpec) -> L.LightningModule:
         model = make_model(cell.strategy, cell.head, cell.optim, fitted_on, len(data.classes))
+        if fitted_head is not None:  # the rules guarantee a linear head
+            model.head[-1].load_state_dict(fitted_head)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     tuned = None
@@ -302,6 +328,8 @@ def fit_and_test(
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
     scores["best_val_acc"] = float(checkpoint.best_model_score)
+    if lp is not None:  # the probe LP-FT started from, on the same validation split
+        scores |= {"lp_val_acc": lp.val_acc, "lp_val_loss": lp.val_loss}
     if spec.max_eval:
         # Validation was the evaluation split itself: its best epoch is the study's number,
         # named as such; the test pass above only gave that epoch's confusion matrix.
@@ -319,4 +347,6 @@ def fit_and_test(
         checkpoint=checkpoint.best_model_path or None,
         tuned=tuned,
         optimizer_steps=trainer.global_step,
+        probe_val_acc=lp.val_acc_by_c if lp is not None else None,
+        probe_c=lp.c if lp is not None else None,
     )

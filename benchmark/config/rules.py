@@ -23,6 +23,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("strategy.unfreeze_stages", lambda v: v is None or v >= 1, "null (all) or >= 1"),
     ("strategy.unfreeze_lr_factor", lambda v: v > 0, "> 0"),
     ("strategy.probe_c", lambda v: all(c > 0 for c in v), "positive numbers"),
+    ("strategy.ft_lr_factor", lambda v: v is None or v > 0, "null (1) or > 0"),
     ("head.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("head.hidden", lambda v: all(w >= 1 for w in v), "widths >= 1"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -115,6 +116,8 @@ def problems(spec: CellSpec) -> list[str]:
             f"protocol.min_steps={spec.protocol.min_steps} is more than trainer.max_steps="
             f"{max_steps}: lower protocol.min_steps or raise trainer.max_steps."
         )
+    if spec.probe_head:
+        found += probe_head_problems(spec)
     if spec.probe and not spec.strategy.probe_c:
         found.append("strategy.probe_c is empty: give the C values to choose from.")
     if spec.probe and (not spec.frozen or spec.distributed):
@@ -124,5 +127,31 @@ def problems(spec: CellSpec) -> list[str]:
             f"bn={spec.strategy.bn}, unfreeze_at_epoch={spec.strategy.unfreeze_at_epoch}, "
             f"trainer.strategy={spec.trainer.get('strategy', 'auto')}: use trainable_stages=0, "
             "bn=eval, no unfreezing and a single-device trainer (not trainer=ddp)."
+        )
+    return found
+
+
+def probe_head_problems(spec: CellSpec) -> list[str]:
+    """LP-FT's probe: a linear head, its C values, one device's features, a validation split."""
+    found = []
+    name = spec.strategy.name
+    if spec.head.hidden:
+        found.append(
+            f"strategy={name} fits its head as a linear probe: head={spec.head.name} has hidden "
+            "layers (use head=linear)."
+        )
+    if not spec.strategy.probe_c:
+        found.append(
+            f"strategy={name}: strategy.probe_c is empty: give the C values to choose from."
+        )
+    if spec.distributed:
+        found.append(
+            f"strategy={name} fits its probe on one device's features: use a single-device "
+            "trainer (not trainer=ddp)."
+        )
+    if spec.max_eval:
+        found.append(
+            f"protocol={spec.protocol.name} has no validation split for strategy={name}'s probe to "
+            "choose its C on: use protocol=default."
         )
     return found

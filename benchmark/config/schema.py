@@ -40,6 +40,13 @@ class Fit(Choice):
     lbfgs = "lbfgs"  # the linear probe: logistic regression on cached features
 
 
+class HeadInit(Choice):
+    random = "random"  # a new head (nn.Linear's initialisation)
+    # LP-FT (Kumar et al. 2022): the linear probe's fit on the frozen features (L-BFGS, C chosen
+    # on val), its standardisation folded into the head; then every layer fine-tunes from it
+    probe = "probe"
+
+
 class Selection(Choice):
     # ours: the checkpoint best on a validation split carved from train; the test split scored
     # once with it (test_acc)
@@ -113,6 +120,12 @@ class StrategyConfig:
     fit: Fit = Fit.sgd
     # lbfgs: the inverse L2 strengths C tried (scikit-learn's LogisticRegression).
     probe_c: list[float] = field(default_factory=list)
+    # How the head starts (null: random). `probe` (lp_ft): fitted first by the linear probe on
+    # the frozen backbone's features (C from probe_c), then everything fine-tunes from it.
+    head_init: HeadInit | None = None
+    # The fine-tuning rate is lr x this (null: 1). lp_ft: 0.1, the lower rate of Kumar et al.'s
+    # fine-tuning stage, so that the fitted head is not undone and the features not distorted.
+    ft_lr_factor: float | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from benchmark.config.schema import (
     DatasetConfig,
     Fit,
     HeadConfig,
+    HeadInit,
     OptimConfig,
     PathsConfig,
     ProtocolConfig,
@@ -100,6 +101,11 @@ class CellSpec:
     @property
     def probe(self) -> bool:
         return self.strategy.fit == Fit.lbfgs
+
+    @property
+    def probe_head(self) -> bool:
+        """LP-FT: the head starts as the linear probe fitted on the frozen backbone's features."""
+        return self.strategy.head_init == HeadInit.probe
 
     @property
     def max_eval(self) -> bool:

@@ -348,7 +348,7 @@ def make_model(
         num_classes,
         trainable_stages=strategy.trainable_stages,
         bn=str(strategy.bn),  # plain values: the checkpoint's hparams load with weights_only
-        lr=strategy.lr,
+        lr=strategy.lr * (strategy.ft_lr_factor or 1.0),
         optim=plain(optim),
         head_hidden=list(head.hidden),
         head_batchnorm=head.batchnorm,
