@@ -61,3 +61,12 @@ def test_min_steps_above_max_steps_is_refused(make_cfg):
     assert any(
         "protocol.min_steps=0" in line for line in problems(make_cfg("protocol.min_steps=0"))
     )
+
+
+def test_the_linear_probe_logs_its_lbfgs_iterations_as_its_steps(make_cfg, ants_and_bees):
+    cfg = make_cfg(
+        "dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=linear_probe", *TINY
+    )
+    result = run_cell(cfg)
+    metrics = mlflow.MlflowClient(cfg.tracking.uri).get_run(result.run_id).data.metrics
+    assert metrics["optimizer_steps"] >= 1
