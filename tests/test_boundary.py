@@ -1,0 +1,111 @@
+"""The typed boundary (benchmark/config/spec.py): only the entry points touch Hydra's DictConfig;
+below them functions take the typed spec or its groups, and every rule is checked before a run
+opens."""
+
+from __future__ import annotations
+
+import ast
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PROJECT
+
+PACKAGE = PROJECT / "benchmark"
+# The entry points: the command, Hydra's launcher and sweep callbacks (their APIs hand over a
+# DictConfig), and the boundary itself.
+ENTRY_POINTS = {
+    "benchmark/__main__.py",
+    "benchmark/orchestration/launcher.py",
+    "benchmark/orchestration/sweep.py",
+    "benchmark/config/spec.py",
+}
+# The tools compose conf/ themselves (Hydra's compose API) and convert at once, as the command.
+TOOLS = "benchmark/tools/"
+
+
+def dictconfig_parameters(source: str) -> list[str]:
+    """`function(param)` for every parameter annotated with DictConfig (or named cfg/config
+    without an annotation, the old habit) in a module's source."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        arguments = node.args
+        every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+        every += [a for a in (arguments.vararg, arguments.kwarg) if a]
+        name = getattr(node, "name", "lambda")
+        for argument in every:
+            annotation = ast.unparse(argument.annotation) if argument.annotation else ""
+            if "DictConfig" in annotation or (
+                not annotation and argument.arg in {"cfg", "config"}
+            ):
+                found.append(f"{name}({argument.arg})")
+    return found
+
+
+def test_the_check_finds_a_dictconfig_parameter():
+    """The rule itself can fail: a function taking a DictConfig, annotated or as a bare `cfg`."""
+    source = "def f(cfg: 'DictConfig'): ...\ndef g(x, cfg): ...\ndef h(spec: CellSpec): ...\n"
+    assert dictconfig_parameters(source) == ["f(cfg)", "g(cfg)"]
+
+
+def test_no_module_below_the_entry_points_takes_a_dictconfig():
+    offenders = {}
+    for module in sorted(PACKAGE.rglob("*.py")):
+        relative = module.relative_to(PROJECT).as_posix()
+        if relative in ENTRY_POINTS or relative.startswith(TOOLS):
+            continue
+        if found := dictconfig_parameters(module.read_text()):
+            offenders[relative] = found
+    assert not offenders, f"take the typed CellSpec (config/spec.py) instead: {offenders}"
+
+
+def test_below_the_boundary_nothing_imports_omegaconf_but_the_config_layer():
+    """Only the entry points and config/ (the schema registers with Hydra) import omegaconf."""
+    importers = []
+    for module in sorted(PACKAGE.rglob("*.py")):
+        relative = module.relative_to(PROJECT).as_posix()
+        if relative in ENTRY_POINTS or relative.startswith(("benchmark/config/", TOOLS)):
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "omegaconf" for n in names):
+                importers.append(relative)
+    assert not importers, importers
+
+
+def test_lbfgs_on_an_unfrozen_backbone_is_refused_before_a_run_opens(tmp_path):
+    """A cross-group rule (fit=lbfgs needs a frozen backbone), through the command as a user
+    runs it: one line, exit 1, and no run in the store (the data is never read either)."""
+    store = tmp_path / "mlflow.db"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmark",
+            "strategy=linear_probe",
+            "strategy.trainable_stages=1",
+            f"tracking.uri=sqlite:///{store}",
+            f"paths.data_root={tmp_path / 'no-data-here'}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stdout + done.stderr  # Hydra's job logging writes to stdout
+    assert "strategy.fit=lbfgs fits on one device's features of a frozen backbone" in said
+    assert "Traceback" not in said
+    if store.exists():  # nothing was opened in it
+        with sqlite3.connect(store) as db:
+            assert db.execute("select count(*) from runs").fetchone()[0] == 0
+    outcome = (tmp_path / "out" / "outcome.json").read_text()
+    assert "ConfigError" in outcome
