@@ -19,6 +19,7 @@ install:  ## virtual environment with the package, torch and the dev tools
 test:  ## the default suite (no slow, no gpu); real images from ../shared/data; parallel
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow:  ## full-length trainings on the real data (minutes each)

@@ -8,7 +8,6 @@ import ast
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.conftest import PROJECT
 
@@ -38,9 +37,7 @@ def dictconfig_parameters(source: str) -> list[str]:
         name = getattr(node, "name", "lambda")
         for argument in every:
             annotation = ast.unparse(argument.annotation) if argument.annotation else ""
-            if "DictConfig" in annotation or (
-                not annotation and argument.arg in {"cfg", "config"}
-            ):
+            if "DictConfig" in annotation or (not annotation and argument.arg in {"cfg", "config"}):
                 found.append(f"{name}({argument.arg})")
     return found
 

@@ -13,6 +13,7 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
@@ -300,8 +301,10 @@ def _accuracy_limits(cells: pd.DataFrame) -> tuple[float, float]:
 
 def _figure_legend(figure: Figure, panels: list[Axes]) -> None:
     """One legend for all panels, right of them, each label once."""
-    unique: dict[str, object] = {}
+    unique: dict[str, Artist] = {}
     for axes in panels:
         for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
             unique.setdefault(label, handle)
-    figure.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize="small")
+    figure.legend(
+        list(unique.values()), list(unique.keys()), loc="outside right upper", fontsize="small"
+    )

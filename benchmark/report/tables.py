@@ -8,6 +8,7 @@ seeds; failed, running and never-run cells are shown as such, never dropped or a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def latest_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(
-    runs: pd.DataFrame, study_runs: pd.DataFrame | None = None, datasets: list[str] = ()
+    runs: pd.DataFrame, study_runs: pd.DataFrame | None = None, datasets: Sequence[str] = ()
 ) -> pd.DataFrame:
     """One row per cell: each dataset x colour of the runs (and of `datasets`, expected even
     without runs), crossed with each strategy x backbone x variant they hold, missing cells

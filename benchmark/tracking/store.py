@@ -126,7 +126,10 @@ def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
     except MlflowException as error:  # another process created it since we looked
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-        return mlflow.get_experiment_by_name(name).experiment_id
+        created = mlflow.get_experiment_by_name(name)
+        if created is None:  # created, then deleted under us: say so rather than guess
+            raise
+        return created.experiment_id
 
 
 def finished_run(uri: str, experiment: str, key: str) -> Run | None:
