@@ -5,6 +5,7 @@ opens."""
 from __future__ import annotations
 
 import ast
+import re
 import sqlite3
 import subprocess
 import sys
@@ -106,3 +107,46 @@ def test_lbfgs_on_an_unfrozen_backbone_is_refused_before_a_run_opens(tmp_path):
             assert db.execute("select count(*) from runs").fetchone()[0] == 0
     outcome = (tmp_path / "out" / "outcome.json").read_text()
     assert "ConfigError" in outcome
+
+
+HAND_OVERS = ("RUN_ID_ENV", "SWEEP_ENV", "PARENT_RUN_ENV")
+READERS = ["benchmark/report", "benchmark/tools/bench.py"]
+
+
+def report_param_keys() -> set[str]:
+    """Every `params.<key>` the report (and make bench) reads from MLflow's run frame."""
+    keys = set()
+    for where in READERS:
+        path = PROJECT / where
+        for module in [path] if path.is_file() else sorted(path.rglob("*.py")):
+            keys |= set(re.findall(r"params\.([A-Za-z_][A-Za-z0-9_.]*)", module.read_text()))
+    return keys
+
+
+def test_every_param_the_report_reads_is_a_logged_name(make_cfg):
+    """A renamed config key (or a misspelt one in the report) would silently empty a column: the
+    keys the report reads must be run params of composed cells or the cell's LOGGED_PARAMS."""
+    from benchmark.tracking import identity
+
+    logged = set(identity.LOGGED_PARAMS)
+    for overrides in [(), ("dataset=imagefolder",), ("dataset=csv",), ("backbone=timm",)]:
+        logged |= set(identity.run_params(make_cfg(*overrides)))
+    keys = report_param_keys()
+    assert {"tune.trials", "protocol.selection", "backbone.model", "n_classes"} <= keys
+    unknown = {
+        k for k in keys if k not in logged and not any(n.startswith(k) for n in logged)
+    }  # `n_` of f"params.n_{split}" is a prefix
+    assert not unknown, f"the report reads params no cell logs: {sorted(unknown)}"
+
+
+def test_the_hand_over_variables_are_named_once():
+    """Processes hand over run ids and the sweep through environment variables: their names live
+    in tracking/identity.py and every reader and writer uses the constant."""
+    from benchmark.tracking import identity
+
+    values = [getattr(identity, name) for name in HAND_OVERS]
+    for module in sorted(PACKAGE.rglob("*.py")):
+        if module.name == "identity.py":
+            continue
+        text = module.read_text()
+        assert not [v for v in values if f'"{v}"' in text], module
