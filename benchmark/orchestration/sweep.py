@@ -79,11 +79,15 @@ class SweepSummary(Callback):
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
         self.progress = SweepProgress(sweep_size(config.hydra.overrides.task))
-        uri = config.tracking.uri or identity.default_tracking_uri()
+        uri = identity.store_uri(config.tracking.uri)
         try:
             run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
         except Exception as error:  # the cells will say what is wrong with the store
-            log.warning("No parent run for the sweep in %s: %s", uri, error)
+            log.warning(
+                "No parent run for the sweep in %s: %s",
+                identity.redact(uri),
+                identity.redact(str(error)),
+            )
             return
         os.environ[identity.PARENT_RUN_ENV] = run_id
         self.parent = (uri, run_id)

@@ -35,7 +35,7 @@ from benchmark.report.tables import (
     summarise,
 )
 from benchmark.runtime.progress import progress
-from benchmark.tracking.identity import RANK_SCORES, default_tracking_uri
+from benchmark.tracking.identity import RANK_SCORES, store_uri
 from benchmark.tracking.server import TrackingUnreachable, check_reachable
 from benchmark.tracking.store import StoreError, artifact_file, check_sqlite
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = store_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
         check_sqlite(uri, write=False)  # a misspelt path: no empty store created

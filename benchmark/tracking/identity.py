@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -69,12 +72,33 @@ def default_tracking_uri() -> str:
 
 
 def store_uri(uri: str | None) -> str:
-    """`tracking.uri`, or MLflow's default store when it is null."""
-    return uri or default_tracking_uri()
+    """`tracking.uri`, or MLflow's default store when it is null. A server URI's userinfo
+    (`http://user:secret@host`) moves to MLflow's own MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (unless they are set), so that MLflow, which prints and stores the URI it is given, never
+    holds the secret; the cells a launcher starts inherit them."""
+    uri = uri or default_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def tracking_uri(spec: CellSpec) -> str:
     return store_uri(spec.tracking.uri)
+
+
+# The userinfo of any URI in a text (`http://user:secret@host` -> `http://***@host`).
+_USERINFO = re.compile(r"(?<=://)[^/?#\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URI in it masked: what is logged or stored of a
+    tracking URI (params, config artifacts, log lines) never carries its password or token.
+    Credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    return _USERINFO.sub("***@", text)
 
 
 def cell_name(spec: CellSpec) -> str:

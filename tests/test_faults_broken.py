@@ -1,0 +1,63 @@
+"""Issue 23: seven inputs an attacker found that broke the harness, each now handled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from benchmark.tracking.identity import redact
+from tests.conftest import TINY
+from tests.test_e2e import runs_in
+from tests.test_faults import cell_env, folder_of
+from tests.test_tracking_server import TrackingServer
+
+# ---------------------------------------------------------------- 1. a password in the URI
+
+
+def test_redact_masks_the_userinfo_of_every_uri_in_a_text():
+    assert redact("http://user:PASS@host:5000") == "http://***@host:5000"
+    assert redact("a=https://TOKEN@h/x?q=b@c b") == "a=https://***@h/x?q=b@c b"
+    assert redact("postgresql://u:p@ss@db:5432/m") == "postgresql://***@db:5432/m"
+    assert redact("http://host:5000") == "http://host:5000"
+    assert redact("sqlite:////data/a@b/mlflow.db") == "sqlite:////data/a@b/mlflow.db"
+
+
+@pytest.mark.e2e
+def test_a_password_in_the_tracking_uri_is_never_logged_or_stored(tmp_path, shared_data, tmp_store):
+    """A cell on a tracking server named as http://user:PASS@host:port: the server is used, and
+    PASS is in no param, tag, artifact or line of output."""
+    root = folder_of(tmp_path, shared_data, count=4)
+    server = TrackingServer(f"sqlite:///{tmp_store}", tmp_path / "artifacts", tmp_path / "log")
+    server.start()
+    try:
+        uri = server.uri.replace("http://", "http://user:S3CRET@")
+        command = [
+            *(sys.executable, "-m", "benchmark"),
+            *("dataset=imagefolder", f"dataset.root={root}", "strategy=freeze", *TINY),
+            f"tracking.uri={uri}",
+            "tracking.log_model=false",
+            "tracking.system_metrics=false",
+        ]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=cell_env())
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        masked = server.uri.replace("http://", "http://***@")
+        assert f"in {server.uri}" in done.stdout and "S3CRET" not in done.stdout + done.stderr
+        (run_id,) = runs_in(tmp_store).run_id
+        client = mlflow.MlflowClient(server.uri)
+        run = client.get_run(run_id)
+        assert run.data.params["tracking.uri"] == masked
+        assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if "S3CRET" in v]
+        hydra = [a.path for a in client.list_artifacts(run_id, "hydra")]
+        assert {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"} <= set(hydra)
+        texts = {
+            artifact: Path(client.download_artifacts(run_id, artifact, str(tmp_path))).read_text()
+            for artifact in ("config.yaml", *hydra)
+        }
+        assert not [artifact for artifact, text in texts.items() if "S3CRET" in text]
+        assert f"tracking.uri={masked}" in texts["hydra/overrides.yaml"]
+    finally:
+        server.stop()
