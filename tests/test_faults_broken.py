@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
+from PIL import Image
 
+from benchmark.data import build_manifest
+from benchmark.data.scan import VERDICT_COLUMNS
 from benchmark.tracking.identity import redact
 from tests.conftest import TINY
 from tests.test_e2e import runs_in
@@ -61,3 +66,27 @@ def test_a_password_in_the_tracking_uri_is_never_logged_or_stored(tmp_path, shar
         assert f"tracking.uri={masked}" in texts["hydra/overrides.yaml"]
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- 2. a thin image
+
+
+def test_a_thin_strip_is_skipped_with_its_reason_not_blown_up(tmp_path, shared_data):
+    """A 1 x 12000 PNG (a few hundred bytes) would be resized to 256 x 3,072,000 px."""
+    from benchmark.config.schema import DatasetConfig
+
+    root = folder_of(tmp_path, shared_data)
+    Image.new("RGB", (1, 12000)).save(root / "ants" / "strip.png")
+    Image.new("RGB", (600, 150)).save(root / "bees" / "panorama.png")  # 4:1 is kept
+    cache = tmp_path / "cache"
+    (cache).mkdir()
+    # A verdict remembered by the older rules (strip.png decodes: usable) is not trusted.
+    stat = (root / "ants" / "strip.png").stat()
+    old = [(str(root / "ants" / "strip.png"), stat.st_size, stat.st_mtime_ns, "", "0" * 64)]
+    pd.DataFrame(old, columns=VERDICT_COLUMNS).to_csv(cache / "verified_files.csv", index=False)
+    manifest = build_manifest(DatasetConfig(name="imagefolder", root=str(root)), tmp_path, 0, cache)
+    reasons = dict(
+        zip(manifest.skipped.path.map(os.path.basename), manifest.skipped.reason, strict=True)
+    )
+    assert reasons["strip.png"].startswith("extreme aspect ratio (1x12000 px, more than 20:1)")
+    assert "panorama.png" not in reasons and len(manifest.frame) == 13
