@@ -14,7 +14,9 @@ from PIL import Image
 
 from benchmark.data import build_manifest
 from benchmark.data.scan import VERDICT_COLUMNS
-from benchmark.tracking.identity import redact
+from benchmark.orchestration.sweep import CellOutcome
+from benchmark.tracking import store
+from benchmark.tracking.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, OUTCOME_FILE, redact
 from tests.conftest import TINY
 from tests.test_e2e import runs_in
 from tests.test_faults import cell_env, folder_of
@@ -90,3 +92,40 @@ def test_a_thin_strip_is_skipped_with_its_reason_not_blown_up(tmp_path, shared_d
     )
     assert reasons["strip.png"].startswith("extreme aspect ratio (1x12000 px, more than 20:1)")
     assert "panorama.png" not in reasons and len(manifest.frame) == 13
+
+
+# ---------------------------------------------------------------- 3. a damaged outcome file
+
+
+@pytest.mark.parametrize("content", ["", '{"cell": "a", "stat', "[1, 2]", '{"what": 1}'])
+def test_a_damaged_outcome_file_is_named_and_stops_nothing(tmp_path, tmp_store, caplog, content):
+    """A run left RUNNING by a dead process, its folder's outcome.json empty or damaged: the
+    stale-run rule that every cell and the report run first ends it FAILED, with a warning
+    naming the file; the launchers count the cell as failed."""
+    uri = f"sqlite:///{tmp_store}"
+    experiment = store.experiment_id(uri, "benchmark")
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    (folder / OUTCOME_FILE).write_text(content)
+    client = mlflow.MlflowClient(uri)
+    tags = {
+        **mlflow_run_tags(),
+        "hydra_output_dir": str(folder),
+        store.PID_STARTED_TAG: "0",  # this pid, started at another time: its process is gone
+    }
+    run = client.create_run(experiment, tags=tags)
+    assert store.finished_run(uri, "benchmark", "k") is None  # raised JSONDecodeError before
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED" and ended.data.tags["error"].startswith("killed:")
+    assert f"damaged outcome file {folder / OUTCOME_FILE}" in caplog.text
+    outcome = CellOutcome.load(folder, "a")
+    assert outcome.status == "failed" and str(folder / OUTCOME_FILE) in outcome.error
+
+
+def mlflow_run_tags() -> dict[str, str]:
+    return {
+        HARNESS_TAG: "benchmark",
+        KIND_TAG: "cell",
+        CELL_KEY_TAG: "k",
+        **store.heartbeat_tags(),
+    }

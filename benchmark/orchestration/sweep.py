@@ -50,15 +50,21 @@ class CellOutcome:
             if rank_zero_only.rank != 0:
                 return
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
+        partial = folder / f".{OUTCOME_FILE}.{os.getpid()}"  # a reader never sees half a file
+        partial.write_text(json.dumps(asdict(self)))
+        partial.replace(folder / OUTCOME_FILE)
 
     @staticmethod
     def load(folder: Path, cell: str) -> CellOutcome:
         """What the cell in `folder` reported; a cell killed before it could say is failed."""
-        file = folder / OUTCOME_FILE
-        if not file.is_file():
+        said = identity.read_outcome(folder)
+        if said == {}:
             return CellOutcome(cell, "failed", error=f"ended without an outcome; see {folder}")
-        return CellOutcome(**json.loads(file.read_text()))
+        try:
+            return CellOutcome(**said)
+        except TypeError:  # damaged (None), or not an outcome's fields
+            error = f"its outcome file {folder / OUTCOME_FILE} is damaged; see {folder}"
+            return CellOutcome(cell, "failed", error=error)
 
 
 class SweepSummary(Callback):

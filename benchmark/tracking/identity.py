@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 # Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
 NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "protocol")
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 # Tags every run of the harness carries; anything else in an experiment is not a result of ours.
 HARNESS_TAG = "benchmark.harness"
@@ -64,6 +66,23 @@ VOLATILE_KEYS = (
     "trainer.enable_model_summary",
     "data.num_workers",
 )
+
+
+def read_outcome(folder: Path) -> dict[str, object] | None:
+    """What the cell in `folder` said in its OUTCOME_FILE: {} if it said nothing, None (and a
+    warning naming the file) if the file is empty or damaged: one cell's broken file must never
+    stop the report or the other cells."""
+    file = folder / OUTCOME_FILE
+    if not folder.name or not file.is_file():
+        return {}
+    try:
+        said = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        said = error
+    if isinstance(said, dict) and "status" in said:
+        return said
+    log.warning("Ignoring the damaged outcome file %s (%s): its cell counts as failed.", file, said)
+    return None
 
 
 def default_tracking_uri() -> str:
