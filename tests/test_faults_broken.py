@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,23 @@ from PIL import Image
 from benchmark.data import build_manifest
 from benchmark.data.scan import VERDICT_COLUMNS
 from benchmark.orchestration.sweep import CellOutcome
+from benchmark.report.__main__ import main as report
 from benchmark.tracking import store
-from benchmark.tracking.identity import CELL_KEY_TAG, HARNESS_TAG, KIND_TAG, OUTCOME_FILE, redact
+from benchmark.tracking.identity import (
+    CELL_GROUP_TAG,
+    CELL_KEY_TAG,
+    DEBUG_TAG,
+    HARNESS_TAG,
+    KIND_TAG,
+    OUTCOME_FILE,
+    SCHEMA_TAG,
+    SCHEMA_VERSION,
+    redact,
+)
 from tests.conftest import TINY
 from tests.test_e2e import runs_in
 from tests.test_faults import cell_env, folder_of
+from tests.test_report import log_run, new_store, report_of
 from tests.test_tracking_server import TrackingServer
 
 # ---------------------------------------------------------------- 1. a password in the URI
@@ -129,3 +142,31 @@ def mlflow_run_tags() -> dict[str, str]:
         CELL_KEY_TAG: "k",
         **store.heartbeat_tags(),
     }
+
+
+# ---------------------------------------------------------------- 4. no cell finished yet
+
+CELL_TAGS = {HARNESS_TAG: "benchmark", SCHEMA_TAG: SCHEMA_VERSION, KIND_TAG: "cell"}
+
+
+@pytest.mark.foreign_runs
+def test_the_report_shows_failed_and_running_cells_before_any_finished(tmp_path, empty_store):
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    log_run(client, experiment, ("hymenoptera", "rgb", "freeze", 0), "FAILED", None, 1)
+    log_run(client, experiment, ("hymenoptera", "rgb", "finetune", 0), "RUNNING", None, 2)
+    client.create_run(experiment, tags={**CELL_TAGS, CELL_GROUP_TAG: "g", DEBUG_TAG: "false"})
+    table, markdown = report_of(uri, tmp_path / "out")  # TypeError in column_names before
+    assert re.search(r"\|\s*hymenoptera\s*\|\s*rgb\s*\|\s*running\s*\|\s*failed\s*\|", markdown)
+    assert table.test_acc_mean.isna().all() and len(table) == 2
+    assert "1 cell run(s) just starting (no params logged yet)" in markdown
+
+
+@pytest.mark.foreign_runs
+def test_a_sweeps_first_cell_before_its_params_is_one_line_not_an_error(
+    tmp_path, empty_store, capsys
+):
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    client.create_run(experiment, tags={**CELL_TAGS, CELL_GROUP_TAG: "g", DEBUG_TAG: "false"})
+    assert report(["--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr()
+    assert "nothing to report yet: 1 cell run(s) starting" in said.out, said.err

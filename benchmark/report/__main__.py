@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     runs, study_runs = split_protocols(loaded.frame)
+    if loaded.frame.empty and loaded.starting:
+        print(loaded.nothing_yet)
+        return 0
     if loaded.frame.empty:
         print(
             f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"
