@@ -31,7 +31,7 @@ from benchmark.tracking.identity import (
 )
 from tests.conftest import TINY
 from tests.test_e2e import runs_in
-from tests.test_faults import cell_env, folder_of
+from tests.test_faults import cell_env, csv_dataset, folder_of, photos
 from tests.test_report import log_run, new_store, report_of
 from tests.test_tracking_server import TrackingServer
 
@@ -170,3 +170,19 @@ def test_a_sweeps_first_cell_before_its_params_is_one_line_not_an_error(
     assert report(["--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
     said = capsys.readouterr()
     assert "nothing to report yet: 1 cell run(s) starting" in said.out, said.err
+
+
+# ---------------------------------------------------------------- 7. labels that differ by spaces
+
+
+def test_csv_labels_differing_only_by_spaces_are_one_class_and_said(tmp_path, shared_data, caplog):
+    from benchmark.config.schema import DatasetConfig
+
+    ants, bees = photos(shared_data, "ants", 6), photos(shared_data, "bees", 6)
+    rows = [(str(p), "ants" if i % 2 else "ants ") for i, p in enumerate(ants)]
+    rows += [(str(p), "bees") for p in bees]
+    cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, rows))
+    manifest = build_manifest(cfg, tmp_path, 0)
+    assert manifest.classes == ["ants", "bees"]
+    (said,) = [r.getMessage() for r in caplog.records if "spaces around their label" in r.message]
+    assert "3 row(s)" in said and "'ants '" in said and "\n" not in said
