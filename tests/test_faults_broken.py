@@ -186,3 +186,22 @@ def test_csv_labels_differing_only_by_spaces_are_one_class_and_said(tmp_path, sh
     assert manifest.classes == ["ants", "bees"]
     (said,) = [r.getMessage() for r in caplog.records if "spaces around their label" in r.message]
     assert "3 row(s)" in said and "'ants '" in said and "\n" not in said
+
+
+# ---------------------------------------------------------------- 6. Markdown in a folder's name
+
+
+@pytest.mark.foreign_runs
+def test_a_pipe_or_html_in_a_dataset_name_stays_text_in_report_md(tmp_path, empty_store):
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    for order, root in enumerate(["/data/ants|bees", "/data/<img src=x onerror=alert(1)>"]):
+        cell = ("imagefolder", "rgb", "freeze", 0)
+        log_run(client, experiment, cell, "FINISHED", 0.8, order, {"dataset.root": root})
+    _, markdown = report_of(uri, tmp_path / "out")
+    accuracy = markdown.split("## ")[0].splitlines()  # the accuracy table
+    table = [line for line in accuracy if line.startswith("| imagefolder")]
+    header = next(line for line in accuracy if line.startswith("| dataset"))
+    cells = [len(re.findall(r"(?<!\\)\|", line)) for line in (header, *table)]
+    assert len(table) == 2 and len(set(cells)) == 1  # no row split by the name's `|`
+    assert r"imagefolder:ants\|bees" in markdown
+    assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
