@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from benchmark.data import build_manifest
+from benchmark.data import DatasetError, build_manifest
+from benchmark.data.cache import build_image_cache
 from benchmark.data.scan import VERDICT_COLUMNS
 from benchmark.orchestration.sweep import CellOutcome
 from benchmark.report.__main__ import main as report
@@ -31,7 +34,7 @@ from benchmark.tracking.identity import (
 )
 from tests.conftest import TINY
 from tests.test_e2e import runs_in
-from tests.test_faults import cell_env, csv_dataset, folder_of, photos
+from tests.test_faults import LITE, cell_env, csv_dataset, folder_of, photos
 from tests.test_report import log_run, new_store, report_of
 from tests.test_tracking_server import TrackingServer
 
@@ -205,3 +208,30 @@ def test_a_pipe_or_html_in_a_dataset_name_stays_text_in_report_md(tmp_path, empt
     assert len(table) == 2 and len(set(cells)) == 1  # no row split by the name's `|`
     assert r"imagefolder:ants\|bees" in markdown
     assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
+
+
+# ---------------------------------------------------------------- 5. a full disk
+
+
+def test_a_full_disk_for_the_image_cache_is_one_line_not_a_bus_error(
+    tmp_path, shared_data, monkeypatch
+):
+    paths = [str(p) for p in photos(shared_data, "ants", 3)]
+    folder = tmp_path / "images"
+    free = shutil.disk_usage  # the cache folder has 1 kB free
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: free(p)._replace(free=1000))
+    with pytest.raises(DatasetError, match=f"^no space left on device at {folder}: .* GB"):
+        build_image_cache(paths, LITE, tmp_path, threads=1)
+    assert not list(folder.glob("*.partial"))
+    monkeypatch.undo()  # the space looked free, then the disk filled while reserving it
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DatasetError, match=f"^no space left on device at {folder}: "):
+        build_image_cache(paths, LITE, tmp_path, threads=1)
+    assert not list(folder.glob("*.partial"))
+    monkeypatch.undo()
+    cache, _ = build_image_cache(paths, LITE, tmp_path, threads=1)  # space again: it builds
+    assert len(cache) == 3
