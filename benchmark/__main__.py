@@ -19,6 +19,7 @@ from benchmark.config.schema import register_configs
 from benchmark.config.spec import from_config
 from benchmark.orchestration.sweep import CellOutcome
 from benchmark.runtime import interrupt
+from benchmark.tracking.identity import redact
 
 log = logging.getLogger("benchmark")
 register_configs()
@@ -78,15 +79,15 @@ def main(cfg: DictConfig) -> CellOutcome:
             log.error("%s", error)
         else:
             log.exception("%s failed", name)
-        outcome = CellOutcome(name, "failed", error=f"{type(error).__name__}: {error}")
+        outcome = CellOutcome(name, "failed", error=redact(f"{type(error).__name__}: {error}"))
         outcome.save(folder)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return outcome  # the other cells go on; SweepSummary fails the sweep at the end
         if bad_input:
             raise SystemExit(1) from None
         raise
-    log.info("%s", result.line())
-    log.info("Browse runs: mlflow ui --backend-store-uri %s", result.tracking_uri)
+    log.info("%s", redact(result.line()))  # a tracking URI's password is never logged
+    log.info("Browse runs: mlflow ui --backend-store-uri %s", redact(result.tracking_uri))
     status = "skipped" if result.skipped else "finished"
     outcome = CellOutcome(name, status, result.score, result.run_id)
     outcome.save(folder)

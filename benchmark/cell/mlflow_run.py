@@ -86,8 +86,8 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
             log_identity(spec, manifest)
             yield run
         except BaseException as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.set_tag("error", identity.redact(f"{type(error).__name__}: {error}")[:5000])
+            mlflow.log_text(identity.redact(traceback.format_exc()), "error.txt")
             raise
         finally:
             stop_heartbeat()
@@ -144,7 +144,7 @@ def split_datasets(spec: CellSpec, manifest: Manifest) -> dict[str, mlflow.data.
 def log_identity(spec: CellSpec, manifest: Manifest) -> None:
     """What the cell is, before it computes: params, its config and Hydra's overrides, and the
     exact images of each split (as MLflow datasets and as the manifest file)."""
-    mlflow.log_params(identity.run_params(spec))
+    mlflow.log_params(_redacted(identity.run_params(spec)))
     counts = manifest.frame.groupby("split").size()
     mlflow.log_params(
         {
@@ -154,13 +154,24 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
             "manifest_sha256": manifest.sha256,
         }
     )
-    mlflow.log_dict(spec.as_dict(), "config.yaml")
+    mlflow.log_dict(_redacted(spec.as_dict()), "config.yaml")
     hydra_dir = spec.output_dir / ".hydra"
     if hydra_dir.is_dir():  # config.yaml, hydra.yaml and overrides.yaml as Hydra wrote them
-        mlflow.log_artifacts(str(hydra_dir), "hydra")
+        for file in sorted(hydra_dir.glob("*.yaml")):
+            mlflow.log_text(identity.redact(file.read_text()), f"hydra/{file.name}")
     mlflow.log_text(manifest.csv, "manifest.csv")
     mlflow.log_text(manifest.skipped.to_csv(index=False), "skipped_files.csv")
     log_splits(split_datasets(spec, manifest))
+
+
+def _redacted(value: object) -> object:
+    """`value` (a dict of params, a config) with every string in it through identity.redact:
+    a tracking URI's password is never logged."""
+    if isinstance(value, Mapping):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return identity.redact(value) if isinstance(value, str) else value
 
 
 INPUT_TRIES = 3

@@ -11,10 +11,12 @@ not grow with the dataset, and DataLoader workers share them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from benchmark.data.images import Preprocess, load_rgb
+from benchmark.data.scan import DatasetError
 from benchmark.runtime.progress import progress
 
 log = logging.getLogger("benchmark")
@@ -129,6 +132,35 @@ def build_image_cache(
         return _build(sorted(paths), size, preprocess.interpolation, file, threads)
 
 
+def allocate(file: Path, size: int) -> None:
+    """`file` with `size` bytes reserved on disk before any is written. A memmap on a sparse
+    file that meets a full disk gets SIGBUS ("Bus error", no message, its run left RUNNING):
+    here it is one DatasetError naming the folder, and nothing is left behind."""
+    free = shutil.disk_usage(file.parent).free
+    if free < size:
+        raise DatasetError(
+            f"no space left on device at {file.parent}: the decoded-image cache needs "
+            f"{size / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; free some space or set "
+            "paths.cache_dir (BENCHMARK_CACHE_DIR) to a larger disk."
+        )
+    try:
+        with open(file, "wb") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as error:
+                if error.errno != errno.EOPNOTSUPP:  # a file system that cannot reserve
+                    raise
+                handle.truncate(size)
+    except OSError as error:
+        file.unlink(missing_ok=True)
+        if error.errno != errno.ENOSPC:
+            raise
+        raise DatasetError(
+            f"no space left on device at {file.parent}: free some space or set "
+            "paths.cache_dir (BENCHMARK_CACHE_DIR) to a larger disk."
+        ) from None
+
+
 def _build(
     paths: list[str], size: int, interpolation: str, file: Path, threads: int | None
 ) -> tuple[ImageCache, float]:
@@ -141,7 +173,9 @@ def _build(
         ]
     )
     partial = file.with_suffix(".partial")
-    array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=(len(paths), 3, size, size))
+    shape = (len(paths), 3, size, size)
+    allocate(partial, int(np.prod(shape)))
+    array = np.memmap(partial, dtype=np.uint8, mode="r+", shape=shape)
 
     def store(row: int) -> None:
         array[row] = square(load_rgb(paths[row])).numpy()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.config.schema import DatasetConfig
-from benchmark.data.scan import DatasetError, remembered_verdicts
+from benchmark.data.scan import VERDICTS_FILE, DatasetError, remembered_verdicts
 from benchmark.data.sources import PREPARERS
 
 
@@ -129,7 +129,7 @@ def build_manifest(
     """Prepare the dataset (decoding each file once, remembered in `cache_dir`) and split it."""
     if cfg.name not in PREPARERS:
         raise DatasetError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(PREPARERS))}.")
-    verdicts = cache_dir / "verified_files.csv" if cache_dir else None
+    verdicts = cache_dir / VERDICTS_FILE if cache_dir else None
     with remembered_verdicts(verdicts):
         source = PREPARERS[cfg.name](cfg, data_root.expanduser().resolve())
     classes = source.scan.images.label.nunique()

@@ -23,6 +23,13 @@ from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+# Longest side over shortest side beyond which an image is refused: resizing the short side to a
+# backbone's input (256 px) would blow a thin strip up (1 x 12000 px, 132 bytes, becomes
+# 256 x 3,072,000 px, 2.4 GB of RGB). A panorama is about 4:1; 20:1 is no photograph.
+MAX_ASPECT_RATIO = 20
+# Verdicts remembered in the cache (`remembered_verdicts`): the version changes with the rules, so
+# a file accepted by older rules is checked again.
+VERDICTS_FILE = "verified_files.v2.csv"
 
 
 class DatasetError(RuntimeError):
@@ -51,6 +58,13 @@ def unusable_reason(content: bytes) -> str | None:
         return "empty file (0 bytes)"
     try:
         with Image.open(io.BytesIO(content)) as image:
+            width, height = image.size
+            if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                return (
+                    f"extreme aspect ratio ({width}x{height} px, more than "
+                    f"{MAX_ASPECT_RATIO}:1): resized for a backbone it would take gigabytes; "
+                    "crop it or remove it"
+                )
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()  # decodes the whole stream: truncation shows up here, not mid-epoch
     except UnidentifiedImageError:

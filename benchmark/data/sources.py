@@ -7,6 +7,7 @@ skipped and why, and the folder that paths in the manifest are relative to.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from benchmark.data.scan import (
     select_classes,
     verify,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,6 +244,7 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
         raise DatasetError(
             f"{file}: line(s) {lines} have an empty path or label: fill them in or remove them."
         )
+    table["label"] = _stripped_labels(table.label, file)
     if "split" in table and not table.split.isin(OFFICIAL_SPLITS).all():
         bad = sorted(set(table.split) - set(OFFICIAL_SPLITS))
         raise DatasetError(f"{file}: split values {bad} are not train/val/test.")
@@ -261,3 +265,19 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
     scan = verify(files.reset_index(drop=True), desc=f"checking {file.name}")
     skipped = pd.concat([twice, absent, left_out, scan.skipped], ignore_index=True)
     return Source(Scan(scan.images, skipped), file.parent)
+
+
+def _stripped_labels(labels: pd.Series, file: Path) -> pd.Series:
+    """Labels without the spaces around them (`ants ` is `ants`, not a class of its own), said
+    in one line when there were any."""
+    stripped = labels.str.strip()
+    if (changed := stripped.ne(labels)).any():
+        shown = ", ".join(repr(label) for label in sorted(set(labels[changed]))[:5])
+        log.warning(
+            "%s: %d row(s) have spaces around their label (%s): stripped, so they count as "
+            "the class without the spaces.",
+            file,
+            int(changed.sum()),
+            shown,
+        )
+    return stripped

@@ -50,15 +50,21 @@ class CellOutcome:
             if rank_zero_only.rank != 0:
                 return
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self)))
+        partial = folder / f".{OUTCOME_FILE}.{os.getpid()}"  # a reader never sees half a file
+        partial.write_text(json.dumps(asdict(self)))
+        partial.replace(folder / OUTCOME_FILE)
 
     @staticmethod
     def load(folder: Path, cell: str) -> CellOutcome:
         """What the cell in `folder` reported; a cell killed before it could say is failed."""
-        file = folder / OUTCOME_FILE
-        if not file.is_file():
+        said = identity.read_outcome(folder)
+        if said == {}:
             return CellOutcome(cell, "failed", error=f"ended without an outcome; see {folder}")
-        return CellOutcome(**json.loads(file.read_text()))
+        try:
+            return CellOutcome(**said)
+        except TypeError:  # damaged (None), or not an outcome's fields
+            error = f"its outcome file {folder / OUTCOME_FILE} is damaged; see {folder}"
+            return CellOutcome(cell, "failed", error=error)
 
 
 class SweepSummary(Callback):
@@ -79,11 +85,15 @@ class SweepSummary(Callback):
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
         self.progress = SweepProgress(sweep_size(config.hydra.overrides.task))
-        uri = config.tracking.uri or identity.default_tracking_uri()
+        uri = identity.store_uri(config.tracking.uri)
         try:
             run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
         except Exception as error:  # the cells will say what is wrong with the store
-            log.warning("No parent run for the sweep in %s: %s", uri, error)
+            log.warning(
+                "No parent run for the sweep in %s: %s",
+                identity.redact(uri),
+                identity.redact(str(error)),
+            )
             return
         os.environ[identity.PARENT_RUN_ENV] = run_id
         self.parent = (uri, run_id)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from benchmark.report import figures
 from benchmark.report.latex import latex_document, to_latex
+from benchmark.report.markdown import escape, escape_names
 from benchmark.report.stats import (
     average_ranks,
     best_in_row,
@@ -35,7 +36,7 @@ from benchmark.report.tables import (
     summarise,
 )
 from benchmark.runtime.progress import progress
-from benchmark.tracking.identity import RANK_SCORES, default_tracking_uri
+from benchmark.tracking.identity import RANK_SCORES, store_uri
 from benchmark.tracking.server import TrackingUnreachable, check_reachable
 from benchmark.tracking.store import StoreError, artifact_file, check_sqlite
 
@@ -82,14 +83,14 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     if counted.empty:
-        return pd.DataFrame(columns=["dataset", "colour", "verdict"])
+        return pd.DataFrame(columns=["dataset", "colour", "where", "verdict"])
     counted = counted.assign(column=column_names(counted))
     rows = ["dataset", "colour", "backbone"]
     verdicts = paired_differences(counted, rows, column="column", pair="seed", value="test_acc")
     where = verdicts.dataset + " / " + verdicts.colour
     if counted.backbone.nunique() > 1:
         where += " / " + verdicts.backbone
-    return verdicts.assign(verdict=where + ": " + verdicts.verdict)
+    return verdicts.assign(where=where, verdict=where + ": " + verdicts.verdict)
 
 
 def ranks(table: pd.DataFrame) -> pd.DataFrame:
@@ -134,11 +135,19 @@ def write_tables(
         shown[column] = [
             f"**{v}**" if b else v for v, b in zip(shown[column], bold[column], strict=True)
         ]
+    names = ("dataset", "colour", "column", "backbone")  # from the runs: escaped for Markdown
+    shown = escape_names(shown, names)
     paths = [out / "report.md", out / "report.csv", out / "report.tex"]
     markdown = {"index": False, "missingval": "—"}  # a cost a cell does not have (no GPU...)
     cost = cost.astype(object).where(cost.notna(), None)  # tabulate prints NaN as "nan"
-    lines = "\n".join(f"- {v}" for v in verdicts.verdict) or "- (no two strategies to compare)"
+    lines = "\n".join(  # the row's names escaped, not the interval's brackets
+        f"- {escape(w)}{v[len(w) :]}"
+        for w, v in zip(verdicts["where"], verdicts.verdict, strict=True)
+    )
+    lines = lines or "- (no two strategies to compare)"
     ranked = ranking.reset_index().rename(columns={"index": "column", "rows": "rows ranked"})
+    ranked, cost_shown = escape_names(ranked, names), escape_names(cost, names)
+    predicted = None if predicted is None else escape_names(predicted, names)
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
         f"Source: `{source}`.\n\n{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
@@ -155,7 +164,7 @@ def write_tables(
             if predicted is not None and not predicted.empty
             else ""
         )
-        + f"## Cost per cell (mean over finished seeds)\n\n{cost.to_markdown(**markdown)}\n"
+        + f"## Cost per cell (mean over finished seeds)\n\n{cost_shown.to_markdown(**markdown)}\n"
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
     paths[2].write_text(
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = store_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
         check_sqlite(uri, write=False)  # a misspelt path: no empty store created
@@ -260,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     runs, study_runs = split_protocols(loaded.frame)
+    if loaded.frame.empty and loaded.starting:
+        print(loaded.nothing_yet)
+        return 0
     if loaded.frame.empty:
         print(
             f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"

@@ -74,6 +74,12 @@ class Runs:
     frame: pd.DataFrame
     foreign: int = 0  # runs in the experiment that the harness did not make
     debug: int = 0  # partial-budget runs left out (--include-debug counts them)
+    starting: int = 0  # cell runs opened that have not logged their params yet
+
+    @property
+    def nothing_yet(self) -> str:
+        """The one line said when no run can be placed in a row yet (cells just starting)."""
+        return f"nothing to report yet: {self.starting} cell run(s) starting, no params logged."
 
     def footnote(self) -> str:
         notes = []
@@ -84,6 +90,8 @@ class Runs:
                 f"{self.debug} debug run(s) with a partial budget (limit_*_batches, "
                 "fast_dev_run, max_steps) were left out (--include-debug counts them)"
             )
+        if self.starting:
+            notes.append(f"{self.starting} cell run(s) just starting (no params logged yet)")
         return "; ".join(notes) + "." if notes else ""
 
 
@@ -105,7 +113,9 @@ def load_runs(
     every = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
     if every.empty:
         return Runs(every)
+    # A cell's run before it logged its params (a sweep's first cell) has no params columns.
     every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
+    every = every.reindex(columns=[*every.columns, *_PARAMS.difference(every.columns)])
     ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
     cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
     # A sweep's parent run and a backbone's ranking scores are the harness's too (a sweep's
@@ -114,6 +124,8 @@ def load_runs(
         ["sweep", "rank"]
     )
     runs = every[cells]
+    starting = runs["params.dataset"].isna()  # opened, its params not logged yet
+    runs = runs[~starting]
     debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
     if not include_debug:
         runs = runs[~debug]
@@ -140,10 +152,11 @@ def load_runs(
     )
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
     columns += ["variant", "n_images"]
-    return Runs(runs[columns].reset_index(drop=True), foreign, left_out)
+    return Runs(runs[columns].reset_index(drop=True), foreign, left_out, int(starting.sum()))
 
 
 _TAGS = {f"tags.{t}" for t in (HARNESS_TAG, SCHEMA_TAG, KIND_TAG, DEBUG_TAG)}
+_PARAMS = {f"params.{p}" for p in (*CELL, "seed")}
 
 
 def dataset_labels(runs: pd.DataFrame) -> pd.Series:
@@ -313,6 +326,8 @@ def _accuracy_text(row: pd.Series) -> str:
 
 def column_names(table: pd.DataFrame) -> pd.Series:
     """Strategy, the backbone too when the runs use several, and the variant when it has one."""
+    if table.empty:  # no cell finished yet
+        return pd.Series(dtype=object, index=table.index)
     names = table.strategy.astype(str)
     if table.backbone.nunique() > 1:
         names = names + " / " + table.backbone

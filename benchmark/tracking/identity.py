@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -26,6 +30,7 @@ CELL_PARAMS = ("dataset", "colour", "strategy", "backbone")
 # Config groups whose choice is logged under the group's own name (`head`, not `head.name`).
 NAMED_GROUPS = (*CELL_PARAMS, "head", "augment", "optim", "protocol")
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 # Tags every run of the harness carries; anything else in an experiment is not a result of ours.
 HARNESS_TAG = "benchmark.harness"
@@ -67,18 +72,56 @@ VOLATILE_KEYS = (
 )
 
 
+def read_outcome(folder: Path) -> dict[str, object] | None:
+    """What the cell in `folder` said in its OUTCOME_FILE: {} if it said nothing, None (and a
+    warning naming the file) if the file is empty or damaged: one cell's broken file must never
+    stop the report or the other cells."""
+    file = folder / OUTCOME_FILE
+    if not folder.name or not file.is_file():
+        return {}
+    try:
+        said = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        said = error
+    if isinstance(said, dict) and "status" in said:
+        return said
+    log.warning("Ignoring the damaged outcome file %s (%s): its cell counts as failed.", file, said)
+    return None
+
+
 def default_tracking_uri() -> str:
     """MLflow's own default store, with the path made absolute so every process agrees."""
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def store_uri(uri: str | None) -> str:
-    """`tracking.uri`, or MLflow's default store when it is null."""
-    return uri or default_tracking_uri()
+    """`tracking.uri`, or MLflow's default store when it is null. A server URI's userinfo
+    (`http://user:secret@host`) moves to MLflow's own MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (unless they are set), so that MLflow, which prints and stores the URI it is given, never
+    holds the secret; the cells a launcher starts inherit them."""
+    uri = uri or default_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def tracking_uri(spec: CellSpec) -> str:
     return store_uri(spec.tracking.uri)
+
+
+# The userinfo of any URI in a text (`http://user:secret@host` -> `http://***@host`).
+_USERINFO = re.compile(r"(?<=://)[^/?#\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URI in it masked: what is logged or stored of a
+    tracking URI (params, config artifacts, log lines) never carries its password or token.
+    Credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    return _USERINFO.sub("***@", text)
 
 
 def cell_name(spec: CellSpec) -> str:

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import requests
 
+from benchmark.tracking.identity import redact
+
 # Bounded defaults for MLflow's HTTP client: a refused connection is retried after 0, 4, 8 and
 # 16 s (about 30 s in all), which rides out a quick restart of the server; an answer may take
 # 60 s. A value the user set in the environment is kept.
@@ -71,16 +73,16 @@ def check_reachable(uri: str) -> None:
     bound_http_retries()
     try:
         answer = requests.get(
-            f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S, verify=_verify()
+            f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S, verify=_verify(), auth=_auth()
         )
     except requests.RequestException as error:
         raise TrackingUnreachable(
-            f"MLflow tracking server {uri} is unreachable ({_reason(error, HEALTH_TIMEOUT_S)}): "
-            f"{FIX}."
+            f"MLflow tracking server {redact(uri)} is unreachable "
+            f"({_reason(error, HEALTH_TIMEOUT_S)}): {FIX}."
         ) from None
     if answer.status_code in (502, 503, 504):  # a proxy in front of a server that is down
         raise TrackingUnreachable(
-            f"MLflow tracking server {uri} is unavailable (GET /health: HTTP "
+            f"MLflow tracking server {redact(uri)} is unavailable (GET /health: HTTP "
             f"{answer.status_code}): {FIX}."
         )
 
@@ -96,7 +98,7 @@ def explained(uri: str) -> Iterator[None]:
         if lost is None or isinstance(error, TrackingUnreachable):
             raise
         raise TrackingUnreachable(
-            f"MLflow tracking server {uri} stopped answering during the run "
+            f"MLflow tracking server {redact(uri)} stopped answering during the run "
             f"({_reason(lost, request_timeout_s())}, "
             f"retried for about {retry_budget_s():.0f} s): {FIX}, then relaunch the same "
             "command to run this cell again."
@@ -129,6 +131,12 @@ def _reason(error: requests.RequestException, timeout_s: float) -> str:
     if found := re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error)):
         return found.group(1).strip().lower()
     return type(error).__name__
+
+
+def _auth() -> tuple[str, str] | None:
+    """The login MLflow's client sends (MLFLOW_TRACKING_USERNAME / _PASSWORD), if any."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
 
 
 def _verify() -> bool | str:

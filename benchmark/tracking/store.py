@@ -30,10 +30,10 @@ from benchmark.tracking.identity import (
     CELL_KEY_TAG,
     HARNESS_TAG,
     KIND_TAG,
-    OUTCOME_FILE,
     RUN_FILE,
     SCHEMA_TAG,
     SCHEMA_VERSION,
+    read_outcome,
 )
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
@@ -208,9 +208,9 @@ def _said_error(tags: dict[str, str]) -> str | None:
 
 
 def _outcome(folder: Path) -> dict[str, str]:
-    """What the cell in `folder` said in its outcome file ({} if it said nothing)."""
-    file = folder / OUTCOME_FILE
-    return json.loads(file.read_text()) if folder.name and file.is_file() else {}
+    """What the cell in `folder` said in its outcome file ({} if it said nothing, or if the file
+    is damaged: unknown, and the stale-run rule decides)."""
+    return read_outcome(folder) or {}
 
 
 def settle_failed_run(run_file: Path, reason: str) -> str | None:
