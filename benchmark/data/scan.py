@@ -23,6 +23,8 @@ from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+# Folders that archivers add beside the data (macOS zips carry `__MACOSX/`): never a class.
+SYSTEM_FOLDERS = {"__macosx": "macOS archive metadata (__MACOSX), not a class"}
 
 
 class DatasetError(RuntimeError):
@@ -156,6 +158,9 @@ def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFram
             continue
         if entry.name.startswith("."):
             stray.append((str(entry), "hidden folder"))
+            continue
+        if entry.name.lower() in SYSTEM_FOLDERS:
+            stray.append((str(entry), SYSTEM_FOLDERS[entry.name.lower()]))
             continue
         classes.append(entry.name)
         try:
