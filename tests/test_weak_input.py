@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from benchmark.data import scan_class_folders
-from tests.test_faults import folder_of
+import pytest
+
+from benchmark.config.schema import DatasetConfig
+from benchmark.data import DatasetError, build_manifest, scan_class_folders
+from benchmark.data.sources import PREPARERS
+from tests.test_faults import csv_dataset, folder_of, photos
 
 
 def test_macos_archive_debris_beside_the_class_folders_is_skipped(tmp_path, shared_data):
@@ -16,3 +20,18 @@ def test_macos_archive_debris_beside_the_class_folders_is_skipped(tmp_path, shar
     assert sorted(scan.images.label.unique()) == ["ants", "bees"]
     reason = scan.skipped.reason[scan.skipped.path == str(debris)]
     assert len(reason) == 1 and "macOS" in reason.item()
+
+
+@pytest.mark.parametrize("separator", [";", "\t", ","])
+def test_a_semicolon_csv_with_a_capitalised_header_is_read(tmp_path, shared_data, separator):
+    rows = [(p, "ant") for p in photos(shared_data, "ants", 3)]
+    rows += [(p, "bee") for p in photos(shared_data, "bees", 3)]
+    text = f"Path{separator}Label\n" + "".join(f"{p}{separator}{c}\n" for p, c in rows)
+    source = PREPARERS["csv"](DatasetConfig(name="csv", file=csv_dataset(tmp_path, text)), tmp_path)
+    assert sorted(source.scan.images.label) == ["ant"] * 3 + ["bee"] * 3
+
+
+def test_a_csv_without_a_label_column_names_the_separator_it_read(tmp_path):
+    cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, "file;class\na.jpg;ant\n"))
+    with pytest.raises(DatasetError, match=r"lacks the column\(s\) \['label', 'path'\] .*';'"):
+        build_manifest(cfg, tmp_path, 0)
