@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from benchmark.cell.run import run_cell
+from benchmark.config.rules import ConfigError
 from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest, scan_class_folders
 from benchmark.data.sources import PREPARERS
+from tests.conftest import TINY
 from tests.test_faults import csv_dataset, folder_of, photos
 
 
@@ -35,3 +38,19 @@ def test_a_csv_without_a_label_column_names_the_separator_it_read(tmp_path):
     cfg = DatasetConfig(name="csv", file=csv_dataset(tmp_path, "file;class\na.jpg;ant\n"))
     with pytest.raises(DatasetError, match=r"lacks the column\(s\) \['label', 'path'\] .*';'"):
         build_manifest(cfg, tmp_path, 0)
+
+
+@pytest.mark.parametrize(
+    "override", ["seed=-1", "seed=99999999999", "dataset.split_seed=-3", "seed=4294967296"]
+)
+def test_a_seed_outside_numpys_range_is_refused_before_a_run_opens(make_cfg, tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.*must be an integer in \\[0, 4294967295\\]"):
+        run_cell(make_cfg(*TINY, override, store=False))
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store
+
+
+def test_the_largest_seed_numpy_takes_is_allowed(make_cfg):
+    from benchmark.config.rules import problems
+
+    assert problems(make_cfg(*TINY, "seed=4294967295", store=False)) == []
