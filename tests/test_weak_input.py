@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 
 from benchmark.cell.run import run_cell
@@ -9,8 +13,10 @@ from benchmark.config.rules import ConfigError
 from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest, scan_class_folders
 from benchmark.data.sources import PREPARERS
+from benchmark.report.__main__ import main as report
 from tests.conftest import TINY
 from tests.test_faults import csv_dataset, folder_of, photos
+from tests.test_report import log_run, new_store
 
 
 def test_macos_archive_debris_beside_the_class_folders_is_skipped(tmp_path, shared_data):
@@ -54,3 +60,34 @@ def test_the_largest_seed_numpy_takes_is_allowed(make_cfg):
     from benchmark.config.rules import problems
 
     assert problems(make_cfg(*TINY, "seed=4294967295", store=False)) == []
+
+
+def test_report_out_that_is_a_file_or_read_only_is_one_line(
+    tmp_path, empty_store, capsys, monkeypatch
+):
+    client, store, experiment = new_store(tmp_path, empty_store)
+    log_run(client, experiment, ("hymenoptera", "rgb", "finetune", 0), "FINISHED", 0.9, 1)
+    file = tmp_path / "report.txt"
+    file.write_text("not a folder")
+    for out in (file, file / "sub"):
+        assert report(["--tracking-uri", store, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: --out {out}" in err and len(err.strip().splitlines()) == 1
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)  # as for a user
+    assert report(["--tracking-uri", store, "--out", str(locked)]) == 1
+    assert f"error: --out {locked} is read-only" in capsys.readouterr().err
+
+
+def test_report_warns_naming_the_runs_whose_confusion_matrix_was_deleted(
+    tmp_path, empty_store, capsys
+):
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    kept = log_run(client, experiment, ("hymenoptera", "rgb", "finetune", 0), "FINISHED", 0.9, 1)
+    gone = log_run(client, experiment, ("hymenoptera", "rgb", "freeze", 0), "FINISHED", 0.8, 2)
+    shutil.rmtree(tmp_path / "artifacts" / gone)  # deleted from the store by hand
+    assert report(["--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 finished run(s) have no confusion_matrix.json" in err
+    assert gone in err and kept not in err and "freeze" in err
