@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from benchmark.cell.run import run_cell
 from benchmark.config.rules import ConfigError
@@ -91,3 +95,32 @@ def test_report_warns_naming_the_runs_whose_confusion_matrix_was_deleted(
     err = capsys.readouterr().err
     assert "warning: 1 finished run(s) have no confusion_matrix.json" in err
     assert gone in err and kept not in err and "freeze" in err
+
+
+class SlowStart(Callback):
+    """Keeps the first launch's run open long enough for the second to start."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        time.sleep(6)
+
+
+def _launch(spec) -> None:
+    run_cell(spec, callbacks=[SlowStart()])
+
+
+def test_the_same_cell_launched_twice_at_once_trains_once(make_cfg, caplog):
+    spec = make_cfg(*TINY)
+    first = multiprocessing.get_context("fork").Process(target=_launch, args=(spec,))
+    first.start()
+    mlflow.set_tracking_uri(spec.tracking.uri)
+    deadline = time.time() + 120
+    while not mlflow.search_runs(experiment_names=["benchmark"], output_format="list"):
+        assert time.time() < deadline and first.is_alive(), "the first launch opened no run"
+        time.sleep(0.2)
+    second = run_cell(spec)  # while the first one trains
+    first.join(timeout=120)
+    assert first.exitcode == 0
+    runs = mlflow.search_runs(experiment_names=["benchmark"], output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one training, not two
+    assert second.skipped and second.run_id == runs[0].info.run_id
+    assert "is already running in another process" in caplog.text
