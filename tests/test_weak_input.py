@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import multiprocessing
 import os
 import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -18,6 +22,7 @@ from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest, scan_class_folders
 from benchmark.data.sources import PREPARERS
 from benchmark.report.__main__ import main as report
+from benchmark.tracking.server import TrackingUnreachable, check_reachable
 from tests.conftest import TINY
 from tests.test_faults import csv_dataset, folder_of, photos
 from tests.test_report import log_run, new_store
@@ -124,3 +129,40 @@ def test_the_same_cell_launched_twice_at_once_trains_once(make_cfg, caplog):
     assert [r.info.status for r in runs] == ["FINISHED"]  # one training, not two
     assert second.skipped and second.run_id == runs[0].info.run_id
     assert "is already running in another process" in caplog.text
+
+
+class BasicAuthServer(http.server.BaseHTTPRequestHandler):
+    """As `mlflow server --app-name basic-auth`: /health answers anyone, the API a login."""
+
+    def do_GET(self) -> None:
+        login = "Basic " + base64.b64encode(b"alice:secret").decode()
+        ok = self.path == "/health" or self.headers.get("Authorization") == login
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(b'{"experiments": []}' if ok else b"You are not authenticated.")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def basic_auth_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BasicAuthServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_basic_auth_server_without_credentials_is_one_line(basic_auth_server, monkeypatch):
+    for name in ("USERNAME", "PASSWORD", "TOKEN"):
+        monkeypatch.delenv(f"MLFLOW_TRACKING_{name}", raising=False)
+    unset = r"401.* are not set: set MLFLOW_TRACKING_USERNAME"
+    with pytest.raises(TrackingUnreachable, match=unset):
+        check_reachable(basic_auth_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with pytest.raises(TrackingUnreachable, match="credentials were refused"):
+        check_reachable(basic_auth_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    check_reachable(basic_auth_server)  # logged in: no error
