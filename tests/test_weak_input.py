@@ -22,6 +22,7 @@ from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest, scan_class_folders
 from benchmark.data.sources import PREPARERS
 from benchmark.report.__main__ import main as report
+from benchmark.tools.rank import main as rank
 from benchmark.tracking.server import TrackingUnreachable, check_reachable
 from tests.conftest import TINY
 from tests.test_faults import csv_dataset, folder_of, photos
@@ -166,3 +167,29 @@ def test_a_basic_auth_server_without_credentials_is_one_line(basic_auth_server, 
         check_reachable(basic_auth_server)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
     check_reachable(basic_auth_server)  # logged in: no error
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("backbone=resnet19", "Could not find 'backbone/resnet19'; choose one of: "),
+        ("dataset.root={empty}", "has no class sub-folders"),
+    ],
+)
+def test_rank_with_a_misspelt_backbone_or_an_empty_folder_is_one_line(
+    tmp_path, shared_data, capsys, override, said
+):
+    (tmp_path / "empty").mkdir()
+    overrides = [
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'empty'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"paths.data_root={shared_data}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        override.format(empty=tmp_path / "empty"),
+    ]
+    if "dataset.root" not in override:
+        overrides[1] = f"dataset.root={folder_of(tmp_path, shared_data)}"
+    assert rank(overrides) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and said in err and len(err.splitlines()) == 1
