@@ -193,3 +193,11 @@ def test_rank_with_a_misspelt_backbone_or_an_empty_folder_is_one_line(
     assert rank(overrides) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and said in err and len(err.splitlines()) == 1
+
+
+def test_too_few_images_prints_plain_counts(tmp_path, shared_data):
+    root = folder_of(tmp_path, shared_data, count=2)
+    with pytest.raises(DatasetError) as raised:
+        build_manifest(DatasetConfig(name="imagefolder", root=str(root)), tmp_path, 0)
+    assert "have too few images (ants: 2, bees: 2) for a test share of 0.2" in str(raised.value)
+    assert "np." not in str(raised.value)
