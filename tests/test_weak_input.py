@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import multiprocessing
 import os
 import shutil
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from lightning.pytorch.callbacks import Callback
 
@@ -20,6 +22,7 @@ from benchmark.cell.run import run_cell
 from benchmark.config.rules import ConfigError
 from benchmark.config.schema import DatasetConfig
 from benchmark.data import DatasetError, build_manifest, scan_class_folders
+from benchmark.data.cache import file_fingerprint
 from benchmark.data.sources import PREPARERS
 from benchmark.report.__main__ import main as report
 from benchmark.tools.rank import main as rank
@@ -201,3 +204,34 @@ def test_too_few_images_prints_plain_counts(tmp_path, shared_data):
         build_manifest(DatasetConfig(name="imagefolder", root=str(root)), tmp_path, 0)
     assert "have too few images (ants: 2, bees: 2) for a test share of 0.2" in str(raised.value)
     assert "np." not in str(raised.value)
+
+
+def test_an_unloadable_or_stale_feature_cache_is_rebuilt(make_cfg, tmp_path, shared_data, caplog):
+    root = folder_of(tmp_path, shared_data, count=5)
+    cache = tmp_path / "own-cache"
+    overrides = (
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "strategy=linear_probe",
+        *TINY,
+        f"paths.cache_dir={cache}",
+    )
+    first = run_cell(make_cfg(*overrides))
+    (features,) = (cache / "features").glob("*.npy")
+    marker = features.with_suffix(".json")
+    recorded = json.loads(marker.read_text())
+    assert set(recorded["inputs"]) == {"backbone", "images", "transform"}
+    # An object array whose size and SHA-256 are recorded as intact: np.load refuses it.
+    np.save(features, np.array([{"not": "features"}], dtype=object), allow_pickle=True)
+    marker.write_text(json.dumps({**recorded, **file_fingerprint(features)}))
+    again = run_cell(make_cfg(*overrides, "rerun=true"))
+    assert f"Feature cache {features} cannot be loaded" in caplog.text
+    assert again.test_acc == first.test_acc
+    # Intact, but built from other images (the marker says so): stale, rebuilt.
+    caplog.clear()
+    recorded = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**recorded, "inputs": {**recorded["inputs"], "images": "x"}}))
+    third = run_cell(make_cfg(*overrides, "rerun=true"))
+    assert f"Feature cache {features} was built from other inputs (images)" in caplog.text
+    assert third.test_acc == first.test_acc
+    assert json.loads(marker.read_text())["inputs"] == recorded["inputs"]
