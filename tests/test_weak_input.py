@@ -235,3 +235,23 @@ def test_an_unloadable_or_stale_feature_cache_is_rebuilt(make_cfg, tmp_path, sha
     assert f"Feature cache {features} was built from other inputs (images)" in caplog.text
     assert third.test_acc == first.test_acc
     assert json.loads(marker.read_text())["inputs"] == recorded["inputs"]
+
+
+class HostCheckingServer(BasicAuthServer):
+    """As MLflow 3 for a Host header not in --allowed-hosts."""
+
+    def do_GET(self) -> None:
+        ok = self.path == "/health"
+        self.send_response(200 if ok else 403)
+        self.end_headers()
+        self.wfile.write(b"OK" if ok else b"Invalid Host header - possible DNS rebinding attack")
+
+
+def test_a_host_not_in_allowed_hosts_is_one_line():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostCheckingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(TrackingUnreachable, match=r"HTTP 403: Invalid Host header.*--allowed"):
+            check_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
