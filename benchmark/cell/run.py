@@ -40,7 +40,7 @@ from benchmark.models.classifier import (
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.tracking import identity
 from benchmark.tracking.result import CellResult, CellSummary
-from benchmark.tracking.resume import cell_identity, finished_earlier
+from benchmark.tracking.resume import cell_identity, cell_lock, finished_earlier
 
 log = logging.getLogger("benchmark")
 
@@ -64,11 +64,12 @@ def run_cell(spec: CellSpec, callbacks: Sequence[Callback] = ()) -> CellSummary:
     """The cell: its data, skipped if already FINISHED (unless `rerun=true`), else computed and
     logged in one MLflow run. `callbacks` are extra Lightning callbacks for the cell's Trainer."""
     spec, manifest, key = plan(spec)
-    if not spec.rerun and (done := finished_earlier(spec, key)) is not None:
-        return done
-    with mlflow_run.cell_run(spec, key, manifest) as run:
-        result = compute_cell(spec, manifest, run, callbacks)
-        mlflow_run.log_result(spec, result)
+    with cell_lock(spec, key):  # launched twice at once: computed once, the other waits
+        if not spec.rerun and (done := finished_earlier(spec, key)) is not None:
+            return done
+        with mlflow_run.cell_run(spec, key, manifest) as run:
+            result = compute_cell(spec, manifest, run, callbacks)
+            mlflow_run.log_result(spec, result)
     name, score = result.headline
     return CellSummary(
         result.cell,

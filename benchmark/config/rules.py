@@ -11,7 +11,10 @@ from benchmark.config.spec import CellSpec
 
 # (key, test, what it must be): every number a cell reads, checked on the composed config
 # before any data is touched or any run is opened (`python -m benchmark` refuses the cell).
+SEED_RANGE = f"an integer in [0, {2**32 - 1}] (numpy's seed range)"
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: isinstance(v, int) and 0 <= v < 2**32, SEED_RANGE),
+    ("dataset.split_seed", lambda v: isinstance(v, int) and 0 <= v < 2**32, SEED_RANGE),
     ("trainer.max_epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
@@ -64,6 +67,8 @@ def check(spec: CellSpec) -> None:
 
 def value_at(spec: CellSpec, key: str) -> Any:
     """`strategy.lr` of the spec; None where the key is absent (a Trainer argument not set)."""
+    if "." not in key:  # a top-level key: `seed`
+        return getattr(spec, key, None)
     group, name = key.split(".", 1)
     holder = getattr(spec, group)
     if isinstance(holder, Mapping):

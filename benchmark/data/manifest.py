@@ -69,8 +69,9 @@ def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> p
     counts = frame.label.value_counts()
     too_small = counts[(counts * fraction).round() < 1]
     if fraction > 0 and len(too_small):
+        sizes = ", ".join(f"{label}: {int(n)}" for label, n in sorted(too_small.items()))
         raise DatasetError(
-            f"classes {sorted(too_small.index)} have too few images ({dict(too_small)}) for a "
+            f"classes {sorted(too_small.index)} have too few images ({sizes}) for a "
             f"{what} share of {fraction}: add images, drop the class (dataset.classes), or change "
             f"dataset.{what}_fraction."
         )

@@ -30,6 +30,8 @@ MAX_ASPECT_RATIO = 20
 # Verdicts remembered in the cache (`remembered_verdicts`): the version changes with the rules, so
 # a file accepted by older rules is checked again.
 VERDICTS_FILE = "verified_files.v2.csv"
+# Folders that archivers add beside the data (macOS zips carry `__MACOSX/`): never a class.
+SYSTEM_FOLDERS = {"__macosx": "macOS archive metadata (__MACOSX), not a class"}
 
 
 class DatasetError(RuntimeError):
@@ -170,6 +172,9 @@ def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFram
             continue
         if entry.name.startswith("."):
             stray.append((str(entry), "hidden folder"))
+            continue
+        if entry.name.lower() in SYSTEM_FOLDERS:
+            stray.append((str(entry), SYSTEM_FOLDERS[entry.name.lower()]))
             continue
         classes.append(entry.name)
         try:

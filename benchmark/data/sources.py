@@ -7,6 +7,7 @@ skipped and why, and the folder that paths in the manifest are relative to.
 
 from __future__ import annotations
 
+import csv as std_csv
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,6 +193,18 @@ def caltech256(cfg: DatasetConfig, data_root: Path) -> Source:
 
 
 OFFICIAL_SPLITS = ("train", "val", "test")
+CSV_SEPARATORS = ",;\t|"
+
+
+def csv_separator(file: Path) -> str:
+    """The separator of a labels CSV, sniffed from its header line (`,`, `;`, tab or `|`: a
+    spreadsheet in a comma-decimal locale saves `;`); `,` when the header has none of them."""
+    try:
+        with file.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
+            header = handle.readline()
+        return std_csv.Sniffer().sniff(header, delimiters=CSV_SEPARATORS).delimiter
+    except (std_csv.Error, OSError):
+        return ","
 
 
 @register_dataset("imagefolder")
@@ -226,16 +239,22 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
     if not file.is_file():
         raise DatasetError(f"dataset.file={cfg.file}: no such file ({file}).")
     try:
-        table = pd.read_csv(file, dtype=str, skipinitialspace=True)
+        separator = csv_separator(file)
+        table = pd.read_csv(file, sep=separator, dtype=str, skipinitialspace=True)
     except pd.errors.EmptyDataError:
         raise DatasetError(
             f"{file} is empty: it needs a header path,label and a row per image."
         ) from None
     except pd.errors.ParserError as error:
         raise DatasetError(f"{file} is not a readable CSV ({error}).") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]  # Path,Label is path,label
     missing = {"path", "label"} - set(table.columns)
     if missing:
-        raise DatasetError(f"{file} lacks the column(s) {sorted(missing)}; it needs path,label.")
+        raise DatasetError(
+            f"{file} lacks the column(s) {sorted(missing)} (header read with separator "
+            f"{separator!r} as {list(table.columns)}); it needs a header path,label, separated "
+            "by , ; tab or |."
+        )
     if table.empty:
         raise DatasetError(f"{file} has a header but no rows: add a row path,label per image.")
     blank = table.index[table.path.isna() | table.label.fillna("").str.strip().eq("")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from filelock import FileLock
 from torch import nn
@@ -26,6 +28,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from benchmark.data.cache import file_fingerprint, files_key, reusable
 from benchmark.data.loading import ManifestDataModule, Normalize, SplitLoaders
+
+log = logging.getLogger("benchmark")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -83,20 +87,57 @@ def extract(
     return torch.cat(batches)
 
 
-def _cached(file: Path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """The array in `file`, computed and saved first if missing or damaged (its size and
-    SHA-256 are recorded beside it when complete); concurrent cells wait."""
+def _cached(
+    file: Path, compute: Callable[[], torch.Tensor], inputs: dict[str, object]
+) -> tuple[torch.Tensor, float]:
+    """The array in `file`, computed and saved first if missing, damaged, unloadable or built
+    from other `inputs` (its size, SHA-256 and inputs are recorded beside it when complete);
+    concurrent cells wait."""
     with FileLock(str(file) + ".lock"):
-        if reusable(file, "Feature cache"):
-            return torch.from_numpy(np.load(file)), 0.0
+        if reusable(file, "Feature cache") and (array := _load(file, inputs)) is not None:
+            return torch.from_numpy(array), 0.0
         start = time.perf_counter()
         array = compute().numpy()
         partial = file.with_suffix(".partial.npy")
         np.save(partial, array)
         partial.rename(file)
-        # Written last: the done-marker.
-        file.with_suffix(".json").write_text(json.dumps(file_fingerprint(file)))
+        # Written last: the done-marker, naming what the features were computed from.
+        marker = {**file_fingerprint(file), "inputs": inputs}
+        file.with_suffix(".json").write_text(json.dumps(marker, default=str))
         return torch.from_numpy(array), time.perf_counter() - start
+
+
+def _load(file: Path, inputs: dict[str, object]) -> np.ndarray | None:
+    """The intact cache file's features, or None (said in a warning) if it was built from
+    other inputs (or by a version that did not record them) or is not a float array."""
+    recorded = json.loads(file.with_suffix(".json").read_text()).get("inputs")
+    expected = json.loads(json.dumps(inputs, default=str))  # tuples as JSON lists
+    if recorded != expected:
+        differ = sorted(k for k in expected if (recorded or {}).get(k) != expected[k])
+        log.warning(
+            "Feature cache %s was built from other inputs (%s): rebuilding it.",
+            file,
+            ", ".join(differ) if recorded else "not recorded",
+        )
+        return None
+    try:
+        array = np.load(file)  # allow_pickle=False: an object array is refused, not run
+    except (ValueError, OSError, EOFError) as error:
+        log.warning("Feature cache %s cannot be loaded (%s): rebuilding it.", file, error)
+        return None
+    if array.dtype.kind != "f":
+        log.warning("Feature cache %s holds %s, not features: rebuilding it.", file, array.dtype)
+        return None
+    return array
+
+
+def images_digest(frame: pd.DataFrame) -> str:
+    """The image set by content: each path with its bytes' SHA-256 (from the manifest; a frame
+    without digests: each path's size and modification time)."""
+    if "sha256" not in frame:
+        return files_key(frame.path.tolist())
+    rows = frame.sort_values("path")[["path", "sha256"]].itertuples(index=False)
+    return hashlib.sha256("".join(f"{p}\0{d}\n" for p, d in rows).encode()).hexdigest()[:24]
 
 
 def feature_set(
@@ -114,9 +155,13 @@ def feature_set(
     folder.mkdir(parents=True, exist_ok=True)
     frame = data.manifest
     paths = sorted(frame.path)
-    key = files_key(paths, json.dumps(identity, sort_keys=True), weights_digest(backbone))
+    weights = weights_digest(backbone)
+    key = files_key(paths, json.dumps(identity, sort_keys=True), weights)
+    inputs = {"backbone": weights, "images": images_digest(frame), "transform": identity}
     plain, build_s = _cached(
-        folder / f"{key}.npy", lambda: extract(data, trainer, backbone, paths, augment=False)
+        folder / f"{key}.npy",
+        lambda: extract(data, trainer, backbone, paths, augment=False),
+        inputs,
     )
     row = {path: i for i, path in enumerate(paths)}
     split = {s: frame[frame.split == s].path.tolist() for s in ("train", "val", "test")}
@@ -133,7 +178,13 @@ def feature_set(
                 [extract(data, trainer, backbone, split["train"], True) for _ in range(views)]
             )
 
-        train, views_s = _cached(folder / f"{train_key}.views.npy", draw)
+        augmented = {
+            **inputs,
+            "views": drawn[1:3],
+            "train": images_digest(frame.loc[frame.split == "train"]),
+            "augmentation": drawn[4],
+        }
+        train, views_s = _cached(folder / f"{train_key}.views.npy", draw, augmented)
         build_s += views_s
     targets = {s: torch.tensor(data.split(s).targets) for s in split}
     return FeatureSet(train, by_split["val"], by_split["test"], targets, build_s)

@@ -65,16 +65,41 @@ def best_confusions(
     ranked = runs.sort_values("best_val_acc", ascending=False, na_position="last")
     cells = dict(list(ranked.groupby(GROUP, sort=False)))
     order = [tuple(row) for row in table[GROUP].itertuples(index=False) if tuple(row) in cells]
+    missing = []  # every FINISHED run logs one: these were deleted from the artifact store
     for cell in progress(order, "reading confusion matrices"):
         for _, run in cells[cell].iterrows():
             file = artifact_file(uri, run.run_id, run.artifact_uri, "confusion_matrix.json")
-            if file is not None:
+            if file is None:
+                missing.append(
+                    f"{run.run_id} ({'/'.join(str(c) for c in cell if c)} seed {run.seed})"
+                )
+            else:
                 matrix = json.loads(file.read_text())
                 where, what = "/".join(cell[:2]), "/".join(str(c) for c in cell[2:] if c)
                 title = f"{where}\n{what} seed {run.seed}"  # two short lines per small panel
                 out.append((title, matrix["classes"], matrix["matrix"]))
                 break
+    if missing:
+        print(
+            f"warning: {len(missing)} finished run(s) have no confusion_matrix.json in the "
+            f"artifact store (deleted?): {', '.join(missing)}; a cell none of whose runs has one "
+            "has no confusion matrix in report.html.",
+            file=sys.stderr,
+        )
     return out
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the report cannot be written to the folder `out` (made here), or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder: give a folder (it is created if absent)."
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--out {out} cannot be created ({error.strerror or error}): choose another folder."
+    if not os.access(out, os.W_OK):
+        return f"--out {out} is read-only: choose a folder you can write."
+    return None
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
@@ -259,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if problem := out_problem(args.out):  # said before the runs are read, not after
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     uri = store_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
@@ -283,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     expected = [d for d in args.datasets.split(",") if d]
     table = summarise(runs, study_runs, expected)
     verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
-    args.out.mkdir(parents=True, exist_ok=True)
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )

@@ -36,21 +36,26 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import open_dict
 from sklearn.linear_model import BayesianRidge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import normalize
 
 from benchmark.cell.run import cell_features, image_data
-from benchmark.config.rules import check
+from benchmark.config.rules import ConfigError, check
 from benchmark.config.schema import register_configs
 from benchmark.config.spec import CellSpec, from_config
+from benchmark.data import DatasetError
 from benchmark.models import precision
-from benchmark.models.backbones import create_backbone, imagenet_head
+from benchmark.models.backbones import BackboneError, create_backbone, imagenet_head
 from benchmark.tracking import identity, store
 from benchmark.tracking.resume import cell_manifest
+from benchmark.tracking.server import TrackingUnreachable
 
 log = logging.getLogger("benchmark")
+# Not bugs: said in one line naming the fix, as a cell's process says them.
+BAD_INPUT = (ConfigError, DatasetError, BackboneError, TrackingUnreachable, store.StoreError)
 
 
 def logme(features: np.ndarray, targets: np.ndarray) -> float:
@@ -162,22 +167,41 @@ def main(argv: list[str] | None = None) -> int:
     if any(o in ("-h", "--help") for o in overrides):
         print(__doc__)
         return 0
-    rows = []
-    for spec in configs(overrides):
-        backbone = spec.backbone.model or spec.backbone.name
-        name = f"{spec.dataset.name}/{spec.colour.name}/{backbone}"
-        scores = rank_one(spec)
-        run_id = log_scores(spec, scores)
-        log.info(
-            "%s: LogME %.4f, LEEP %s, NCE %s, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
-            name, scores["logme"], f"{scores.get('leep', float('nan')):.4f}",
-            f"{scores.get('nce', float('nan')):.4f}", scores["knn_val_acc"], scores["rank_s"],
-            run_id,
-        )  # fmt: skip
-        rows.append({"cell": name, "backbone": spec.backbone.name, **scores})
+    try:
+        rows = [score_and_log(spec) for spec in configs(overrides)]
+    except BAD_INPUT as error:
+        print(f"error: {error}", file=sys.stderr)  # bad input: one line, as a cell says it
+        return 1
+    except HydraException as error:  # a misspelt group option or key, a bad override
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
     table = pd.DataFrame(rows).sort_values("logme", ascending=False)
     print(table.round(4).to_string(index=False))
     return 0
+
+
+def one_line(error: HydraException) -> str:
+    """Hydra's message (several lines, with the config search path) as one line: a missing
+    option names the ones there are."""
+    first = str(error).strip().splitlines()[0]
+    if isinstance(error, MissingConfigException) and error.options:
+        return f"{first}; choose one of: {', '.join(sorted(error.options))}."
+    return first
+
+
+def score_and_log(spec: CellSpec) -> dict[str, object]:
+    """The backbone's scores, logged as a run of kind `rank` and said in one log line."""
+    backbone = spec.backbone.model or spec.backbone.name
+    name = f"{spec.dataset.name}/{spec.colour.name}/{backbone}"
+    scores = rank_one(spec)
+    run_id = log_scores(spec, scores)
+    log.info(
+        "%s: LogME %.4f, LEEP %s, NCE %s, 5-NN val acc %.3f (%.1f s) | MLflow run %s",
+        name, scores["logme"], f"{scores.get('leep', float('nan')):.4f}",
+        f"{scores.get('nce', float('nan')):.4f}", scores["knn_val_acc"], scores["rank_s"],
+        run_id,
+    )  # fmt: skip
+    return {"cell": name, "backbone": spec.backbone.name, **scores}
 
 
 if __name__ == "__main__":

@@ -4,13 +4,20 @@ relaunch runs the failed, interrupted and missing cells, and those whose data ch
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import Manifest, build_manifest
 from benchmark.tracking import identity, store
 from benchmark.tracking.result import HEADLINES, CellSummary
+
+log = logging.getLogger("benchmark")
 
 
 def cell_manifest(spec: CellSpec) -> Manifest:
@@ -43,3 +50,38 @@ def finished_earlier(spec: CellSpec, key: str) -> CellSummary | None:
         skipped=True,
         score_name=name,
     )
+
+
+def lock_file(spec: CellSpec, key: str) -> Path:
+    """Where the cell's lock lives: beside a SQLite store (every process writing to it sees it),
+    else in the cache folder (a server's cells on this host)."""
+    uri = identity.tracking_uri(spec)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+    return (folder or Path(spec.cache_dir)) / ".cell-locks" / f"{key}.lock"
+
+
+@contextmanager
+def cell_lock(spec: CellSpec, key: str) -> Iterator[None]:
+    """Held while the cell decides to run and runs: the same cell launched twice at once is
+    computed once; the second launch waits (saying so), then finds it FINISHED and skips it.
+    The OS frees the lock of a process that dies. DDP ranks started by rank 0 take none."""
+    if os.environ.get(identity.RUN_ID_ENV):
+        yield
+        return
+    file = lock_file(spec, key)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning(
+            "cell %s is already running in another process (lock %s): waiting for it, then "
+            "this launch skips it if it FINISHED (rerun=true: runs it again).",
+            spec.name,
+            file,
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -85,6 +85,47 @@ def check_reachable(uri: str) -> None:
             f"MLflow tracking server {redact(uri)} is unavailable (GET /health: HTTP "
             f"{answer.status_code}): {FIX}."
         )
+    check_authorised(uri)
+
+
+# An API call every client may make: answered 401/403 by a server with authentication (MLflow's
+# `--app-name basic-auth`), whose /health answers anyone.
+PROBE = "api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def check_authorised(uri: str) -> None:
+    """TrackingUnreachable in one line if the server refuses this client's credentials (those
+    MLflow's client sends: MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)."""
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{n}") for n in ("USERNAME", "PASSWORD"))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/{PROBE}",
+            timeout=HEALTH_TIMEOUT_S,
+            verify=_verify(),
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not user else None,
+        )
+    except requests.RequestException:
+        return  # /health answered: MLflow's own retries and errors take it from here
+    if answer.status_code == 401:
+        given = "were refused" if user or token else "are not set"
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} requires a login (HTTP 401) and the credentials "
+            f"{given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) in the environment."
+        )
+    if answer.status_code == 403:
+        said = answer.text.strip().splitlines()[0][:200] if answer.text.strip() else "forbidden"
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} refuses this client (HTTP 403: {said}): "
+            + (
+                "start the server with --allowed-hosts naming this host name"
+                if "host" in said.lower()
+                else "ask its admin for permission on the experiments"
+            )
+            + "."
+        )
 
 
 @contextmanager
