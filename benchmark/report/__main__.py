@@ -31,6 +31,7 @@ from benchmark.report.tables import (
     latest_per_seed,
     load_ranks,
     load_runs,
+    split_note,
     split_protocols,
     summarise,
 )
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = [d for d in args.datasets.split(",") if d]
     table = summarise(runs, study_runs, expected)
     verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
+    footnote = " ".join(note for note in (footnote, split_note(runs)) if note)
     args.out.mkdir(parents=True, exist_ok=True)
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
