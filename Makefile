@@ -56,9 +56,12 @@ BENCH_ARGS ?=
 bench:  ## cell cost vs the study's loop and the compute-only limit (long: see README)
 	$(BIN)/python -m benchmark.tools.bench $(BENCH_ARGS)
 
+# The lent GPU machines run Python 3.12: the compiled wheels for it alone (GPU_PYTHONS=3.11,3.12
+# for more, about 7 MiB each).
+GPU_PYTHONS ?= 3.12
 GPU_PACK_ARGS ?=
 gpu-pack:  ## .gpu-pack/: the wheels and images a lent GPU machine lacks (fails over 64 MiB)
-	$(BIN)/python scripts/gpu_pack.py $(GPU_PACK_ARGS)
+	$(BIN)/python scripts/gpu_pack.py --pythons $(GPU_PYTHONS) $(GPU_PACK_ARGS)
 
 # On the GPU machine there is no .venv: its python3 holds torch.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
@@ -67,10 +70,12 @@ gpu-check:  ## on a GPU: install the pack, CUDA, pytest -m gpu, a short bench ->
 
 # The results grid: its MLflow store of record is results/grid/ (committed with the results), so
 # an interrupted grid resumes where it stopped: `make results` again skips every FINISHED cell,
-# reruns the cell that was cut off, and rebuilds the report. Hours on a 2-core CPU.
+# reruns the cell that was cut off, and rebuilds the report. Hours on a 2-core CPU. The committed
+# stores stay small (they travel with the tree to a GPU machine: scripts/gpu_pack.py): the cells
+# log no system metrics, and benchmark.tools.slim keeps only what the report reads.
 RESULTS_STORE := sqlite:///$(CURDIR)/results/grid/mlflow.db
 RESULTS_DATA ?= $(or $(BENCHMARK_DATA_ROOT),$(abspath $(CURDIR)/../shared/data))
-RESULTS_CELL := tracking.uri=$(RESULTS_STORE) tracking.log_model=false \
+RESULTS_CELL := tracking.uri=$(RESULTS_STORE) tracking.log_model=false tracking.system_metrics=false \
 	paths.data_root=$(RESULTS_DATA) paths.cache_dir=$(CURDIR)/.cache/benchmark \
 	trainer.enable_progress_bar=false
 RESULTS_DATASETS := hymenoptera,simpsons,dogs_vs_cats,caltech256
@@ -81,7 +86,8 @@ results-grid:  ## the grid's cells (Caltech-256 is not in ../shared: its rows sa
 	-$(BIN)/python -m benchmark -m seed=0,1,2 protocol=study dataset=hymenoptera colour=rgb,gray \
 	  strategy=finetune,freeze $(RESULTS_CELL) hydra.sweep.dir=multirun/results/study
 
-results: results-grid  ## the grid, then results/report.* from its store
+results: results-grid  ## the grid, then results/report.* from its store (slimmed first)
+	$(BIN)/python -m benchmark.tools.slim --tracking-uri $(RESULTS_STORE)
 	$(BIN)/python -m benchmark.report --tracking-uri $(RESULTS_STORE) --out results \
 	  --datasets $(RESULTS_DATASETS)
 
@@ -90,7 +96,7 @@ results: results-grid  ## the grid, then results/report.* from its store
 # dataset and colour, 3 seeds; store results/backbones/, report results/backbones/report.*.
 BACKBONES_STORE := sqlite:///$(CURDIR)/results/backbones/mlflow.db
 BACKBONES := efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
-BACKBONES_CELL := tracking.uri=$(BACKBONES_STORE) tracking.log_model=false \
+BACKBONES_CELL := tracking.uri=$(BACKBONES_STORE) tracking.log_model=false tracking.system_metrics=false \
 	paths.data_root=$(RESULTS_DATA) paths.cache_dir=$(CURDIR)/.cache/benchmark \
 	trainer.enable_progress_bar=false dataset=hymenoptera,simpsons,dogs_vs_cats \
 	dataset.classes=null colour=rgb,gray backbone=$(BACKBONES)
@@ -100,6 +106,7 @@ backbones:  ## ranking, tuned freeze and linear_probe for each offline backbone 
 	  hydra.sweep.dir=multirun/backbones/freeze
 	-$(BIN)/python -m benchmark -m seed=0,1,2 strategy=linear_probe $(BACKBONES_CELL) \
 	  hydra.sweep.dir=multirun/backbones/linear_probe
+	$(BIN)/python -m benchmark.tools.slim --tracking-uri $(BACKBONES_STORE)
 	$(BIN)/python -m benchmark.report --tracking-uri $(BACKBONES_STORE) --out results/backbones
 
 clean:

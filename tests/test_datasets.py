@@ -50,7 +50,18 @@ def test_the_studys_sorted_80_20_split_is_reproducible(shared_data):
 
 
 def test_simpsons_from_simpsons_dataset(shared_data):
+    # ../shared holds Kaggle's test set too: it is the test split, and maggie (none in it) is out.
     frame = manifest_of(shared_data, name="simpsons", classes=None)
+    test = frame[frame.split == "test"].label.value_counts().to_dict()
+    assert test == {
+        "bart_simpson": 50,
+        "homer_simpson": 50,
+        "lisa_simpson": 45,
+        "marge_simpson": 50,
+    }
+    assert (frame[frame.split != "test"].label.value_counts() == 70).all()
+    assert "maggie_simpson" not in set(frame.label)
+    frame = manifest_of(shared_data, name="simpsons", classes=None, official_test=False)
     assert frame.label.value_counts().to_dict() == {
         c: 70
         for c in (

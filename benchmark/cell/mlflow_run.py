@@ -152,6 +152,7 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
             "n_classes": len(manifest.classes),
             "n_skipped": len(manifest.skipped),
             "manifest_sha256": manifest.sha256,
+            "test_split": manifest.test_split,  # official, or carved by dataset.test_split
         }
     )
     mlflow.log_dict(_redacted(spec.as_dict()), "config.yaml")

@@ -81,6 +81,10 @@ class DatasetConfig:
     # Without an official test split: `random` (stratified, fixed by split_seed for every run)
     # or `sorted` (the study's: the last test_fraction of each class's sorted file names).
     test_split: TestSplit = TestSplit.random
+    # simpsons: Kaggle's kaggle_simpson_testset/ as the test split when it is there (null: yes;
+    # false: ignore it and carve a test split as above). Characters it has no images of are then
+    # left out of every split, with one line naming them.
+    official_test: bool | None = None
     test_fraction: float = 0.2
     split_seed: int = 0
     # Share of each class of the training data held back as the validation split that selects

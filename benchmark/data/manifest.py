@@ -40,6 +40,9 @@ class Manifest:
     frame: pd.DataFrame  # path (absolute), label, split, sha256 (of the file's bytes)
     skipped: pd.DataFrame  # path, reason
     root: Path  # manifest paths are stored relative to it
+    # Where the test split came from: the dataset's own (`official`: Hymenoptera's val/, Kaggle's
+    # Simpsons test set...) or `carved` from its images by dataset.test_split. A run param.
+    test_split: str = "carved"
 
     def relative_frame(self) -> pd.DataFrame:
         """The rows with paths relative to the dataset's root (as in the manifest file)."""
@@ -139,9 +142,14 @@ def build_manifest(
             f"{cfg.name} has {classes} class with usable images under {source.root}: a "
             "classifier needs at least 2 (add a class folder, or check dataset.classes)."
         )
-    frame, duplicated = one_split_per_content(assign_splits(source.scan.images, cfg, seed))
+    images = source.scan.images
+    official = "split" in images and bool((images.split == "test").any())
+    frame, duplicated = one_split_per_content(assign_splits(images, cfg, seed))
     manifest = Manifest(
-        frame, pd.concat([source.scan.skipped, duplicated], ignore_index=True), source.root
+        frame,
+        pd.concat([source.scan.skipped, duplicated], ignore_index=True),
+        source.root,
+        "official" if official else "carved",
     )
     if cache_dir is not None:
         saved = cache_dir / "manifests" / f"{cfg.name}-{manifest.sha256[:12]}.csv"

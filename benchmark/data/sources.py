@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv as std_csv
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class Source:
     scan: Scan  # images: path, label[, split]
     root: Path
 
+
+log = logging.getLogger("benchmark")
 
 Preparer = Callable[[DatasetConfig, Path], Source]
 PREPARERS: Registry[Preparer] = Registry()
@@ -152,7 +155,52 @@ def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
             wanted = [p.name for p in folder.iterdir() if p.is_dir() and p != nested]
         skipped = excluded(pd.Series([str(nested)]), "duplicate copy nested in the Kaggle archive")
     scan = scan_class_folders(folder, classes=wanted)
-    return Source(Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True)), folder)
+    scan = Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True))
+    testset = folder.parent / SIMPSONS_TESTSET
+    if cfg.official_test is False or not testset.is_dir():
+        return Source(scan, folder)
+    return Source(with_official_test(scan, testset), folder.parent)
+
+
+SIMPSONS_TESTSET = "kaggle_simpson_testset"
+SIMPSONS_TEST_NAME = re.compile(r"^(?P<label>.+)_\d+$")  # bart_simpson_12.jpg: bart_simpson
+
+
+def with_official_test(train: Scan, testset: Path) -> Scan:
+    """Kaggle's flat test set (`<character>_N.jpg`) as the test split of the characters it
+    covers; characters of training without a test image are left out of every split (one line
+    names them), test images of characters not trained on are left out too."""
+    entries = sorted(testset.iterdir())
+    files = pd.DataFrame({"path": [str(p) for p in entries if p.is_file()]})
+    files["label"] = files.path.map(lambda p: SIMPSONS_TEST_NAME.match(Path(p).stem))
+    named = files.label.notna()
+    files.loc[named, "label"] = files.label[named].map(lambda m: m["label"])
+    stray = pd.concat(
+        [
+            excluded(files.path[~named], "file name is not <character>_N"),
+            excluded(pd.Series([str(p) for p in entries if not p.is_file()], dtype=str), "folder"),
+        ]
+    )
+    trained = set(train.images.label)
+    test = verify(files[named & files.label.isin(trained)], desc=f"checking {SIMPSONS_TESTSET}")
+    untrained = excluded(
+        files.path[named & ~files.label.isin(trained)], "character not in the training classes"
+    )
+    untested = sorted(trained - set(test.images.label))
+    if untested:
+        log.warning(
+            "simpsons: %s %s no images in %s: left out of train, val and test "
+            "(dataset.official_test=false keeps them, with a test split carved from training)",
+            ", ".join(untested),
+            "has" if len(untested) == 1 else "have",
+            SIMPSONS_TESTSET,
+        )
+    untested_rows = train.images.label.isin(untested)
+    kept = train.images[~untested_rows].assign(split="train")
+    left_out = excluded(train.images.path[untested_rows], f"no test images in {SIMPSONS_TESTSET}")
+    images = pd.concat([kept, test.images.assign(split="test")], ignore_index=True)
+    skipped = [train.skipped, left_out, stray, untrained, test.skipped]
+    return Scan(images, pd.concat(skipped, ignore_index=True))
 
 
 # ---------------------------------------------------------------- Caltech-256

@@ -32,6 +32,7 @@ from benchmark.report.tables import (
     latest_per_seed,
     load_ranks,
     load_runs,
+    split_note,
     split_protocols,
     summarise,
 )
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = [d for d in args.datasets.split(",") if d]
     table = summarise(runs, study_runs, expected)
     verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
+    footnote = " ".join(note for note in (footnote, split_note(runs)) if note)
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )

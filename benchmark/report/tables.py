@@ -95,6 +95,28 @@ class Runs:
         return "; ".join(notes) + "." if notes else ""
 
 
+def split_note(runs: pd.DataFrame) -> str:
+    """Which test split each dataset's FINISHED runs used (the `test_split` param; runs from
+    before it was logged say nothing), e.g. "Test split: simpsons official; ..."."""
+    done = runs[(runs.status == "FINISHED") & runs.test_split.notna()]
+    if done.empty:
+        return ""
+    counts = done.groupby("dataset").test_split.value_counts()
+    per = [
+        f"{dataset} "
+        + ", ".join(
+            f"{split}" if len(splits) == 1 else f"{split} ({n} runs)"
+            for split, n in splits.droplevel(0).items()
+        )
+        for dataset, splits in counts.groupby(level=0)
+    ]
+    return (
+        f"Test split: {'; '.join(per)} (official: the dataset's own test set, e.g. Hymenoptera's "
+        "val/ or Kaggle's Simpsons test set; carved: held out from its images by "
+        "dataset.test_split)."
+    )
+
+
 # What varies between runs without being an experiment of its own: never labels a row.
 NOT_A_VARIANT = {"seed", "input", "probe_c_chosen", "manifest_sha256"}
 
@@ -138,7 +160,7 @@ def load_runs(
     wanted |= {"params.tune.trials": "tune_trials"}
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
-    wanted |= {"tags.error": "error"}
+    wanted |= {"tags.error": "error", "params.test_split": "test_split"}
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA

@@ -1,0 +1,124 @@
+"""`python -m benchmark.tools.slim --tracking-uri sqlite:///.../mlflow.db`: a committed store of
+record (results/grid/, results/backbones/) cut down to what the report reads, so that the working
+tree still travels to a lent GPU machine (64 MiB with `make gpu-pack`'s pack; scripts/gpu_pack.py).
+
+- System metrics (`system/*`: CPU, memory, disk and network samples every 10 s of a cell) are
+  deleted from the metric history and the latest values: the report reads none of them. The
+  grid's own cells no longer log them (`tracking.system_metrics=false` in the Makefile).
+- Of each run's artifacts in the `mlartifacts/` beside the store, only those the report reads
+  are kept (`REPORT_ARTIFACTS`); the manifests, the resolved configs (every key is also a
+  param), Hydra's files and the confusion matrices' pictures go.
+- The database is `VACUUM`ed (SQLite keeps freed pages otherwise).
+
+Params, tags, the other metrics (the learning curves included) and the runs themselves are kept:
+`python -m benchmark.report` on the store makes the same tables before and after. Only the
+`mlartifacts/` beside the store is touched, never the absolute paths the runs record (a copy of
+the store must not empty the original). A store with a RUNNING run is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmark.tracking.store import StoreError, check_sqlite
+
+# What `python -m benchmark.report` reads of a run's artifacts (report/__main__.py,
+# best_confusions): everything else under a run's artifacts/ is deleted.
+REPORT_ARTIFACTS = frozenset({"confusion_matrix.json"})
+SYSTEM_METRICS = "system/%"  # MLflow's prefix for its system metrics (a LIKE pattern)
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Slimmed:
+    db_before: int
+    db_after: int
+    samples_deleted: int
+    artifacts_before: int
+    artifacts_after: int
+    files_deleted: int
+
+    def line(self, store: Path) -> str:
+        return (
+            f"slim: {store} {self.db_before / MIB:.2f} -> {self.db_after / MIB:.2f} MiB "
+            f"({self.samples_deleted} system metric samples deleted, vacuumed); mlartifacts/ "
+            f"{self.artifacts_before / MIB:.2f} -> {self.artifacts_after / MIB:.2f} MiB "
+            f"({self.files_deleted} files the report does not read deleted)"
+        )
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def unread_artifacts(artifacts: Path) -> list[Path]:
+    """Files under `<run id>/artifacts/` that the report does not read."""
+    return [
+        file
+        for run in sorted(artifacts.glob("*/artifacts"))
+        for file in sorted(run.rglob("*"))
+        if file.is_file() and file.relative_to(run).as_posix() not in REPORT_ARTIFACTS
+    ]
+
+
+def _remove_empty_folders(root: Path) -> None:
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def slim(uri: str) -> Slimmed:
+    if not uri.startswith("sqlite:///"):
+        raise StoreError(f"{uri} is not a local SQLite store: slim works on sqlite:///...mlflow.db")
+    check_sqlite(uri)  # MLflow's, and writable
+    store = Path(uri.removeprefix("sqlite:///"))
+    if not store.is_file():
+        raise StoreError(f"no tracking store at {store}: check --tracking-uri")
+    artifacts = store.parent / "mlartifacts"
+    db_before, artifacts_before = store.stat().st_size, _size(artifacts)
+    with closing(sqlite3.connect(store, isolation_level=None)) as db:
+        running = db.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
+        if running:
+            raise StoreError(
+                f"{store} has {running} RUNNING run(s): slim it when the cells have ended"
+            )
+        db.execute("begin")
+        deleted = db.execute("delete from metrics where key like ?", (SYSTEM_METRICS,)).rowcount
+        db.execute("delete from latest_metrics where key like ?", (SYSTEM_METRICS,))
+        db.execute("commit")
+        db.execute("vacuum")
+    unread = unread_artifacts(artifacts) if artifacts.is_dir() else []
+    for file in unread:
+        file.unlink()
+    if artifacts.is_dir():
+        _remove_empty_folders(artifacts)
+    return Slimmed(
+        db_before=db_before,
+        db_after=store.stat().st_size,
+        samples_deleted=deleted,
+        artifacts_before=artifacts_before,
+        artifacts_after=_size(artifacts) if artifacts.is_dir() else 0,
+        files_deleted=len(unread),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.tools.slim", description=__doc__)
+    parser.add_argument("--tracking-uri", required=True, help="sqlite:///.../mlflow.db")
+    args = parser.parse_args(argv)
+    try:
+        done = slim(args.tracking_uri)
+    except StoreError as error:
+        print(f"slim: {error}", file=sys.stderr)
+        return 1
+    print(done.line(Path(args.tracking_uri.removeprefix("sqlite:///"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
