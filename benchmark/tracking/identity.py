@@ -57,7 +57,16 @@ PARENT_RUN_ENV = "BENCHMARK_PARENT_RUN_ID"
 # Params a cell logs beside its config's (run_params): what its data and path turned out to be.
 # The report reads these names and the config's own keys (tests/test_boundary.py checks that every
 # `params.<key>` it reads is one of them, so a renamed key breaks a test, not a report's column).
-LOGGED_PARAMS = ("n_train", "n_val", "n_test", "n_classes", "n_skipped", "manifest_sha256", "input")
+LOGGED_PARAMS = (
+    "n_train",
+    "n_val",
+    "n_test",
+    "n_classes",
+    "n_skipped",
+    "manifest_sha256",
+    "input",
+    "test_split",
+)
 
 # Where a cell writes and how it shows progress or logs, not what it computes: left out of its
 # identity.
