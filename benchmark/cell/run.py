@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import hydra
 import lightning as L
@@ -36,6 +36,7 @@ from benchmark.models.classifier import (
     progress_callbacks,
     recipe_callbacks,
 )
+from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.tracking import identity
 from benchmark.tracking.result import CellResult, CellSummary
@@ -93,6 +94,7 @@ class Fitted:
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
     tuned: tune.Tuned | None = None
+    convergence: dict[str, float] = field(default_factory=dict)
 
 
 def compute_cell(
@@ -137,6 +139,7 @@ def compute_cell(
         tuned=fitted.tuned.values if fitted.tuned else None,
         tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
+        convergence=fitted.convergence,
     )
 
 
@@ -274,13 +277,14 @@ def fit_and_test(
         save_weights_only=True,
         filename="best-{epoch}-{val_acc:.4f}",
     )
-    throughput = TrainThroughput()
+    throughput, convergence = TrainThroughput(), Convergence()
     trainer: L.Trainer = hydra.utils.instantiate(
         spec.trainer,
         **head,
         callbacks=[
             checkpoint,
             throughput,
+            convergence,
             StopOnSignal(),
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
@@ -291,6 +295,7 @@ def fit_and_test(
     )
     fitted = torch.compile(model) if spec.speed.compile else model
     trainer.fit(fitted, datamodule=datamodule)
+    converged = convergence.metrics(trainer)  # before the test pass adds its own metrics
     trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
@@ -311,4 +316,5 @@ def fit_and_test(
         train_images_per_s=throughput.images_per_s,
         checkpoint=checkpoint.best_model_path or None,
         tuned=tuned,
+        convergence=converged,
     )

@@ -33,6 +33,9 @@ class CellResult:
     tuned: dict[str, float] | None = None
     tune_val_acc: float | None = None
     tune_s: float | None = None
+    # How the fit ended (models/convergence.py): final_train_loss, final_train_acc,
+    # best_val_epoch, epochs_run. Empty for linear_probe (a closed-form/LBFGS fit, no epochs).
+    convergence: dict[str, float] = field(default_factory=dict)
 
     @property
     def headline(self) -> tuple[str, float]:
