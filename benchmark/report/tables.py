@@ -4,6 +4,7 @@ Rules, stated in the report too: of each (cell, seed) the latest FINISHED run co
 latest run (a rerun that finished replaces what it reran; a failed retry does not hide a result,
 as a relaunch would skip that cell too); a cell's accuracy is the mean ± sd over its FINISHED
 seeds; failed, running and never-run cells are shown as such, never dropped or averaged in.
+Marks on those numbers (may be undertrained, seeds on different commits): report/trust.py.
 """
 
 from __future__ import annotations
