@@ -45,7 +45,7 @@ def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
         identity.CELL_KEY_TAG: key,
         identity.CELL_GROUP_TAG: identity.cell_group(spec),
         identity.DEBUG_TAG: str(identity.is_debug(spec)).lower(),
-        identity.GIT_COMMIT_TAG: identity.git_commit(),
+        **identity.git_tags(),
         "cell": spec.name,
         "torch_version": torch.__version__,
         "hydra_output_dir": str(spec.paths.output_dir),
@@ -212,6 +212,8 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
         **result.build_s,
     }
     mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})
+    if result.convergence:  # final_train_loss/acc, best_val_epoch, epochs_run
+        mlflow.log_metrics(result.convergence)
     if result.tuned is not None:
         mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
         mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import hydra
 import lightning as L
@@ -37,6 +37,7 @@ from benchmark.models.classifier import (
     progress_callbacks,
     recipe_callbacks,
 )
+from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.tracking import identity
 from benchmark.tracking.result import CellResult, CellSummary
@@ -96,6 +97,7 @@ class Fitted:
     probe_c: float | None = None
     tuned: tune.Tuned | None = None
     optimizer_steps: int | None = None
+    convergence: dict[str, float] = field(default_factory=dict)
 
 
 def compute_cell(
@@ -144,6 +146,7 @@ def compute_cell(
         tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
         optimizer_steps=fitted.optimizer_steps,
+        convergence=fitted.convergence,
     )
 
 
@@ -305,7 +308,7 @@ def fit_and_test(
         save_weights_only=True,
         filename="best-{epoch}-{val_acc:.4f}",
     )
-    throughput = TrainThroughput()
+    throughput, convergence = TrainThroughput(), Convergence()
     budget = {"min_steps": spec.protocol.min_steps} if spec.protocol.min_steps else {}
     trainer: L.Trainer = hydra.utils.instantiate(
         spec.trainer,
@@ -315,6 +318,7 @@ def fit_and_test(
             MinSteps(),
             checkpoint,
             throughput,
+            convergence,
             StopOnSignal(),
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
@@ -325,6 +329,7 @@ def fit_and_test(
     )
     fitted = torch.compile(model) if spec.speed.compile else model
     trainer.fit(fitted, datamodule=datamodule)
+    converged = convergence.metrics(trainer)  # before the test pass adds its own metrics
     trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
@@ -350,4 +355,5 @@ def fit_and_test(
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,
         probe_c=lp.c if lp is not None else None,
+        convergence=converged,
     )

@@ -35,6 +35,15 @@ from benchmark.report.tables import (
     split_note,
     split_protocols,
     summarise,
+    trust_notes,
+)
+from benchmark.report.trust import (
+    DEFAULT_RULE,
+    UNDERTRAINED_MARK,
+    Convergence,
+    ConvergenceRule,
+    code_summary,
+    run_convergence,
 )
 from benchmark.runtime.progress import progress
 from benchmark.tracking.identity import RANK_SCORES, store_uri
@@ -103,9 +112,10 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
-def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+def comparisons(runs: pd.DataFrame, rule: ConvergenceRule = DEFAULT_RULE) -> pd.DataFrame:
     """Per dataset x colour (x backbone x variant), each pair of strategies compared on the seeds
-    both have (paired: a seed fixes the split)."""
+    both have (paired: a seed fixes the split); a verdict resting on a cell that may be
+    undertrained (`rule`) says so."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     if counted.empty:
@@ -116,14 +126,32 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     where = verdicts.dataset + " / " + verdicts.colour
     if counted.backbone.nunique() > 1:
         where += " / " + verdicts.backbone
-    return verdicts.assign(where=where, verdict=where + ": " + verdicts.verdict)
+    undertrained = run_convergence(counted, rule).convergence.eq(Convergence.undertrained)
+    marked = set(counted[undertrained][[*rows, "column"]].itertuples(index=False, name=None))
+    caveat = [
+        _rests_on([c for c in (r.a, r.b) if (r.dataset, r.colour, r.backbone, c) in marked])
+        for r in verdicts.itertuples()
+    ]
+    return verdicts.assign(where=where, verdict=where + ": " + verdicts.verdict + caveat)
+
+
+def _rests_on(columns: list[str]) -> str:
+    if not columns:
+        return ""
+    return f" ({UNDERTRAINED_MARK} rests on {' and '.join(columns)}, which may be undertrained)"
 
 
 def ranks(table: pd.DataFrame) -> pd.DataFrame:
     done = table[table.n > 0].assign(column=column_names(table[table.n > 0]))
     if done.empty:
         return pd.DataFrame(columns=["average_rank", "rows"])
-    return average_ranks(done, ["dataset", "colour"], "column", "test_acc_mean")
+    ranked = average_ranks(done, ["dataset", "colour"], "column", "test_acc_mean")
+    if "undertrained" in done and done.undertrained.any():  # the ranks that rest on such cells
+        marked = done.groupby("column").undertrained.sum().astype(int)
+        ranked[f"rows with {UNDERTRAINED_MARK}"] = (
+            marked.reindex(ranked.index).fillna(0).astype(int)
+        )
+    return ranked
 
 
 def bold_best(table: pd.DataFrame, accuracy: pd.DataFrame) -> pd.DataFrame:
@@ -152,7 +180,7 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
 
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
-    footnote: str, predicted: pd.DataFrame | None = None,
+    footnote: str, predicted: pd.DataFrame | None = None, notes: list[str] = (),
 ) -> list[Path]:  # fmt: skip
     accuracy, cost = accuracy_table(table), cost_table(table)
     bold = bold_best(table, accuracy)
@@ -177,6 +205,7 @@ def write_tables(
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
         f"Source: `{source}`.\n\n{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
+        + "".join(f"{escape(note)}\n\n" for note in notes)
         + (f"{footnote}\n\n" if footnote else "")
         + "## Paired comparisons (same seeds, so the same splits)\n\n"
         + lines
@@ -196,7 +225,12 @@ def write_tables(
     paths[2].write_text(
         latex_document(
             [
-                to_latex(accuracy, "Test accuracy per cell. " + RULES, "tab:accuracy", bold=bold),
+                to_latex(
+                    accuracy,
+                    " ".join(["Test accuracy per cell.", RULES, *notes]),
+                    "tab:accuracy",
+                    bold=bold,
+                ),
                 to_latex(cost, "Cost per cell.", "tab:cost"),
             ]
         )
@@ -206,7 +240,7 @@ def write_tables(
 
 def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
-    footnote: str, uri: str,
+    footnote: str, uri: str, notes: list[str] = (),
 ) -> Path:  # fmt: skip
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
@@ -250,6 +284,7 @@ figcaption {{ color: #555; font-size: 0.9rem; }}
 <p>Source: <code>{html.escape(source)}</code></p>
 <p>{html.escape(RULES)}</p>
 {accuracy_table(table).to_html(index=False, border=0)}
+{"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
 <p>{html.escape(footnote)}</p>
 <h2>Paired comparisons</h2>
 <ul>{verdict_list}</ul>
@@ -283,7 +318,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="count runs with a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)",
     )
+    parser.add_argument(
+        "--min-train-acc",
+        type=float,
+        default=ConvergenceRule.min_train_acc,
+        help="a seed whose final training accuracy is below this may be undertrained (†)",
+    )
+    parser.add_argument(
+        "--rising-epochs",
+        type=int,
+        default=ConvergenceRule.rising_epochs,
+        help="a seed whose best validation epoch is among its last N may be undertrained (†)",
+    )
     args = parser.parse_args(argv)
+    try:
+        rule = ConvergenceRule(args.min_train_acc, args.rising_epochs)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if problem := out_problem(args.out):  # said before the runs are read, not after
         print(f"error: {problem}", file=sys.stderr)
@@ -310,16 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     expected = [d for d in args.datasets.split(",") if d]
-    table = summarise(runs, study_runs, expected)
-    verdicts, ranking, footnote = comparisons(runs), ranks(table), loaded.footnote()
+    table = summarise(runs, study_runs, expected, rule)
+    verdicts, ranking, footnote = comparisons(runs, rule), ranks(table), loaded.footnote()
     footnote = " ".join(note for note in (footnote, split_note(runs)) if note)
+    counted = latest_per_seed(runs)
+    counted = counted[counted.status == "FINISHED"]
+    notes = [*trust_notes(table, rule), code_summary(counted)]
+    notes = [note for note in notes if note]
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )
     predicted = ranking_before_training(table, uri, args.experiment)
     written = [
-        *write_tables(table, verdicts, ranking, args.out, source, footnote, predicted),
-        write_html(table, runs, verdicts, args.out, source, footnote, uri),
+        *write_tables(table, verdicts, ranking, args.out, source, footnote, predicted, notes),
+        write_html(table, runs, verdicts, args.out, source, footnote, uri, notes),
     ]
     for path in written:
         print(f"wrote {path}")

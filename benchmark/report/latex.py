@@ -49,6 +49,8 @@ REPLACEMENTS = {
     "→": r"$\rightarrow$",
     "←": r"$\leftarrow$",
     "…": r"\ldots{}",
+    "†": r"\dag{}",
+    "‡": r"\ddag{}",
     "°": r"\textdegree{}",
     "µ": r"$\mu$",
     "✓": r"$\checkmark$",

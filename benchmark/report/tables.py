@@ -4,6 +4,7 @@ Rules, stated in the report too: of each (cell, seed) the latest FINISHED run co
 latest run (a rerun that finished replaces what it reran; a failed retry does not hide a result,
 as a relaunch would skip that cell too); a cell's accuracy is the mean ± sd over its FINISHED
 seeds; failed, running and never-run cells are shown as such, never dropped or averaged in.
+Marks on those numbers (may be undertrained, seeds on different commits): report/trust.py.
 """
 
 from __future__ import annotations
@@ -16,10 +17,22 @@ import mlflow
 import pandas as pd
 
 from benchmark.report.stats import seed_summary
+from benchmark.report.trust import (
+    CONVERGENCE_METRICS,
+    DEFAULT_RULE,
+    EXEMPT_STRATEGIES,
+    MIXED_COMMITS_MARK,
+    UNDERTRAINED_MARK,
+    Convergence,
+    ConvergenceRule,
+    cell_checks,
+)
 from benchmark.tracking.identity import (
     CELL_GROUP_TAG,
     CELL_PARAMS,
     DEBUG_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
     HARNESS_TAG,
     KIND_TAG,
     RANK_SCORES,
@@ -40,7 +53,12 @@ RULES = (
     "another backbone and protocol: shown beside ours, not subtracted. Where protocol=study "
     "ran (the study's recipe on our backbone, its maximum validation accuracy over epochs read "
     "off the evaluation split: optimistic), its number has a column of its own and the "
-    "difference to ours is against it."
+    "difference to ours is against it. "
+    f"{UNDERTRAINED_MARK}: may be undertrained (a seed's validation accuracy was still rising at "
+    "its last epoch, or its final training accuracy is low; the rule and the cells are under the "
+    "table); cells whose runs did not log convergence say so and are not taken for converged; "
+    f"{', '.join(EXEMPT_STRATEGIES)} (closed-form/LBFGS, no epochs) is exempt. "
+    f"{MIXED_COMMITS_MARK}: the cell's seeds ran on different code commits."
 )
 COST_METRICS = ["wall_time_s", "train_images_per_s", "peak_rss_mb", "peak_gpu_mem_mb"]
 
@@ -161,6 +179,8 @@ def load_runs(
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error", "params.test_split": "test_split"}
+    wanted |= {f"metrics.{m}": m for m in CONVERGENCE_METRICS}
+    wanted |= {f"tags.{GIT_COMMIT_TAG}": "git_commit", f"tags.{GIT_DIRTY_TAG}": "git_dirty"}
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA
@@ -249,14 +269,17 @@ def latest_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(
-    runs: pd.DataFrame, study_runs: pd.DataFrame | None = None, datasets: Sequence[str] = ()
+    runs: pd.DataFrame,
+    study_runs: pd.DataFrame | None = None,
+    datasets: Sequence[str] = (),
+    rule: ConvergenceRule = DEFAULT_RULE,
 ) -> pd.DataFrame:
     """One row per cell: each dataset x colour of the runs (and of `datasets`, expected even
     without runs), crossed with each strategy x backbone x variant they hold, missing cells
     included. Accuracy: n, mean, sd and a 95 % t interval over the counted FINISHED seeds; cost
     means; failed and running counts; the study's number (its own protocol and backbone) beside
     it, never subtracted; protocol=study's on the same backbone (`study_runs`), with ours minus
-    it."""
+    it; whether its seeds converged (`rule`) and which code they ran (report/trust.py)."""
     latest = latest_per_seed(runs)
     finished = latest[latest.status == "FINISHED"]
     summary = seed_summary(finished, GROUP, "test_acc", bounds=(0.0, 1.0)).set_index(GROUP)
@@ -283,7 +306,11 @@ def summarise(
         [(*row, *column) for row in rows for column in columns.itertuples(index=False)],
         names=GROUP,
     )
-    table = pd.DataFrame(index=grid).join([accuracy, cost, devices, data])
+    checks = cell_checks(finished, GROUP, rule).set_index(GROUP)
+    table = pd.DataFrame(index=grid).join([accuracy, cost, devices, data, checks])
+    table = table.fillna({"undertrained": False, "mixed_commits": False}).astype(
+        {"undertrained": bool, "mixed_commits": bool}
+    )
     for status in ("FAILED", "RUNNING"):
         table[status.lower()] = states.get(status, 0)
     table = table.fillna({"n": 0, "failed": 0, "running": 0}).astype(
@@ -343,7 +370,52 @@ def _accuracy_text(row: pd.Series) -> str:
     text += f" (n={row.n}"
     text += f", {row.failed} failed" if row.failed else ""
     text += f", {row.running} running" if row.running else ""
-    return text + ")"
+    text += ")"
+    text += f" {UNDERTRAINED_MARK}" if row.get("undertrained", False) else ""
+    return text + (f" {MIXED_COMMITS_MARK}" if row.get("mixed_commits", False) else "")
+
+
+def trust_notes(table: pd.DataFrame, rule: ConvergenceRule) -> list[str]:
+    """The lines under the accuracy table: which cells may be undertrained (and why), which
+    did not log convergence, which ran their seeds on different commits."""
+    done = table[table.n > 0]
+    if done.empty:
+        return []
+    names = done.dataset + " / " + done.colour + " / " + column_names(done)
+    notes = []
+    marked = done.undertrained
+    listed = "; ".join(
+        f"{n} ({w})" for n, w in zip(names[marked], done.convergence_why[marked], strict=True)
+    )
+    checked = done.convergence.isin([Convergence.converged, Convergence.undertrained])
+    if checked.any():  # "no cell" only where some cell could be checked
+        notes.append(
+            f"{UNDERTRAINED_MARK} May be undertrained ({rule.text()}): "
+            + (listed or "no cell")
+            + "."
+        )
+    unlogged = done.convergence.eq(Convergence.not_logged)
+    if unlogged.any():
+        every = unlogged.sum() == done.convergence.ne(Convergence.exempt).sum()
+        notes.append(
+            "Convergence not logged (runs from before the cell logged it: not taken for "
+            "converged): " + ("every cell" if every else ", ".join(names[unlogged])) + "."
+        )
+    if done.convergence.eq(Convergence.exempt).any():
+        notes.append(
+            f"{', '.join(EXEMPT_STRATEGIES)}: exempt from the convergence check "
+            "(a closed-form/LBFGS fit, no epochs)."
+        )
+    mixed = done.mixed_commits
+    if mixed.any():
+        notes.append(
+            f"{MIXED_COMMITS_MARK} Seeds ran on different code commits: "
+            + "; ".join(
+                f"{n} ({c})" for n, c in zip(names[mixed], done.commits[mixed], strict=True)
+            )
+            + "."
+        )
+    return notes
 
 
 def column_names(table: pd.DataFrame) -> pd.Series:

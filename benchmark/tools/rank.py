@@ -135,7 +135,7 @@ def log_scores(spec: CellSpec, scores: dict[str, float]) -> str:
         identity.HARNESS_TAG: "benchmark",
         identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
         identity.KIND_TAG: "rank",
-        identity.GIT_COMMIT_TAG: identity.git_commit(),
+        **identity.git_tags(),
     }
     with mlflow.start_run(experiment_id=experiment, tags=tags, log_system_metrics=False) as run:
         mlflow.log_params(identity.run_params(spec))

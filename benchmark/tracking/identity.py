@@ -41,6 +41,7 @@ CELL_KEY_TAG = "cell_key"
 CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_DIRTY_TAG = "benchmark.git.dirty"  # "true": tracked files differed from that commit
 # The metrics of a run of kind "rank" (benchmark.tools.rank), in the report's order.
 RANK_SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
@@ -184,14 +185,30 @@ def is_debug(spec: CellSpec) -> bool:
     return partial or bool(trainer.get("fast_dev_run", False)) or (steps not in (None, -1))
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str | None:
+    """`git args` in the project's folder, its output; None when git or the checkout is not
+    there."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        done = subprocess.run(
+            ["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+    return done.stdout.strip()
+
+
+def git_tags() -> dict[str, str]:
+    """Which code a run comes from: the commit checked out (`mlflow.source.git.commit`) and
+    whether tracked files differ from it (`benchmark.git.dirty`, "true"/"false"). Nothing when
+    the code is not a git checkout of this project (an installed copy), rather than the commit
+    of whatever repository happens to enclose it."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != PROJECT_DIR:
+        return {}
+    commit, changed = (
+        _git("rev-parse", "HEAD"),
+        _git("--no-optional-locks", "status", "--porcelain", "-uno"),
+    )
+    if commit is None:
+        return {}
+    return {GIT_COMMIT_TAG: commit, GIT_DIRTY_TAG: str(bool(changed)).lower()}

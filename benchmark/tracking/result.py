@@ -36,6 +36,9 @@ class CellResult:
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
+    # How the fit ended (models/convergence.py): final_train_loss, final_train_acc,
+    # best_val_epoch, epochs_run. Empty for linear_probe (a closed-form/LBFGS fit, no epochs).
+    convergence: dict[str, float] = field(default_factory=dict)
 
     @property
     def headline(self) -> tuple[str, float]:

@@ -1,0 +1,39 @@
+"""Whether a fit had converged, as the cell logs it once after the fit: the last epoch's
+training loss and accuracy, the epoch of the best validation accuracy and the epochs run.
+The report reads them to mark a cell that may be undertrained."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class Convergence(Callback):
+    """Counts the training epochs and remembers the epoch (0-based, Lightning's) of the best
+    validation accuracy, chosen as ModelCheckpoint(mode="max") chooses: the first epoch with
+    the highest `val_acc` (a later tie does not replace it)."""
+
+    def __init__(self, monitor: str = "val_acc") -> None:
+        self.monitor = monitor
+        self.epochs = 0
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (value := trainer.callback_metrics.get(self.monitor)) is None:
+            return
+        if self.best is None or float(value) > self.best:
+            self.best, self.best_epoch = float(value), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epochs += 1
+
+    def metrics(self, trainer: L.Trainer) -> dict[str, float]:
+        """Read right after `fit`: `final_train_loss`, `final_train_acc` (the last epoch's
+        aggregates, as trained: augmentation and dropout on), `best_val_epoch`, `epochs_run`."""
+        logged = trainer.callback_metrics
+        out = {f"final_{name}": float(logged[name]) for name in ("train_loss", "train_acc")
+               if name in logged}  # fmt: skip
+        if self.best_epoch is not None:
+            out["best_val_epoch"] = float(self.best_epoch)
+        return out | {"epochs_run": float(self.epochs)}
