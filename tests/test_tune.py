@@ -11,7 +11,7 @@ from benchmark.cell import tune
 from benchmark.cell.run import run_cell
 from benchmark.config.rules import ConfigError
 from benchmark.data.loading import SplitLoaders
-from tests.conftest import FEW
+from tests.conftest import FEW, TINY
 
 
 class FitLr(Callback):
@@ -20,6 +20,7 @@ class FitLr(Callback):
     def on_fit_start(self, trainer, module) -> None:
         optimizer = trainer.optimizers[0]
         self.lr = max(group["lr"] for group in optimizer.param_groups)
+        self.backbone_lr = optimizer.param_groups[-1]["lr"]  # the head's group comes first
         self.weight_decay = module.hparams.optim["weight_decay"]
 
 
@@ -97,3 +98,118 @@ def test_tuned_and_untuned_runs_are_separate_columns_and_tuned_ones_say_so(
     assert report(["--tracking-uri", f"sqlite:///{only_tuned}.db", "--out", str(out / "o"),
                    "--include-debug"]) == 0  # fmt: skip
     assert "freeze · tuned (2 trials)" in (out / "o" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- tune=fair (issue 21 items 1-2)
+
+FAIR_SPACE = {  # strategy -> what tune=fair searches besides strategy.lr (conf/tune/fair.yaml)
+    "finetune": "optim.backbone_lr_factor",
+    "partial": "optim.backbone_lr_factor",
+    "lp_ft": "optim.backbone_lr_factor",
+    "two_stage": "strategy.unfreeze_lr_factor",
+    "freeze": "optim.weight_decay",
+    "freeze_bn_train": "optim.weight_decay",
+}
+
+
+@pytest.mark.parametrize("strategy", list(FAIR_SPACE))
+def test_fair_gives_every_strategy_the_same_trials_and_its_own_space(make_cfg, strategy):
+    from benchmark.config.rules import problems
+
+    spec = make_cfg(f"strategy={strategy}", "tune=fair")
+    assert problems(spec) == []
+    assert (spec.tune.name, spec.tune.trials, str(spec.tune.pruner)) == (
+        "fair",
+        8,
+        "successive_halving",
+    )
+    space = tune.search_space(spec)
+    assert space == {"strategy.lr": (1e-4, 0.3), FAIR_SPACE[strategy]: space[FAIR_SPACE[strategy]]}
+    assert tune.trial_epochs(spec) == 5  # half of trainer.max_epochs=10
+    if strategy == "two_stage":  # a half-length trial unfreezes at the same share of its epochs
+        assert tune.compressed(spec, 5).strategy.unfreeze_at_epoch == 2  # 5 of 10 -> 2 of 5
+
+
+def test_fair_leaves_linear_probe_its_c_grid(make_cfg):
+    from benchmark.config.rules import problems
+
+    assert problems(make_cfg("strategy=linear_probe", "tune=fair")) == []  # no refusal: no trials
+
+
+def trials_of(uri, run):
+    """The run's trials table artifact (tune_trials.json), as MLflow loads it."""
+    client = mlflow.MlflowClient(uri)
+    return client.load_table(run.info.experiment_id, "tune_trials.json", [run.info.run_id])
+
+
+@pytest.fixture
+def eighty_ants_and_bees(tmp_path, shared_data):
+    """40 ants and 40 bees: a validation split of 16 images, enough to tell a head that learnt
+    from one that did not."""
+    import shutil
+
+    root = tmp_path / "eighty"
+    for label in ("ants", "bees"):
+        (root / label).mkdir(parents=True)
+        for photo in sorted((shared_data / "hymenoptera_data/train" / label).glob("*.jpg"))[:40]:
+            shutil.copy(photo, root / label / photo.name)
+    return root
+
+
+def test_the_pruner_ends_a_hopeless_trial_before_its_last_epoch(
+    make_cfg, eighty_ants_and_bees, monkeypatch
+):
+    """Two good trials (lr 0.1), then one at lr 1e-6: successive halving compares it with them
+    after its second epoch and prunes it; the good ones run all four."""
+    create_study = tune.optuna.create_study
+
+    def seeded(**kwargs):
+        study = create_study(**kwargs)
+        for lr in (0.1, 0.1, 1e-6):
+            study.enqueue_trial({"strategy.lr": lr, "optim.weight_decay": 1e-4})
+        return study
+
+    monkeypatch.setattr(tune.optuna, "create_study", seeded)
+    cell = ["dataset=imagefolder", f"dataset.root={eighty_ants_and_bees}", "strategy=freeze"]
+    settings = [o for o in TINY if not o.startswith(("trainer.limit_", "speed.", "data.batch"))]
+    summary = run_cell(
+        make_cfg(
+            *cell,
+            *settings,
+            "trainer.max_epochs=8",
+            "data.batch_size=8",
+            "tune=fair",
+            "tune.trials=3",
+            "tune.lr_range=[1e-6,0.3]",
+        )
+    )
+    run = mlflow.MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    trials = trials_of(summary.tracking_uri, run)
+    by_lr = trials.set_index("number")
+    assert list(by_lr.state) == ["COMPLETE", "COMPLETE", "PRUNED"], trials
+    assert list(by_lr.epochs) == [4, 4, 2]  # half of 8 epochs; the hopeless one stopped at 2
+    assert by_lr.loc[2, "strategy.lr"] == pytest.approx(1e-6)
+    assert run.data.metrics["tune_trials_pruned"] == 1
+    assert run.data.metrics["tune_epochs_run"] == 10
+    assert run.data.params["tune.trials"] == "3" and run.data.params["tune.name"] == "fair"
+
+
+def test_a_fair_finetune_searches_the_backbone_rate_and_logs_its_trials(make_cfg, ants_and_bees):
+    fit = FitLr()
+    cell = ["dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=finetune", *TINY]
+    cfg = make_cfg(*cell, "trainer.max_epochs=2", "tune=fair", "tune.trials=2")
+    summary = run_cell(cfg, callbacks=[fit])
+    run = mlflow.MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    lr = float(params["tune.chosen.strategy.lr"])
+    factor = float(params["tune.chosen.optim.backbone_lr_factor"])
+    assert 0.01 <= factor <= 1.0 and params["tune.searched"] == (
+        "strategy.lr,optim.backbone_lr_factor"
+    )
+    assert fit.lr == pytest.approx(lr) and fit.backbone_lr == pytest.approx(lr * factor)
+    trials = trials_of(summary.tracking_uri, run)
+    assert list(trials.number) == [0, 1] and set(trials.state) <= {"COMPLETE", "PRUNED"}
+    assert {"strategy.lr", "optim.backbone_lr_factor", "val_acc", "epochs"} <= set(trials)
+    assert list(trials.epochs) == [2, 2]  # max(2, half of 2): two trials cannot prune
+    assert metrics["tune_trials_completed"] == 2 and metrics["tune_epochs_run"] == 4
+    assert metrics["tune_s"] > 0 and metrics["wall_time_s"] > metrics["tune_s"]

@@ -217,6 +217,9 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     if result.tuned is not None:
         mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
         mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})
+        log_trials(result.tuned, result.tune_trials or [])
+    elif spec.tune.name and spec.probe:  # tune=fair: the probe's C grid is its tuning
+        mlflow.log_param("tune.searched", f"strategy.probe_c ({len(spec.strategy.probe_c)} C)")
     if result.probe_val_acc is not None:
         mlflow.log_param("probe_c_chosen", result.probe_c)
         grid = sorted(result.probe_val_acc.items())
@@ -232,6 +235,23 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     if spec.tracking.log_model and result.checkpoint:
         model_id = log_checkpoint(spec, result.checkpoint)
     mlflow.log_metrics(result.scores, model_id=model_id)
+
+
+def log_trials(chosen: dict[str, float], trials: list[dict[str, object]]) -> None:
+    """The tuning's budget as params and metrics (what was searched; trials completed, pruned
+    and the epochs they ran) and its trials as a table artifact, browsable in the run's UI."""
+    mlflow.log_param("tune.searched", ",".join(chosen))
+    states = [row["state"] for row in trials]
+    mlflow.log_metrics(
+        {
+            "tune_trials_completed": states.count("COMPLETE"),
+            "tune_trials_pruned": states.count("PRUNED"),
+            "tune_epochs_run": sum(int(row["epochs"]) for row in trials),
+        }
+    )
+    if trials:
+        columns = list(dict.fromkeys(key for row in trials for key in row))
+        mlflow.log_table({c: [row.get(c) for row in trials] for c in columns}, "tune_trials.json")
 
 
 def log_checkpoint(spec: CellSpec, checkpoint: str) -> str:

@@ -145,6 +145,7 @@ def compute_cell(
         tuned=fitted.tuned.values if fitted.tuned else None,
         tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
+        tune_trials=fitted.tuned.table if fitted.tuned else None,
         optimizer_steps=fitted.optimizer_steps,
         convergence=fitted.convergence,
     )

@@ -1,13 +1,18 @@
 """`tune.trials=K`: the cell's learning rate (and, for a head on a frozen backbone, its weight
-decay) searched on the validation split alone, before the cell's own fit.
+decay; with `tune.backbone_lr_factor_range`, the backbone's rate factor when it trains) searched
+on the validation split alone, before the cell's own fit. `tune=fair` (conf/tune/fair.yaml) gives
+every strategy that trains the same budget, its trials pruned by Optuna's successive halving.
 
 Each of the K trials (Optuna's TPE sampler, seeded with the cell's seed) fits the cell's model
 from the same starting weights for `tune.epochs` epochs (default: the cell's) and scores its
 best validation accuracy. The trials see data without the test split at all (its rows, or its
-cached features, removed), so no test image or label can reach the choice. The cell then fits at
-the chosen values as usual; they are run params (`tune.chosen.*`), and the tuning's cost is a
-metric (`tune_s`). Each seed tunes on its own validation split (a seed fixes that split), so an
-interval over seeds includes the tuning's own variance.
+cached features, removed), so no test image or label can reach the choice. With `tune.pruner`,
+each trial reports its val_acc after every epoch through optuna-integration's
+PyTorchLightningPruningCallback and the pruner ends the hopeless ones early. The cell then fits at
+the chosen values as usual; they are run params (`tune.chosen.*`), the tuning's cost is a metric
+(`tune_s`) and its trials a table artifact (`tune_trials.json`). Each seed tunes on its own
+validation split (a seed fixes that split), so an interval over seeds includes the tuning's own
+variance.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import lightning as L
 import optuna
 import torch
 from lightning.pytorch.callbacks import Callback
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
 
+from benchmark.config.schema import Pruner, TuneConfig
 from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
-from benchmark.models.classifier import StopOnSignal
+from benchmark.models.classifier import StopOnSignal, recipe_callbacks
 from benchmark.models.features import FeatureSet
 
 log = logging.getLogger("benchmark")
@@ -39,6 +47,9 @@ class Tuned:
     val_acc: float  # the best trial's validation accuracy
     trials: int
     seconds: float
+    # One row per trial: number, the values tried, val_acc (its best epoch), state
+    # (COMPLETE or PRUNED), epochs (how many it ran).
+    table: list[dict[str, object]] = dataclasses.field(default_factory=list)
 
 
 class BestValAcc(Callback):
@@ -73,7 +84,57 @@ def search_space(spec: CellSpec) -> dict[str, tuple[float, float]]:
     space = {"strategy.lr": tuple(spec.tune.lr_range or LR_RANGE)}
     if spec.head_only:  # a head alone, ever (not two_stage): its weight decay too
         space["optim.weight_decay"] = tuple(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE)
+    elif spec.tune.backbone_lr_factor_range:  # the backbone trains: how fast, against the head
+        space[spec.backbone_lr_factor_key] = tuple(spec.tune.backbone_lr_factor_range)
     return space
+
+
+def trial_epochs(spec: CellSpec) -> int:
+    """A trial's epochs: tune.epochs, a share of the cell's (at least 2: one to compare after)
+    or the cell's own."""
+    if spec.tune.epochs_fraction:
+        return max(2, round(spec.tune.epochs_fraction * spec.max_epochs))
+    return spec.tune.epochs or spec.max_epochs
+
+
+def compressed(spec: CellSpec, epochs: int) -> CellSpec:
+    """The cell's recipe over a trial's `epochs`: two_stage unfreezes at the same share of them
+    (else a trial of half the epochs would never unfreeze, nor test the rate it searches)."""
+    at = spec.strategy.unfreeze_at_epoch
+    if at is None or epochs == spec.max_epochs:
+        return spec
+    moved = max(1, min(epochs - 1, round(at * epochs / spec.max_epochs)))
+    return replace(spec, strategy=replace(spec.strategy, unfreeze_at_epoch=moved))
+
+
+def pruner(tune: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for `tune.pruner` (its resource: Lightning's epoch index)."""
+    low, factor = tune.min_epochs or 1, tune.reduction_factor or 3
+    if tune.pruner == Pruner.successive_halving:
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=factor)
+    if tune.pruner == Pruner.hyperband:
+        return optuna.pruners.HyperbandPruner(
+            min_resource=low, max_resource=epochs, reduction_factor=factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, object]]:
+    """Every finished trial: its number, values, best val_acc, state and epochs run."""
+    rows = []
+    for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        seen = trial.intermediate_values
+        best = trial.value if trial.value is not None else max(seen.values(), default=None)
+        rows.append(
+            {
+                "number": trial.number,
+                **trial.params,
+                "val_acc": best,
+                "state": trial.state.name,
+                "epochs": len(seen),
+            }
+        )
+    return rows
 
 
 def choose(
@@ -87,13 +148,16 @@ def choose(
     start = time.perf_counter()
     data = without_test(datamodule)
     space = search_space(spec)
-    epochs = spec.tune.epochs or spec.max_epochs
+    epochs = trial_epochs(spec)
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in space.items()}
-        trial_spec = with_values(spec, values)
+        trial_spec = compressed(with_values(spec, values), epochs)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         best = BestValAcc()
+        # Reports val_acc each epoch (the table's epochs); prunes only with tune.pruner set.
+        pruning = PyTorchLightningPruningCallback(trial, "val_acc")
+        recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
         trainer: L.Trainer = hydra.utils.instantiate(
             spec.trainer,
             **trainer_args,
@@ -102,18 +166,25 @@ def choose(
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[best, StopOnSignal()],
+            callbacks=[best, StopOnSignal(), *recipe, pruning],
         )
-        trainer.fit(make_model(trial_spec), datamodule=data)
+        trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
         log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)
         return best.value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=spec.seed)
-    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study = optuna.create_study(
+        direction="maximize", sampler=sampler, pruner=pruner(spec.tune, epochs)
+    )
     study.optimize(objective, n_trials=spec.tune.trials)
+    table = trials_table(study)
     return Tuned(
-        dict(study.best_params), study.best_value, spec.tune.trials, time.perf_counter() - start
+        dict(study.best_params),
+        study.best_value,
+        spec.tune.trials,
+        time.perf_counter() - start,
+        table,
     )
 
 

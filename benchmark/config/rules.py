@@ -52,6 +52,14 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1]),
         "null or [low, high] with 0 < low < high",
     ),
+    (
+        "tune.backbone_lr_factor_range",
+        lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1]),
+        "null or [low, high] with 0 < low < high",
+    ),
+    ("tune.epochs_fraction", lambda v: v is None or 0 < v <= 1, "null (the cell's) or in (0, 1]"),
+    ("tune.reduction_factor", lambda v: v is None or v >= 2, "null (3) or >= 2"),
+    ("tune.min_epochs", lambda v: v is None or v >= 1, "null (1) or >= 1"),
 ]
 
 
@@ -102,7 +110,7 @@ def problems(spec: CellSpec) -> list[str]:
                 f"carves no validation split: dataset.val_fraction={spec.dataset.val_fraction} "
                 "must be 0."
             )
-    if spec.tune.trials and spec.probe:
+    if spec.tune.trials and spec.probe and spec.tune.name is None:  # tune=fair: its C grid
         found.append(
             "strategy=linear_probe already chooses its C on the validation split: tune.trials "
             "is for the strategies fitted with SGD (drop tune.trials)."
@@ -110,6 +118,10 @@ def problems(spec: CellSpec) -> list[str]:
     if spec.tune.trials and spec.max_eval:
         found.append(
             f"protocol={spec.protocol.name} has no validation split to tune on: drop tune.trials."
+        )
+    if spec.tune.epochs and spec.tune.epochs_fraction:
+        found.append(
+            "tune.epochs and tune.epochs_fraction both set a trial's epochs: drop one of them."
         )
     max_steps = spec.trainer.get("max_steps", -1)
     if (

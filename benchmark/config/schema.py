@@ -56,6 +56,14 @@ class Selection(Choice):
     max_eval = "max_eval"
 
 
+class Pruner(Choice):
+    """Optuna's pruners, which end a tuning trial early on its validation accuracy epoch by
+    epoch (multi-fidelity: the hopeless trials cost a few epochs, not a whole fit)."""
+
+    successive_halving = "successive_halving"  # asynchronous successive halving (ASHA)
+    hyperband = "hyperband"  # several successive-halving brackets of different minimum epochs
+
+
 class Optimizer(Choice):
     sgd = "sgd"
     adamw = "adamw"
@@ -198,10 +206,23 @@ class TuneConfig:
     before its fit (benchmark.cell.tune). Every key is null by default: an untuned cell's identity
     does not mention tuning."""
 
+    # The `tune` group's choice (conf/tune/): null for tune=none, so no cell key moves.
+    name: str | None = None
     trials: int | None = None  # null: no tuning, the strategy's lr
     epochs: int | None = None  # a trial's epochs (null: trainer.max_epochs): finetune's budget
+    # ...or this share of trainer.max_epochs (rounded, at least 2): tune=fair's 0.5
+    epochs_fraction: float | None = None
     lr_range: list[float] | None = None  # log-uniform (null: [1e-4, 0.3])
     weight_decay_range: list[float] | None = None  # heads alone (null: [1e-6, 1e-2])
+    # When the backbone trains: the factor of its rate (optim.backbone_lr_factor; two_stage's
+    # strategy.unfreeze_lr_factor), log-uniform in this range (null: not searched).
+    backbone_lr_factor_range: list[float] | None = None
+    # Trials pruned on val_acc epoch by epoch (null: every trial runs all its epochs).
+    pruner: Pruner | None = None
+    reduction_factor: int | None = None  # the pruner's (null: Optuna's, 3)
+    # The pruner's min_resource: Lightning's epoch index (0-based) of a trial's first
+    # comparison (null: 1, i.e. after its second epoch).
+    min_epochs: int | None = None
 
 
 @dataclass

@@ -94,6 +94,14 @@ class CellSpec:
         return self.strategy.trainable_stages == 0 and self.strategy.unfreeze_at_epoch is None
 
     @property
+    def backbone_lr_factor_key(self) -> str:
+        """The key of the factor the backbone's rate is the head's times: two_stage's
+        `strategy.unfreeze_lr_factor` (the stages it unfreezes), else `optim.backbone_lr_factor`."""
+        if self.strategy.unfreeze_at_epoch is not None:
+            return "strategy.unfreeze_lr_factor"
+        return "optim.backbone_lr_factor"
+
+    @property
     def distributed(self) -> bool:
         """DDP: every rank would extract the features itself."""
         return "ddp" in str(self.trainer.get("strategy", "")).lower()

@@ -197,9 +197,16 @@ PATHS = {"fast": [], "fp32": ["trainer.precision=32-true", "speed.channels_last=
 
 
 def our_cell(
-    dataset: str, strategy: str, seed: int, args: argparse.Namespace, path: str = "fast"
+    dataset: str,
+    strategy: str,
+    seed: int,
+    args: argparse.Namespace,
+    path: str = "fast",
+    extra: tuple[str, ...] = (),
+    label: str = "",
 ) -> dict:
-    """One cell through the command line; its figures read back from its MLflow run."""
+    """One cell through the command line (`extra`: more overrides; `label` names its run
+    folder apart); its figures read back from its MLflow run."""
     command = [
         sys.executable,
         "-m",
@@ -215,11 +222,12 @@ def our_cell(
         f"paths.data_root={args.data_root}",
         f"paths.cache_dir={args.cache_dir}",
         f"tracking.uri={args.tracking_uri}",
-        f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}-{path}",
+        f"hydra.run.dir={args.work}/runs/{dataset}-{strategy}-{seed}-{path}{label}",
         "rerun=true",
         # bf16 and channels-last on a GPU, as users run a GPU cell; the CPU otherwise.
         "trainer=gpu" if args.device == "cuda" else "trainer.accelerator=cpu",
         *PATHS[path],
+        *extra,
     ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -358,6 +366,31 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def tuned_vs_untuned(args: argparse.Namespace) -> dict:
+    """What tune=fair costs: a finetune cell tuned (its trials pruned by successive halving)
+    against the same cell untuned, both on the image cache already built (a first cell builds
+    it), over --tune-epochs epochs (and --tune-train-batches of each epoch)."""
+    dataset = args.datasets.split(",")[0]
+    small = (
+        f"trainer.max_epochs={args.tune_epochs}",
+        f"trainer.limit_train_batches={args.tune_train_batches}",
+    )
+    our_cell(dataset, "finetune", 1, args, extra=small, label="-warm")  # builds the caches
+    untuned = our_cell(dataset, "finetune", 0, args, extra=small, label="-untuned")
+    tuned = our_cell(dataset, "finetune", 0, args, extra=(*small, "tune=fair"), label="-tuned")
+    return {
+        "dataset": dataset,
+        "epochs": args.tune_epochs,
+        "train_batches": args.tune_train_batches,
+        "untuned_s": untuned["wall_time_s"],
+        "tuned_s": tuned["wall_time_s"],
+        "tune_s": tuned["tune_s"],
+        "trials_pruned": tuned["tune_trials_pruned"],
+        "trial_epochs_run": tuned["tune_epochs_run"],
+        "tuned_vs_untuned": tuned["wall_time_s"] / untuned["wall_time_s"],
+    }
+
+
 def fast_vs_fp32(rows: list[dict]) -> list[dict]:
     """Per dataset and strategy, how much faster the fast path is than float32, and the two
     test accuracies (each the mean of the path's two cells: seeds 0 and 1)."""
@@ -410,6 +443,16 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="where cells, the study's loop and the compute limit run (auto: cuda if there is one)",
     )
+    parser.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=6,
+        help="epochs of the tuned-vs-untuned finetune (tune=fair's 8 trials; 0: skip it)",
+    )
+    parser.add_argument("--tune-train-batches", type=float, default=0.5)
+    parser.add_argument(
+        "--tune-only", action="store_true", help="measure the tuned-vs-untuned cost alone"
+    )
     parser.add_argument("--json", help="also write the final JSON object to this file")
     parser.add_argument("--data-root", default=DEFAULT_DATA)
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
@@ -436,6 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.workers} loader workers, {torch.get_num_threads()} torch threads, "
         f"on {args.device_name}; in {args.work}"
     )
+    tuning = tuned_vs_untuned(args) if args.tune_epochs else None
+    if tuning:
+        print(
+            f"tune=fair finetune ({tuning['epochs']} epochs): {tuning['tuned_s']:.1f}s tuned, "
+            f"{tuning['untuned_s']:.1f}s untuned: ratio {tuning['tuned_vs_untuned']:.2f} "
+            f"({tuning['trials_pruned']:.0f} of 8 trials pruned, "
+            f"{tuning['trial_epochs_run']:.0f} trial epochs)"
+        )
+    if args.tune_only:
+        print(json.dumps({"tuned_vs_untuned": tuning}))
+        return 0
     rows = [row for d in args.datasets.split(",") for row in bench_dataset(d, args)]
     table = pd.DataFrame(rows)
     shown = [
@@ -462,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print("fast path vs float32:")
         print(pd.DataFrame(ratios).round(3).to_string(index=False))
-    figures = json.dumps({"bench": rows, "fast_vs_fp32": ratios})
+    figures = json.dumps({"bench": rows, "fast_vs_fp32": ratios, "tuned_vs_untuned": tuning})
     print(figures)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

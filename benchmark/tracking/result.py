@@ -33,6 +33,8 @@ class CellResult:
     tuned: dict[str, float] | None = None
     tune_val_acc: float | None = None
     tune_s: float | None = None
+    # ...and one row per trial (number, values, val_acc, state COMPLETE/PRUNED, epochs run).
+    tune_trials: list[dict[str, object]] | None = None
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
