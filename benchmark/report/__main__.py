@@ -8,6 +8,7 @@ import html
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -180,7 +181,7 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
 
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
-    footnote: str, predicted: pd.DataFrame | None = None, notes: list[str] = (),
+    footnote: str, predicted: pd.DataFrame | None = None, notes: Sequence[str] = (),
 ) -> list[Path]:  # fmt: skip
     accuracy, cost = accuracy_table(table), cost_table(table)
     bold = bold_best(table, accuracy)
@@ -240,7 +241,7 @@ def write_tables(
 
 def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
-    footnote: str, uri: str, notes: list[str] = (),
+    footnote: str, uri: str, notes: Sequence[str] = (),
 ) -> Path:  # fmt: skip
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]

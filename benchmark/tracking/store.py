@@ -204,10 +204,10 @@ def _said_error(tags: dict[str, str]) -> str | None:
     """The error a cell wrote in its outcome file before it exited without ending its run (the
     store was down), if its folder is readable here."""
     said = _outcome(Path(tags.get("hydra_output_dir", "")))
-    return said.get("error") if said.get("status") == "failed" else None
+    return str(said["error"]) if said.get("status") == "failed" and "error" in said else None
 
 
-def _outcome(folder: Path) -> dict[str, str]:
+def _outcome(folder: Path) -> dict[str, object]:
     """What the cell in `folder` said in its outcome file ({} if it said nothing, or if the file
     is damaged: unknown, and the stale-run rule decides)."""
     return read_outcome(folder) or {}
@@ -255,7 +255,7 @@ def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
         if json.loads(run_file.read_text()).get("run_id") != run.info.run_id:
             continue
         if said.get("status") == "failed" and settle_failed_run(
-            run_file, said.get("error") or "failed"
+            run_file, str(said.get("error") or "failed")
         ):
             ended.append(run.info.run_id)
     return ended
