@@ -125,8 +125,8 @@ def test_fair_gives_every_strategy_the_same_trials_and_its_own_space(make_cfg, s
     )
     space = tune.search_space(spec)
     assert space == {"strategy.lr": (1e-4, 0.3), FAIR_SPACE[strategy]: space[FAIR_SPACE[strategy]]}
-    assert tune.trial_epochs(spec) == 5  # half of trainer.max_epochs=10
-    if strategy == "two_stage":  # a half-length trial unfreezes at the same share of its epochs
+    assert tune.trial_epochs(spec) == 3  # 0.3 of trainer.max_epochs=10
+    if strategy == "two_stage":  # a short trial unfreezes at the same share of its epochs
         assert tune.compressed(spec, 5).strategy.unfreeze_at_epoch == 2  # 5 of 10 -> 2 of 5
 
 
@@ -180,6 +180,7 @@ def test_the_pruner_ends_a_hopeless_trial_before_its_last_epoch(
             "data.batch_size=8",
             "tune=fair",
             "tune.trials=3",
+            "tune.epochs_fraction=0.5",
             "tune.lr_range=[1e-6,0.3]",
         )
     )
@@ -213,3 +214,64 @@ def test_a_fair_finetune_searches_the_backbone_rate_and_logs_its_trials(make_cfg
     assert list(trials.epochs) == [2, 2]  # max(2, half of 2): two trials cannot prune
     assert metrics["tune_trials_completed"] == 2 and metrics["tune_epochs_run"] == 4
     assert metrics["tune_s"] > 0 and metrics["wall_time_s"] > metrics["tune_s"]
+
+
+def test_other_seeds_reuse_the_values_that_seed_0_chose(make_cfg, ants_and_bees):
+    """tune.reuse_seed=0: seed 0 tunes; seed 1 finds seed 0's FINISHED run (same config but the
+    seed), fits at its values and runs no trial; without a donor a seed tunes itself."""
+    cell = ["dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze", *FEW]
+    tuned = [*cell, "tune.trials=2", "tune.reuse_seed=0"]
+    first = run_cell(make_cfg(*tuned, "seed=0"))
+    fit = FitLr()
+    second = run_cell(make_cfg(*tuned, "seed=1"), callbacks=[fit])
+    client = mlflow.MlflowClient(first.tracking_uri)
+    donor, taker = (client.get_run(s.run_id).data for s in (first, second))
+    assert "tune.reused_from" not in donor.params and donor.metrics["tune_trials_completed"] == 2
+    assert taker.params["tune.reused_from"] == first.run_id
+    chosen = {k: v for k, v in donor.params.items() if k.startswith("tune.chosen.")}
+    assert chosen and all(taker.params[k] == v for k, v in chosen.items())
+    assert fit.lr == pytest.approx(float(chosen["tune.chosen.strategy.lr"]))
+    assert taker.metrics["tune_s"] == 0 and "tune_trials_completed" not in taker.metrics
+    alone = run_cell(make_cfg(*cell, "tune.trials=2", "tune.reuse_seed=5", "seed=1"))
+    data = client.get_run(alone.run_id).data  # seed 5 never ran: seed 1 tunes on its own split
+    assert "tune.reused_from" not in data.params and data.metrics["tune_trials_completed"] == 2
+
+
+def test_fair_starts_tpe_after_four_random_trials(make_cfg, monkeypatch):
+    """Optuna's TPE models after 10 random trials by default: with 8 trials it never would."""
+    seen = {}
+    sampler = tune.optuna.samplers.TPESampler
+
+    def recording(**kwargs):
+        seen.update(kwargs)
+        return sampler(**kwargs)
+
+    monkeypatch.setattr(tune.optuna.samplers, "TPESampler", recording)
+    monkeypatch.setattr(tune.optuna.Study, "optimize", lambda self, *a, **k: None)
+    monkeypatch.setattr(tune, "trials_table", lambda study: [])
+    monkeypatch.setattr(tune, "without_test", lambda datamodule: datamodule)
+    monkeypatch.setattr(tune.optuna.Study, "best_params", {}, raising=False)
+    monkeypatch.setattr(tune.optuna.Study, "best_value", 0.0, raising=False)
+    tune.choose(make_cfg("strategy=freeze", "tune=fair"), None, lambda spec: None)
+    assert seen == {"seed": 0, "n_startup_trials": 4}
+
+
+def test_the_report_names_a_tune_group_and_says_when_seeds_reused_a_choice(
+    make_cfg, ants_and_bees, tmp_path
+):
+    """Untuned and tune=fair columns: named by the group (never by what a seed chose), and a
+    line under the table says that seed 1 reused seed 0's choice."""
+    from benchmark.report.__main__ import main as report
+
+    cell = ["dataset=imagefolder", f"dataset.root={ants_and_bees}", "strategy=freeze", *FEW]
+    first = run_cell(make_cfg(*cell))
+    fair = [*cell, "tune=fair", "tune.trials=2", "tune.reuse_seed=0"]
+    for seed in (0, 1):
+        run_cell(make_cfg(*fair, f"seed={seed}"))
+    out = tmp_path / "report"
+    args = ["--tracking-uri", first.tracking_uri, "--out", str(out), "--include-debug"]
+    assert report(args) == 0
+    text = (out / "report.md").read_text()
+    assert "freeze · tune=fair, tune.reuse_seed=0 · tuned (2 trials)" in text, text
+    assert "freeze · tune=none" in text and "tune.chosen" not in text
+    assert "Tuned once, on seed 0's validation split" in text

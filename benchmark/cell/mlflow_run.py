@@ -217,7 +217,11 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     if result.tuned is not None:
         mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
         mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})
-        log_trials(result.tuned, result.tune_trials or [])
+        if result.tune_reused_from:  # no trials of its own: the donor run has them
+            donor = result.tune_reused_from
+            mlflow.log_params({"tune.searched": ",".join(result.tuned), "tune.reused_from": donor})
+        else:
+            log_trials(result.tuned, result.tune_trials or [])
     elif spec.tune.name and spec.probe:  # tune=fair: the probe's C grid is its tuning
         mlflow.log_param("tune.searched", f"strategy.probe_c ({len(spec.strategy.probe_c)} C)")
     if result.probe_val_acc is not None:

@@ -146,6 +146,7 @@ def compute_cell(
         tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
         tune_trials=fitted.tuned.table if fitted.tuned else None,
+        tune_reused_from=fitted.tuned.reused_from if fitted.tuned else None,
         optimizer_steps=fitted.optimizer_steps,
         convergence=fitted.convergence,
     )
@@ -293,11 +294,12 @@ def fit_and_test(
             model.head[-1].load_state_dict(fitted_head)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    tuned = None
-    if spec.tune.trials:  # on the validation split, from the same starting weights each trial
+    tuned = tune.reused(spec) if spec.tune.trials else None  # tune.reuse_seed's choice
+    if spec.tune.trials and tuned is None:  # on validation, from the same weights each trial
         restore = tune.fresh_weights(fitted_on.model)
         tuned = tune.choose(spec, datamodule, lambda c: (restore(), build(c))[1], **head)
         restore()
+    if tuned is not None:
         spec = tune.with_values(spec, tuned.values)
         L.seed_everything(spec.seed, workers=True, verbose=False)
     model = build(spec)

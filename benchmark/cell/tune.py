@@ -37,6 +37,8 @@ from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import StopOnSignal, recipe_callbacks
 from benchmark.models.features import FeatureSet
+from benchmark.tracking import identity, store
+from benchmark.tracking.resume import cell_identity
 
 log = logging.getLogger("benchmark")
 
@@ -50,6 +52,7 @@ class Tuned:
     # One row per trial: number, the values tried, val_acc (its best epoch), state
     # (COMPLETE or PRUNED), epochs (how many it ran).
     table: list[dict[str, object]] = dataclasses.field(default_factory=list)
+    reused_from: str | None = None  # tune.reuse_seed: the run that chose these values
 
 
 class BestValAcc(Callback):
@@ -173,7 +176,8 @@ def choose(
         return best.value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=spec.seed)
+    startup = {"n_startup_trials": spec.tune.startup_trials} if spec.tune.startup_trials else {}
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, **startup)
     study = optuna.create_study(
         direction="maximize", sampler=sampler, pruner=pruner(spec.tune, epochs)
     )
@@ -186,6 +190,35 @@ def choose(
         time.perf_counter() - start,
         table,
     )
+
+
+def reused(spec: CellSpec) -> Tuned | None:
+    """`tune.reuse_seed`: the values that the FINISHED cell of that seed (this config otherwise)
+    chose on its validation split, or None (this cell then tunes itself): when no such seed is
+    set, when this cell is that seed's, or when the store has no such run yet."""
+    seed = spec.tune.reuse_seed
+    if seed is None or seed == spec.seed:
+        return None
+    _, key = cell_identity(replace(spec, seed=seed))
+    run = store.finished_run(identity.tracking_uri(spec), spec.tracking.experiment, key)
+    prefix = "tune.chosen."
+    values = {
+        name.removeprefix(prefix): float(value)
+        for name, value in (run.data.params.items() if run else ())
+        if name.startswith(prefix)
+    }
+    if run is None or not values:
+        log.warning(
+            "%s: tune.reuse_seed=%d, but seed %d's tuned cell has not FINISHED in this store: "
+            "this cell tunes on its own validation split.",
+            spec.name,
+            seed,
+            seed,
+        )
+        return None
+    log.info("%s: the values seed %d chose (run %s): %s", spec.name, seed, run.info.run_id, values)
+    val_acc = run.data.metrics.get("tune_best_val_acc", float("nan"))
+    return Tuned(values, val_acc, spec.tune.trials or 0, 0.0, reused_from=run.info.run_id)
 
 
 def with_values(spec: CellSpec, values: dict[str, float]) -> CellSpec:

@@ -60,6 +60,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("tune.epochs_fraction", lambda v: v is None or 0 < v <= 1, "null (the cell's) or in (0, 1]"),
     ("tune.reduction_factor", lambda v: v is None or v >= 2, "null (3) or >= 2"),
     ("tune.min_epochs", lambda v: v is None or v >= 1, "null (1) or >= 1"),
+    ("tune.startup_trials", lambda v: v is None or v >= 1, "null (Optuna's 10) or >= 1"),
+    ("tune.reuse_seed", lambda v: v is None or 0 <= v < 2**32, "null or a seed in [0, 2**32)"),
 ]
 
 

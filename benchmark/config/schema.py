@@ -223,6 +223,14 @@ class TuneConfig:
     # The pruner's min_resource: Lightning's epoch index (0-based) of a trial's first
     # comparison (null: 1, i.e. after its second epoch).
     min_epochs: int | None = None
+    # TPE's random trials before it models the others (null: Optuna's 10, i.e. all random when
+    # trials <= 10; tune=fair: 4 of its 8).
+    startup_trials: int | None = None
+    # Tune once per cell, on this seed's validation split: a cell of another seed takes the values
+    # that this seed's FINISHED cell (same config otherwise) chose, and tunes itself only when
+    # there is none (null: every seed tunes on its own split). The test split is the same for
+    # every seed (dataset.split_seed or an official one), so the donor never saw it.
+    reuse_seed: int | None = None
 
 
 @dataclass

@@ -137,6 +137,34 @@ def split_note(runs: pd.DataFrame) -> str:
 
 # What varies between runs without being an experiment of its own: never labels a row.
 NOT_A_VARIANT = {"seed", "input", "probe_c_chosen", "manifest_sha256"}
+# What a tuned run logs of its outcome (values chosen per seed, the donor run), not a setting.
+TUNE_OUTCOMES = ("tune.chosen.", "tune.searched", "tune.reused_from")
+# Named by the tune group's choice (tune=fair) when runs differ in it, not key by key.
+TUNE_CHOICE, TUNE_OWN = "tune.name", ("tune.reuse_seed",)
+
+
+def _setting(key: str, value: object) -> str | None:
+    unset = str(value) in ("default", "None")  # never set, or logged null
+    if key == TUNE_CHOICE:  # the group's choice, as on the command line
+        return f"tune={'none' if unset else value}"
+    if key in TUNE_OWN and unset:  # an option of the tuning: nothing to say without it
+        return None
+    return f"{key}={value}"
+
+
+def _variant_keys(first: pd.DataFrame, params: list[str]) -> list[str]:
+    """The settings that tell these cell groups apart: a `tune` group's keys by its name
+    (`tune=fair`), never what tuning chose."""
+    differ = [c for c in params if first[c].astype(str).nunique() > 1]
+    differ = [c for c in differ if not c.removeprefix("params.").startswith(TUNE_OUTCOMES)]
+    if f"params.{TUNE_CHOICE}" in differ:
+        keep = {TUNE_CHOICE, *TUNE_OWN}
+        differ = [
+            c
+            for c in differ
+            if not c.startswith("params.tune.") or c.removeprefix("params.") in keep
+        ]
+    return differ
 
 
 def load_runs(
@@ -175,7 +203,7 @@ def load_runs(
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
-    wanted |= {"params.tune.trials": "tune_trials"}
+    wanted |= {"params.tune.trials": "tune_trials", "params.tune.reuse_seed": "tune_reuse_seed"}
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error", "params.test_split": "test_split"}
@@ -191,6 +219,7 @@ def load_runs(
         n_classes=pd.to_numeric(runs.n_classes, errors="coerce"),
         n_images=images.where(images > 0),
         tune_trials=pd.to_numeric(runs.tune_trials, errors="coerce"),  # "None": untuned
+        tune_reuse_seed=pd.to_numeric(runs.tune_reuse_seed, errors="coerce"),
     )
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
     columns += ["variant", "n_images"]
@@ -239,9 +268,10 @@ def variants(runs: pd.DataFrame) -> pd.Series:
             continue
         first = cell.drop_duplicates(group).set_index(group)[params].astype(object)
         first = first.where(first.notna(), "default")  # a key one run set and another did not
-        differ = [c for c in params if first[c].astype(str).nunique() > 1]
+        differ = _variant_keys(first, params)
         for key, row in first.iterrows():
-            text = ", ".join(f"{c.removeprefix('params.')}={row[c]}" for c in differ)
+            said = (_setting(c.removeprefix("params."), row[c]) for c in differ)
+            text = ", ".join(s for s in said if s)
             label[cell.index[cell[group] == key]] = text
     return label
 
@@ -293,7 +323,7 @@ def summarise(
     )
     cost = finished.groupby(GROUP)[COST_METRICS].mean()
     devices = finished.groupby(GROUP).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
-    data = latest.groupby(GROUP)[["n_classes", "n_images", "tune_trials"]].max()
+    data = latest.groupby(GROUP)[["n_classes", "n_images", "tune_trials", "tune_reuse_seed"]].max()
     states = pd.crosstab([latest[c] for c in GROUP], latest.status)
     every = pd.concat([runs, study_runs]) if study_runs is not None else runs
     expected = pd.Series([*every.dataset.dropna().unique(), *datasets], dtype=object)
@@ -405,6 +435,14 @@ def trust_notes(table: pd.DataFrame, rule: ConvergenceRule) -> list[str]:
         notes.append(
             f"{', '.join(EXEMPT_STRATEGIES)}: exempt from the convergence check "
             "(a closed-form/LBFGS fit, no epochs)."
+        )
+    reuse = pd.to_numeric(done.get("tune_reuse_seed", pd.Series(dtype=float)), errors="coerce")
+    if reuse.notna().any():
+        seeds = ", ".join(sorted({f"{s:.0f}" for s in reuse.dropna()}))
+        notes.append(
+            f"Tuned once, on seed {seeds}'s validation split (tune.reuse_seed): the other seeds "
+            "fit at the values it chose, so their interval leaves out the tuning's own "
+            "variance: " + ", ".join(names[reuse.notna()]) + "."
         )
     mixed = done.mixed_commits
     if mixed.any():

@@ -446,10 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tune-epochs",
         type=int,
-        default=6,
+        default=10,
         help="epochs of the tuned-vs-untuned finetune (tune=fair's 8 trials; 0: skip it)",
     )
-    parser.add_argument("--tune-train-batches", type=float, default=0.5)
+    parser.add_argument(
+        "--tune-train-batches",
+        type=float,
+        default=1.0,
+        help="share of each epoch's training batches there (1.0: the grid's cells)",
+    )
     parser.add_argument(
         "--tune-only", action="store_true", help="measure the tuned-vs-untuned cost alone"
     )

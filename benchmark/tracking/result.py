@@ -35,6 +35,8 @@ class CellResult:
     tune_s: float | None = None
     # ...and one row per trial (number, values, val_acc, state COMPLETE/PRUNED, epochs run).
     tune_trials: list[dict[str, object]] | None = None
+    # tune.reuse_seed: the run whose chosen values this cell took instead of tuning itself.
+    tune_reused_from: str | None = None
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
