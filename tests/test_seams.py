@@ -119,7 +119,7 @@ def test_tuning_on_the_stub_chooses_in_its_space_and_never_reads_the_test_split(
 
 def test_the_pruner_stops_a_hopeless_trial_on_the_stub(make_cfg, monkeypatch):
     """Two trials at lr 0.1, then one at 1e-6: successive halving compares it with them after
-    its second epoch and prunes it; the good ones run all four."""
+    its first epoch and prunes it; the good ones run all four."""
     create_study = tune.optuna.create_study
 
     def seeded(**kwargs):
@@ -141,5 +141,5 @@ def test_the_pruner_stops_a_hopeless_trial_on_the_stub(make_cfg, monkeypatch):
     assert [(r["state"], r["epochs"]) for r in tuned.table] == [
         ("COMPLETE", 4),
         ("COMPLETE", 4),
-        ("PRUNED", 2),
+        ("PRUNED", 1),
     ], tuned.table

@@ -160,7 +160,7 @@ def test_the_pruner_ends_a_hopeless_trial_before_its_last_epoch(
     make_cfg, eighty_ants_and_bees, monkeypatch
 ):
     """Two good trials (lr 0.1), then one at lr 1e-6: successive halving compares it with them
-    after its second epoch and prunes it; the good ones run all four."""
+    after its first epoch and prunes it; the good ones run all four."""
     create_study = tune.optuna.create_study
 
     def seeded(**kwargs):
@@ -188,10 +188,10 @@ def test_the_pruner_ends_a_hopeless_trial_before_its_last_epoch(
     trials = trials_of(summary.tracking_uri, run)
     by_lr = trials.set_index("number")
     assert list(by_lr.state) == ["COMPLETE", "COMPLETE", "PRUNED"], trials
-    assert list(by_lr.epochs) == [4, 4, 2]  # half of 8 epochs; the hopeless one stopped at 2
+    assert list(by_lr.epochs) == [4, 4, 1]  # half of 8 epochs; the hopeless one stopped at 1
     assert by_lr.loc[2, "strategy.lr"] == pytest.approx(1e-6)
     assert run.data.metrics["tune_trials_pruned"] == 1
-    assert run.data.metrics["tune_epochs_run"] == 10
+    assert run.data.metrics["tune_epochs_run"] == 9
     assert run.data.params["tune.trials"] == "3" and run.data.params["tune.name"] == "fair"
 
 
@@ -211,8 +211,10 @@ def test_a_fair_finetune_searches_the_backbone_rate_and_logs_its_trials(make_cfg
     trials = trials_of(summary.tracking_uri, run)
     assert list(trials.number) == [0, 1] and set(trials.state) <= {"COMPLETE", "PRUNED"}
     assert {"strategy.lr", "optim.backbone_lr_factor", "val_acc", "epochs"} <= set(trials)
-    assert list(trials.epochs) == [2, 2]  # max(2, half of 2): two trials cannot prune
-    assert metrics["tune_trials_completed"] == 2 and metrics["tune_epochs_run"] == 4
+    assert trials.epochs[0] == 2  # max(2, 0.3 of 2); the second is pruned after 1 if worse
+    completed = list(trials.state).count("COMPLETE")
+    assert metrics["tune_trials_completed"] == completed >= 1
+    assert metrics["tune_epochs_run"] == sum(trials.epochs)
     assert metrics["tune_s"] > 0 and metrics["wall_time_s"] > metrics["tune_s"]
 
 

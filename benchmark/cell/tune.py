@@ -110,8 +110,24 @@ def compressed(spec: CellSpec, epochs: int) -> CellSpec:
     return replace(spec, strategy=replace(spec.strategy, unfreeze_at_epoch=moved))
 
 
+class EpochsRun:
+    """The trial as the pruning callback sees it, its steps counted in epochs run (1 after the
+    first epoch) rather than Lightning's 0-based epoch index: the pruner's `min_resource`
+    (tune.min_epochs) is then a number of epochs, and a comparison after the first epoch is
+    possible (Optuna's pruners take no resource below 1). Everything else is the trial's."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self._trial = trial
+
+    def report(self, value: float, step: int) -> None:
+        self._trial.report(value, step + 1)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._trial, name)
+
+
 def pruner(tune: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for `tune.pruner` (its resource: Lightning's epoch index)."""
+    """Optuna's pruner for `tune.pruner` (its resource: epochs run, see EpochsRun)."""
     low, factor = tune.min_epochs or 1, tune.reduction_factor or 3
     if tune.pruner == Pruner.successive_halving:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=factor)
@@ -126,7 +142,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, object]]:
     """Every finished trial: its number, values, best val_acc, state and epochs run."""
     rows = []
     for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        seen = trial.intermediate_values
+        seen = trial.intermediate_values  # by epochs run: 1, 2, ...
         best = trial.value if trial.value is not None else max(seen.values(), default=None)
         rows.append(
             {
@@ -159,7 +175,7 @@ def choose(
         L.seed_everything(spec.seed, workers=True, verbose=False)
         best = BestValAcc()
         # Reports val_acc each epoch (the table's epochs); prunes only with tune.pruner set.
-        pruning = PyTorchLightningPruningCallback(trial, "val_acc")
+        pruning = PyTorchLightningPruningCallback(EpochsRun(trial), "val_acc")  # type: ignore[arg-type]
         recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
         trainer: L.Trainer = hydra.utils.instantiate(
             spec.trainer,

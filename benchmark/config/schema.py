@@ -220,8 +220,7 @@ class TuneConfig:
     # Trials pruned on val_acc epoch by epoch (null: every trial runs all its epochs).
     pruner: Pruner | None = None
     reduction_factor: int | None = None  # the pruner's (null: Optuna's, 3)
-    # The pruner's min_resource: Lightning's epoch index (0-based) of a trial's first
-    # comparison (null: 1, i.e. after its second epoch).
+    # The pruner's min_resource: the epochs a trial runs before its first comparison (null: 1).
     min_epochs: int | None = None
     # TPE's random trials before it models the others (null: Optuna's 10, i.e. all random when
     # trials <= 10; tune=fair: 4 of its 8).

@@ -493,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{tuning['trial_epochs_run']:.0f} trial epochs)"
         )
     if args.tune_only:
-        print(json.dumps({"tuned_vs_untuned": tuning}))
+        figures = json.dumps({"tuned_vs_untuned": tuning})
+        print(figures)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(figures + "\n")
         return 0
     rows = [row for d in args.datasets.split(",") for row in bench_dataset(d, args)]
     table = pd.DataFrame(rows)
