@@ -164,7 +164,8 @@ def _variant_keys(first: pd.DataFrame, params: list[str]) -> list[str]:
             for c in differ
             if not c.startswith("params.tune.") or c.removeprefix("params.") in keep
         ]
-    return differ
+    # In one order whatever order the store lists params in: the tune group first, as typed.
+    return sorted(differ, key=lambda c: (c != f"params.{TUNE_CHOICE}", c))
 
 
 def load_runs(
