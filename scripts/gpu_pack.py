@@ -25,7 +25,7 @@ Run with the project's Python (`make gpu-pack`); it needs the package registry (
 It prints the pack's and the working tree's sizes and fails if together they exceed 64 MiB. The
 64 MiB are shared out: the pack should keep within `PACK_BUDGET` (it says so when it does not),
 and tests/test_gpu_pack.py holds the tracked tree to the rest, `TREE_BUDGET`, with room left for
-the results grid's store to triple.
+the results grid's store to reach its complete size.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What travels to a lent GPU machine fits its 64 MiB: the tracked tree within its share (with room
-for the results grid to triple), the grid's cells logging no system metrics, and
+for the results grid to grow to its complete size), the grid's cells logging no system metrics, and
 `benchmark.tools.slim` cutting a store down to what the report reads."""
 
 from __future__ import annotations
@@ -37,13 +37,24 @@ def tracked_bytes(*paths: str) -> int:
     return sum((PROJECT / f).stat().st_size for f in listed if f and (PROJECT / f).is_file())
 
 
-def test_the_tracked_tree_leaves_room_for_the_pack_and_a_grid_three_times_bigger():
+# Runs in results/grid/mlflow.db once `make results` is complete: the 80 of the untuned grid
+# (73 FINISHED, 7 FAILED), the 90 cells the fair grid adds or reruns (36 tuned Simpsons and
+# Hymenoptera, 36 untuned Simpsons and lp_ft, 18 tuned Dogs vs. Cats), and about 10 % for cells
+# that fail or are cut off and run again.
+GRID_RUNS_WHEN_COMPLETE = 190
+
+
+def test_the_tracked_tree_leaves_room_for_the_pack_and_the_complete_grid():
     tree, grid = tracked_bytes(), tracked_bytes("results/grid")
+    with sqlite3.connect(PROJECT / "results" / "grid" / "mlflow.db") as store:
+        (runs,) = store.execute("SELECT count(*) FROM runs").fetchone()
+    complete = grid * max(1.0, GRID_RUNS_WHEN_COMPLETE / runs)  # at its bytes per run today
     assert gpu_pack.PACK_BUDGET + gpu_pack.TREE_BUDGET <= gpu_pack.LIMIT_BYTES
-    assert tree + 2 * grid <= gpu_pack.TREE_BUDGET, (
-        f"the tracked tree is {tree / 2**20:.1f} MiB (results/grid {grid / 2**20:.1f} MiB): with "
-        f"the grid tripled it would pass its {gpu_pack.TREE_BUDGET / 2**20:.0f} MiB share of "
-        "what a GPU machine carries (python -m benchmark.tools.slim on the committed stores)"
+    assert tree - grid + complete <= gpu_pack.TREE_BUDGET, (
+        f"the tracked tree is {tree / 2**20:.1f} MiB (results/grid {grid / 2**20:.1f} MiB, "
+        f"{runs} runs): with the grid at {GRID_RUNS_WHEN_COMPLETE} runs it would pass its "
+        f"{gpu_pack.TREE_BUDGET / 2**20:.0f} MiB share of what a GPU machine carries "
+        "(python -m benchmark.tools.slim on the committed stores)"
     )
 
 
