@@ -10,6 +10,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -46,7 +47,7 @@ GRID_RUNS_WHEN_COMPLETE = 190
 
 def test_the_tracked_tree_leaves_room_for_the_pack_and_the_complete_grid():
     tree, grid = tracked_bytes(), tracked_bytes("results/grid")
-    with sqlite3.connect(PROJECT / "results" / "grid" / "mlflow.db") as store:
+    with closing(sqlite3.connect(PROJECT / "results" / "grid" / "mlflow.db")) as store:
         (runs,) = store.execute("SELECT count(*) FROM runs").fetchone()
     complete = grid * max(1.0, GRID_RUNS_WHEN_COMPLETE / runs)  # at its bytes per run today
     assert gpu_pack.PACK_BUDGET + gpu_pack.TREE_BUDGET <= gpu_pack.LIMIT_BYTES
