@@ -8,6 +8,7 @@ import logging
 import signal
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +23,16 @@ from benchmark.runtime import interrupt
 from benchmark.tracking.identity import redact
 
 log = logging.getLogger("benchmark")
+
+
+def terminated(name: str, folder: Path, reason: str) -> NoReturn:
+    """The cell was asked to stop: its outcome FAILED, one line, exit 143 (128 + SIGTERM)."""
+    reason = reason or "terminated by signal 15 (SIGTERM)"
+    log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
+    CellOutcome(name, "failed", error=reason).save(folder)
+    raise SystemExit(128 + signal.SIGTERM) from None
+
+
 register_configs()
 # Lightning 2.6 on torch 2.14 warns about its own use of a torch API, once per loop.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -67,11 +78,10 @@ def main(cfg: DictConfig) -> CellOutcome:
         with interrupt.cell(), explained(tracking_uri(spec)):  # a server gone: one line
             result = run_cell(spec)
     except (interrupt.Terminated, SIGTERMException) as error:
-        reason = str(error) or "terminated by signal 15 (SIGTERM)"
-        log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
-        CellOutcome(name, "failed", error=reason).save(folder)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        terminated(name, folder, str(error))
     except Exception as error:
+        if interrupt.received():  # the signal came, and some code turned it into this error
+            terminated(name, folder, interrupt.reason())
         bad_input = isinstance(
             error, ConfigError | DatasetError | BackboneError | TrackingUnreachable | StoreError
         )

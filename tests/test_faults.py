@@ -346,6 +346,34 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_next_cell(
     assert list(runs.status) == ["FAILED"]
 
 
+def test_a_sigterm_inside_mlflows_store_is_not_turned_into_its_error(
+    make_cfg, sigterm_handled, monkeypatch
+):
+    """Seen in CI: SIGTERM landed while the cell wrote its validation metrics; MLflow's SQL store
+    wraps every Exception of its session in an MlflowException, and the cell ended exit 1 with a
+    traceback. Terminated is a BaseException: it comes through as itself, the run FAILED."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    real, armed = SqlAlchemyStore.log_batch, [True]
+
+    def log_batch(self, run_id, metrics, params, tags):
+        if armed and any(m.key == "val_acc" for m in metrics):
+            armed.clear()
+            with self.ManagedSessionMaker(read_only=False):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler raises here, inside MLflow's session
+        return real(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", log_batch)
+    cfg = make_cfg("strategy=finetune", *TINY)
+    with pytest.raises(interrupt.Terminated, match=r"signal 15 \(SIGTERM\)"), interrupt.cell():
+        run_cell(cfg)
+    assert not armed
+    runs = runs_in(Path(cfg.tracking.uri.removeprefix("sqlite:///")))
+    assert list(runs.status) == ["FAILED"]
+    assert runs["tags.error"].iloc[0] == "Terminated: terminated by signal 15 (SIGTERM)"
+
+
 def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(sigterm_handled):
     """Between cells the signal lands in Hydra's own code: raised there it was a traceback and
     exit 1. Now it is only remembered there; inside a cell it raises where it lands."""

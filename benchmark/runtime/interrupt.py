@@ -19,8 +19,12 @@ _received: int | None = None
 _in_cell = False
 
 
-class Terminated(Exception):
-    """The process was asked to stop: its cell ends FAILED, and the process exits 143."""
+class Terminated(BaseException):
+    """The process was asked to stop: its cell ends FAILED, and the process exits 143.
+
+    A BaseException, as KeyboardInterrupt is: libraries wrap whatever `Exception` comes through
+    their code (MLflow's SQL store turns it into an MlflowException, which ended a cell that was
+    terminated while it wrote a metric with a traceback and exit 1)."""
 
 
 def _said(signum: int) -> str:
@@ -53,6 +57,11 @@ def install() -> None:
 def received() -> int | None:
     """The signal that asked this process to stop, if one did."""
     return _received
+
+
+def reason() -> str:
+    """What stopped this process ("terminated by signal 15 (SIGTERM)"), or "" if nothing did."""
+    return _said(_received) if _received is not None else ""
 
 
 def check() -> None:
