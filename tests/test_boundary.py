@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 from tests.conftest import PROJECT
 
@@ -103,7 +104,7 @@ def test_lbfgs_on_an_unfrozen_backbone_is_refused_before_a_run_opens(tmp_path):
     assert "strategy.fit=lbfgs fits on one device's features of a frozen backbone" in said
     assert "Traceback" not in said
     if store.exists():  # nothing was opened in it
-        with sqlite3.connect(store) as db:
+        with closing(sqlite3.connect(store)) as db:
             assert db.execute("select count(*) from runs").fetchone()[0] == 0
     outcome = (tmp_path / "out" / "outcome.json").read_text()
     assert "ConfigError" in outcome

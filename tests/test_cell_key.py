@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,8 @@ def test_cell_key_of_a_config_is_pinned(
 
 def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str, str]]:
     """(colour, strategy, protocol, precision, cell_key, tune.reuse_seed) of the grid's FINISHED
-    runs."""
-    with sqlite3.connect(f"file:{GRID}?mode=ro", uri=True) as db:
+    runs (tune.reuse_seed None when it is unset or logged as "None")."""
+    with closing(sqlite3.connect(f"file:{GRID}?mode=ro", uri=True)) as db:
         return db.execute(
             """
             SELECT (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid AND key = 'colour'),
@@ -64,8 +65,8 @@ def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str, st
                    (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
                      AND key = 'trainer.precision'),
                    (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND key = 'cell_key'),
-                   (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
-                     AND key = 'tune.reuse_seed')
+                   NULLIF((SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
+                     AND key = 'tune.reuse_seed'), 'None')
             FROM runs r
             WHERE r.status = 'FINISHED'
               AND (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
@@ -83,7 +84,7 @@ def test_the_committed_grid_keys_are_what_a_relaunch_computes(
     """Hymenoptera seed 0: every colour x strategy of ours and of protocol=study, composed as
     `make results` composes them, gives the key its FINISHED run in results/grid carries."""
     runs = grid_runs("hymenoptera", 0)
-    untuned = {(c, s, p) for c, s, p, _, _, reuse in runs if reuse in (None, "None")}
+    untuned = {(c, s, p) for c, s, p, _, _, reuse in runs if reuse is None}
     pinned = {
         (c, s, "default") for c in ("rgb", "gray") for s in ("finetune", "freeze", "linear_probe")
     }
@@ -91,7 +92,7 @@ def test_the_committed_grid_keys_are_what_a_relaunch_computes(
     assert pinned <= untuned, pinned - untuned  # 2 x 3 ours, 2 x 2 study of 2026-12-02
     for colour, strategy, protocol, precision, key, reuse in runs:
         ours = ["dataset.classes=null"] if protocol == "default" else []
-        if reuse not in (None, "None"):  # the fair grid: make results' tune=fair tune.reuse_seed=0
+        if reuse is not None:  # the fair grid: make results' tune=fair tune.reuse_seed=0
             ours += ["tune=fair", f"tune.reuse_seed={reuse}"]
         cfg = make_cfg(
             f"colour={colour}",

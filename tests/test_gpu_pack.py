@@ -148,7 +148,7 @@ def test_slim_keeps_what_the_report_reads_and_drops_the_rest(tmp_path, empty_sto
     assert kept is not None and json.loads(kept.read_text())["matrix"] == [[1]]
     left = sorted(p.name for p in (store.parent / "mlartifacts").rglob("*") if p.is_file())
     assert left == ["confusion_matrix.json"]
-    with sqlite3.connect(store) as db:  # vacuumed: no free pages left behind
+    with closing(sqlite3.connect(store)) as db:  # vacuumed: no free pages left behind
         assert db.execute("pragma freelist_count").fetchone()[0] == 0
 
 
