@@ -190,6 +190,46 @@ def test_two_user_folders_are_two_rows_by_name(tmp_path, empty_store):
     assert sorted(table.test_acc_mean) == [0.7, 0.9] and table.variant.isna().all()
 
 
+def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_code_lacked(
+    tmp_path, empty_store
+):
+    """An untuned and a tune=fair group of one cell, as a real grid logs them: every run has its
+    own output folder, the older untuned runs another store path and logger class and no
+    `dataset.official_test` key (the new ones log it as None), and one superseded old run tested
+    on another split. Only the tune group names a column."""
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    cell = ("simpsons", "rgb", "finetune")
+    old = {"tracking.uri": "sqlite:////old/mlflow.db", "logger.mlflow._target_": "a.CellLogger"}
+    new = {"tracking.uri": "sqlite:////new/mlflow.db", "logger.mlflow._target_": "b.CellLogger"}
+    new |= {"dataset.official_test": "None", "test_split": "official"}
+    fair = new | {"tune.name": "fair", "tune.reuse_seed": "0", "tune.trials": "8"}
+    runs = [  # (settings, group, seed, accuracy, start order)
+        (old | {"test_split": "carved", "n_test": "70"}, "none", 0, 0.7, 1),  # superseded by 4
+        (new | {"n_test": "195"}, "none", 0, 0.5, 4),
+        (new | {"n_test": "195"}, "none", 1, 0.4, 5),
+        (fair | {"n_test": "195", "tune.chosen.strategy.lr": "0.1"}, "fair", 0, 0.8, 6),
+        (fair | {"n_test": "195", "tune.chosen.strategy.lr": "0.1"}, "fair", 1, 0.6, 7),
+    ]
+    for settings, group, seed, accuracy, order in runs:
+        where = {"paths.output_dir": f"/multirun/{order}_{group}-s{seed}"}
+        run_id = log_run(
+            client, experiment, (*cell, seed), "FINISHED", accuracy, order, settings | where
+        )
+        client.set_tag(run_id, CELL_GROUP_TAG, group)  # the harness: config less volatile keys
+    table, markdown = report_of(uri, tmp_path / "out")
+    assert sorted(table.variant) == ["tune=fair, tune.reuse_seed=0", "tune=none"]
+    header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
+    columns = [name.strip() for name in header.strip("|").split("|")]
+    assert [c for c in columns if not c.startswith("study:")] == [
+        "dataset",
+        "colour",
+        "finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)",
+        "finetune · tune=none",
+    ]
+    untuned = table[table.variant == "tune=none"].iloc[0]
+    assert untuned.n == 2 and untuned.test_acc_mean == pytest.approx(0.45)  # 0.7 superseded
+
+
 STUDY_PROTOCOL = {
     "protocol": "study",
     "protocol.selection": "max_eval",

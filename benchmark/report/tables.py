@@ -35,8 +35,10 @@ from benchmark.tracking.identity import (
     GIT_DIRTY_TAG,
     HARNESS_TAG,
     KIND_TAG,
+    LOGGED_PARAMS,
     RANK_SCORES,
     SCHEMA_TAG,
+    VOLATILE_KEYS,
 )
 from benchmark.tracking.store import end_stale_runs
 
@@ -135,8 +137,18 @@ def split_note(runs: pd.DataFrame) -> str:
     )
 
 
-# What varies between runs without being an experiment of its own: never labels a row.
-NOT_A_VARIANT = {"seed", "input", "probe_c_chosen", "manifest_sha256"}
+# What varies between runs without being an experiment of its own: never labels a row. Besides
+# these, what a cell logs of its data (LOGGED_PARAMS) and where it writes or logs (VOLATILE_KEYS:
+# paths, tracking, logger...), which its cell_group leaves out too.
+NOT_A_VARIANT = {"seed", "probe_c_chosen", *LOGGED_PARAMS}
+
+
+def _is_setting(key: str) -> bool:
+    """Whether a logged param is part of what a cell computes (so it may name a variant)."""
+    volatile = any(key == v or key.startswith(f"{v}.") for v in VOLATILE_KEYS)
+    return not volatile and key not in NOT_A_VARIANT
+
+
 # What a tuned run logs of its outcome (values chosen per seed, the donor run), not a setting.
 TUNE_OUTCOMES = ("tune.chosen.", "tune.searched", "tune.reused_from")
 # Named by the tune group's choice (tune=fair) when runs differ in it, not key by key.
@@ -256,19 +268,19 @@ def variants(runs: pd.DataFrame) -> pd.Series:
     tag cell_group: the config less the seed), the keys that differ, as `key=value, ...`; empty
     when there is one setting. Such runs are separate rows, never averaged together."""
     label = pd.Series("", index=runs.index, dtype=object)
-    params = [
-        c
-        for c in runs.columns
-        if c.startswith("params.") and c.removeprefix("params.") not in NOT_A_VARIANT
-    ]
+    logged = [c for c in runs.columns if c.startswith("params.")]
+    params = [c for c in logged if _is_setting(c.removeprefix("params."))]
     keys = ["params.dataset", *dataset_keys(runs), *[f"params.{c}" for c in CELL[1:]]]
     keys += [k for k in ("params.protocol",) if k in runs]  # a protocol is compared, not a variant
     group = f"tags.{CELL_GROUP_TAG}"
     for _, cell in runs.groupby(keys, dropna=False):
         if cell[group].nunique() < 2:
             continue
-        first = cell.drop_duplicates(group).set_index(group)[params].astype(object)
-        first = first.where(first.notna(), "default")  # a key one run set and another did not
+        # Each group as its latest run says it (an older run may predate a key, or be superseded).
+        latest = cell.sort_values("start_time").drop_duplicates(group, keep="last")
+        first = latest.set_index(group)[params].astype(object)
+        # A key one run logged as null and another (older code) did not log is the same setting.
+        first = first.where(first.notna() & first.ne("None"), "default")
         differ = _variant_keys(first, params)
         for key, row in first.iterrows():
             said = (_setting(c.removeprefix("params."), row[c]) for c in differ)
