@@ -36,10 +36,33 @@ def test_a_cell_logs_how_its_fit_ended_and_its_commit(make_cfg):
     # The last epoch's training aggregates, as the curve logged them.
     assert metrics["final_train_loss"] == history(client, summary.run_id, "train_loss")[-1]
     assert metrics["final_train_acc"] == history(client, summary.run_id, "train_acc")[-1]
-    # The code: the commit checked out, and whether tracked files differed from it.
+    # The code: the commit checked out, and whether tracked code differed from it.
     assert run.data.tags[GIT_COMMIT_TAG] == git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    dirty = any(not line[3:].startswith("results/") for line in changed)
     assert run.data.tags[GIT_DIRTY_TAG] == str(dirty).lower()
+
+
+def test_a_changed_store_in_results_is_not_changed_code(tmp_path, monkeypatch):
+    """`make results` writes its committed store while its cells run: that is not dirty code;
+    a changed module is."""
+    from benchmark.tracking import identity
+
+    repo = tmp_path / "repo"
+    (repo / "results" / "grid").mkdir(parents=True)
+    (repo / "benchmark").mkdir()
+    (repo / "results" / "grid" / "mlflow.db").write_text("store")
+    (repo / "benchmark" / "cell.py").write_text("x = 1")
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "one"]):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *command], cwd=repo, check=True
+        )
+    monkeypatch.setattr(identity, "PROJECT_DIR", repo.resolve())
+    assert identity.git_tags()[GIT_DIRTY_TAG] == "false"
+    (repo / "results" / "grid" / "mlflow.db").write_text("more runs")
+    assert identity.git_tags()[GIT_DIRTY_TAG] == "false"  # the store grew: same code
+    (repo / "benchmark" / "cell.py").write_text("x = 2")
+    assert identity.git_tags()[GIT_DIRTY_TAG] == "true"
 
 
 def test_the_best_epoch_is_the_first_with_the_highest_val_acc_as_the_checkpoint_chooses():

@@ -41,7 +41,10 @@ CELL_KEY_TAG = "cell_key"
 CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
-GIT_DIRTY_TAG = "benchmark.git.dirty"  # "true": tracked files differed from that commit
+GIT_DIRTY_TAG = "benchmark.git.dirty"  # "true": tracked code differed from that commit
+# Tracked outputs, not code: `make results` writes its committed store there while its cells
+# run, which must not make every cell of the grid read as run on uncommitted code.
+OUTPUT_DIRS = ("results",)
 # The metrics of a run of kind "rank" (benchmark.tools.rank), in the report's order.
 RANK_SCORES = ("logme", "leep", "nce", "knn_val_acc")
 
@@ -199,7 +202,8 @@ def _git(*args: str) -> str | None:
 
 def git_tags() -> dict[str, str]:
     """Which code a run comes from: the commit checked out (`mlflow.source.git.commit`) and
-    whether tracked files differ from it (`benchmark.git.dirty`, "true"/"false"). Nothing when
+    whether tracked files outside OUTPUT_DIRS differ from it (`benchmark.git.dirty`,
+    "true"/"false"). Nothing when
     the code is not a git checkout of this project (an installed copy), rather than the commit
     of whatever repository happens to enclose it."""
     top = _git("rev-parse", "--show-toplevel")
@@ -207,7 +211,15 @@ def git_tags() -> dict[str, str]:
         return {}
     commit, changed = (
         _git("rev-parse", "HEAD"),
-        _git("--no-optional-locks", "status", "--porcelain", "-uno"),
+        _git(
+            "--no-optional-locks",
+            "status",
+            "--porcelain",
+            "-uno",
+            "--",
+            ".",
+            *(f":(exclude){folder}" for folder in OUTPUT_DIRS),
+        ),
     )
     if commit is None:
         return {}
