@@ -230,6 +230,46 @@ def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_co
     assert untuned.n == 2 and untuned.test_acc_mean == pytest.approx(0.45)  # 0.7 superseded
 
 
+def test_pairs_are_compared_within_a_setting_or_a_strategy_and_holm_counts_them(
+    tmp_path, empty_store
+):
+    """Tuned and untuned finetune and freeze plus linear_probe (no variant) on one row: never
+    an untuned finetune against a tuned freeze; a p < 0.05 shows its Holm-adjusted p."""
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    fair = {"tune.name": "fair", "tune.trials": "8"}
+    accuracies = {  # seeds 0, 1, 2; finetune fair above freeze fair by 0.1, 0.12, 0.11
+        ("finetune", "fair"): [0.90, 0.92, 0.91],
+        ("finetune", "none"): [0.70, 0.75, 0.72],
+        ("freeze", "fair"): [0.80, 0.80, 0.80],
+        ("freeze", "none"): [0.78, 0.79, 0.76],
+        ("linear_probe", ""): [0.85, 0.84, 0.86],
+    }
+    order = 0
+    for (strategy, tuning), values in accuracies.items():
+        for seed, accuracy in enumerate(values):
+            order += 1
+            settings = fair if tuning == "fair" else {}
+            run_id = log_run(
+                client, experiment, ("hymenoptera", "rgb", strategy, seed), "FINISHED",
+                accuracy, order, settings,
+            )  # fmt: skip
+            client.set_tag(run_id, CELL_GROUP_TAG, f"{strategy}-{tuning}")
+    _, markdown = report_of(uri, tmp_path / "out")
+    lines = [line for line in markdown.splitlines() if line.startswith("- hymenoptera / rgb")]
+    tuned, untuned = "· tune=fair · tuned (8 trials)", "· tune=none"
+    assert any(f"finetune {tuned} better than freeze {tuned}" in line for line in lines)
+    assert any(f"finetune {tuned} better than finetune {untuned}" in line for line in lines)
+    assert any("linear_probe" in line and f"freeze {untuned}" in line for line in lines)
+    crossed = [
+        line for line in lines if f"finetune {untuned}" in line and f"freeze {tuned}" in line
+    ]
+    assert not crossed, crossed  # a tuned freeze against an untuned finetune: not a question
+    # 2 settings x 1 pair + 2 strategies across settings + linear_probe against 4 columns.
+    assert len(lines) == 8 and "8 tests in all" in markdown
+    significant = [line for line in lines if "better than" in line]
+    assert significant and all("(Holm-adjusted p=" in line for line in significant)
+
+
 STUDY_PROTOCOL = {
     "protocol": "study",
     "protocol.selection": "max_eval",

@@ -12,7 +12,13 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from benchmark.report.stats import average_ranks, best_in_row, paired_differences, seed_summary
+from benchmark.report.stats import (
+    average_ranks,
+    best_in_row,
+    holm_adjusted,
+    paired_differences,
+    seed_summary,
+)
 
 pytestmark = pytest.mark.filterwarnings("error")  # no RuntimeWarning from scipy on degenerate data
 
@@ -269,6 +275,16 @@ SUMMARY = pd.DataFrame(
     ],
     columns=[*ROW, "strategy", "mean"],
 )
+
+
+def test_holm_adjusts_over_the_tests_made_and_leaves_no_test_alone():
+    # Worked by hand: sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04, then each at
+    # least the one before it (step-down): 0.03, 0.06, 0.06. The NaN (no test) is not counted.
+    p = pd.Series([0.01, 0.04, np.nan, 0.03], index=list("abcd"))
+    adjusted = holm_adjusted(p)
+    assert adjusted.index.tolist() == list("abcd") and np.isnan(adjusted["c"])
+    assert adjusted.drop("c").tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted(pd.Series([np.nan])).isna().all()  # nothing tested, nothing adjusted
 
 
 def test_average_ranks_ties_and_missing():

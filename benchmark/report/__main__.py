@@ -20,6 +20,7 @@ from benchmark.report.markdown import escape, escape_names
 from benchmark.report.stats import (
     average_ranks,
     best_in_row,
+    holm_adjusted,
     paired_differences,
     rank_agreement,
 )
@@ -113,17 +114,48 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
+def pairs_note(verdicts: pd.DataFrame) -> str:
+    """How the paired comparisons were chosen and how many tests the Holm adjustment counts."""
+    tested = int(verdicts.p_value.notna().sum()) if "p_value" in verdicts else 0
+    return (
+        "Each line: the paired difference over the seeds both columns have, its 95 % t interval "
+        "and the t-test's p (uncorrected). Compared: columns of one setting (e.g. all tune=fair), "
+        "one strategy across settings (what tuning changed), and a column with no variant (e.g. "
+        f"linear_probe, whose C grid is its tuning) against each; {tested} tests in all. Beside "
+        "each p < 0.05, its Holm-adjusted p over those tests (statsmodels): a difference holds "
+        "for the whole report only where that stays below 0.05."
+    )
+
+
+def _comparable(verdicts: pd.DataFrame, counted: pd.DataFrame) -> pd.Series:
+    """Pairs of one setting, of one strategy, or with a column that has no variant: never, say,
+    an untuned finetune against a tuned freeze, which answers no one's question."""
+    kind = counted.drop_duplicates("column").set_index("column")
+    strategy, variant = kind.strategy, kind.variant.fillna("")
+    a, b = verdicts.a.map(variant), verdicts.b.map(variant)
+    same_strategy = verdicts.a.map(strategy).eq(verdicts.b.map(strategy))
+    return a.eq(b) | same_strategy | a.eq("") | b.eq("")
+
+
 def comparisons(runs: pd.DataFrame, rule: ConvergenceRule = DEFAULT_RULE) -> pd.DataFrame:
-    """Per dataset x colour (x backbone x variant), each pair of strategies compared on the seeds
-    both have (paired: a seed fixes the split); a verdict resting on a cell that may be
-    undertrained (`rule`) says so."""
+    """Per dataset x colour (x backbone), the comparable pairs of columns (`_comparable`) compared
+    on the seeds both have (paired: a seed fixes the split), significant ones with their
+    Holm-adjusted p over every test made; a verdict resting on a cell that may be undertrained
+    (`rule`) says so."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     if counted.empty:
-        return pd.DataFrame(columns=["dataset", "colour", "where", "verdict"])
+        return pd.DataFrame(columns=["dataset", "colour", "where", "verdict", "p_value"])
     counted = counted.assign(column=column_names(counted))
     rows = ["dataset", "colour", "backbone"]
     verdicts = paired_differences(counted, rows, column="column", pair="seed", value="test_acc")
+    verdicts = verdicts[_comparable(verdicts, counted)].reset_index(drop=True)
+    holm = holm_adjusted(verdicts.p_value)
+    adjusted = [
+        f" (Holm-adjusted p={p:.2g})" if significant else ""
+        for p, significant in zip(holm, verdicts.significant, strict=True)
+    ]
+    verdicts = verdicts.assign(p_holm=holm, verdict=verdicts.verdict + adjusted)
     where = verdicts.dataset + " / " + verdicts.colour
     if counted.backbone.nunique() > 1:
         where += " / " + verdicts.backbone
@@ -209,6 +241,7 @@ def write_tables(
         + "".join(f"{escape(note)}\n\n" for note in notes)
         + (f"{footnote}\n\n" if footnote else "")
         + "## Paired comparisons (same seeds, so the same splits)\n\n"
+        + f"{pairs_note(verdicts)}\n\n"
         + lines
         + "\n\n"
         + f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
@@ -288,6 +321,7 @@ figcaption {{ color: #555; font-size: 0.9rem; }}
 {"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
 <p>{html.escape(footnote)}</p>
 <h2>Paired comparisons</h2>
+<p>{html.escape(pairs_note(verdicts))}</p>
 <ul>{verdict_list}</ul>
 <h2>Cost per cell</h2>
 {cost_table(table).to_html(index=False, border=0, na_rep="")}

@@ -1,11 +1,13 @@
 """How sure the answer is: seed summaries with t intervals, paired strategy comparisons, ranks.
 
-Pure functions of pandas frames (scipy for the statistics), no tracking store involved.
+Pure functions of pandas frames (scipy and statsmodels for the statistics), no tracking store
+involved.
 
 - `seed_summary`: per cell, n, mean, sd and a t interval of the mean over its seeds.
 - `paired_differences`: per row (e.g. dataset x colour), every pair of columns (e.g. strategies)
   compared on the seeds both have: mean difference, its t interval, the paired t-test's p-value
   and a one-line verdict.
+- `holm_adjusted`: those p-values adjusted for how many were tested (statsmodels' Holm).
 - `average_ranks`, `best_in_row`: which column wins each row (1 = highest value), for a summary
   line and for bold cells.
 
@@ -20,6 +22,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 TOLERANCE = 1e-9
 SUMMARY_COLUMNS = ["n", "mean", "sd", "ci_low", "ci_high"]
@@ -119,6 +122,16 @@ def paired_differences(
     return pd.DataFrame(out, columns=[*row, *DIFFERENCE_COLUMNS]).astype(
         {"n_pairs": int, "significant": bool}
     )
+
+
+def holm_adjusted(p_values: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment of `p_values` over the family of those present (NaN: no test,
+    left NaN): p-values that hold at the family-wise level once every test made is counted."""
+    adjusted = pd.Series(np.nan, index=p_values.index, dtype=float)
+    tested = p_values.notna()
+    if tested.any():
+        adjusted[tested] = multipletests(p_values[tested].to_numpy(float), method="holm")[1]
+    return adjusted
 
 
 def average_ranks(table: pd.DataFrame, row: list[str], column: str, value: str) -> pd.DataFrame:
