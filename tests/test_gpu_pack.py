@@ -125,6 +125,7 @@ def a_store_with_one_run(
     files = tmp_path / "files"
     (files / "hydra").mkdir(parents=True)
     (files / "confusion_matrix.json").write_text(json.dumps({"classes": ["a"], "matrix": [[1]]}))
+    (files / "tune_trials.json").write_text(json.dumps({"columns": ["value"], "data": [[0.8]]}))
     (files / "manifest.csv").write_text("path,label,split\n" * 1000)
     (files / "hydra" / "config.yaml").write_text("seed: 0\n")
     client.log_artifacts(run_id, str(files))
@@ -147,7 +148,7 @@ def test_slim_keeps_what_the_report_reads_and_drops_the_rest(tmp_path, empty_sto
     kept = artifact_file(uri, run_id, run.info.artifact_uri, "confusion_matrix.json")
     assert kept is not None and json.loads(kept.read_text())["matrix"] == [[1]]
     left = sorted(p.name for p in (store.parent / "mlartifacts").rglob("*") if p.is_file())
-    assert left == ["confusion_matrix.json"]
+    assert left == ["confusion_matrix.json", "tune_trials.json"]  # the tuning's record stays
     with closing(sqlite3.connect(store)) as db:  # vacuumed: no free pages left behind
         assert db.execute("pragma freelist_count").fetchone()[0] == 0
 

@@ -6,8 +6,9 @@ tree still travels to a lent GPU machine (64 MiB with `make gpu-pack`'s pack; sc
   deleted from the metric history and the latest values: the report reads none of them. The
   grid's own cells no longer log them (`tracking.system_metrics=false` in the Makefile).
 - Of each run's artifacts in the `mlartifacts/` beside the store, only those the report reads
-  are kept (`REPORT_ARTIFACTS`); the manifests, the resolved configs (every key is also a
-  param), Hydra's files and the confusion matrices' pictures go.
+  and the record of how a cell chose its values are kept (`KEPT_ARTIFACTS`: a tuned cell's
+  trials, linear_probe's C grid, a few hundred bytes each); the manifests, the resolved
+  configs (every key is also a param), Hydra's files and the confusion matrices' pictures go.
 - The database is `VACUUM`ed (SQLite keeps freed pages otherwise).
 
 Params, tags, the other metrics (the learning curves included) and the runs themselves are kept:
@@ -28,8 +29,10 @@ from pathlib import Path
 from benchmark.tracking.store import StoreError, check_sqlite
 
 # What `python -m benchmark.report` reads of a run's artifacts (report/__main__.py,
-# best_confusions): everything else under a run's artifacts/ is deleted.
-REPORT_ARTIFACTS = frozenset({"confusion_matrix.json"})
+# best_confusions), and what shows how a cell chose its values (cell/mlflow_run.py: tune's
+# trials, linear_probe's C grid), so that a tuned number stays auditable in the committed
+# store: everything else under a run's artifacts/ is deleted.
+KEPT_ARTIFACTS = frozenset({"confusion_matrix.json", "tune_trials.json", "probe_c_grid.json"})
 SYSTEM_METRICS = "system/%"  # MLflow's prefix for its system metrics (a LIKE pattern)
 MIB = 2**20
 
@@ -57,12 +60,12 @@ def _size(folder: Path) -> int:
 
 
 def unread_artifacts(artifacts: Path) -> list[Path]:
-    """Files under `<run id>/artifacts/` that the report does not read."""
+    """Files under `<run id>/artifacts/` that are not KEPT_ARTIFACTS."""
     return [
         file
         for run in sorted(artifacts.glob("*/artifacts"))
         for file in sorted(run.rglob("*"))
-        if file.is_file() and file.relative_to(run).as_posix() not in REPORT_ARTIFACTS
+        if file.is_file() and file.relative_to(run).as_posix() not in KEPT_ARTIFACTS
     ]
 
 
