@@ -216,6 +216,8 @@ def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_co
             client, experiment, (*cell, seed), "FINISHED", accuracy, order, settings | where
         )
         client.set_tag(run_id, CELL_GROUP_TAG, group)  # the harness: config less volatile keys
+        if group == "fair":  # seed 0 tuned for 300 s, seed 1 reused its choice
+            client.log_metric(run_id, "tune_s", 300.0 if seed == 0 else 0.0)
     table, markdown = report_of(uri, tmp_path / "out")
     assert sorted(table.variant) == ["tune=fair, tune.reuse_seed=0", "tune=none"]
     header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
@@ -228,6 +230,13 @@ def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_co
     ]
     untuned = table[table.variant == "tune=none"].iloc[0]
     assert untuned.n == 2 and untuned.test_acc_mean == pytest.approx(0.45)  # 0.7 superseded
+    # The cost table names its rows as the accuracy table's columns, with the tuning's time.
+    cost = markdown.split("## Cost per cell")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in cost.splitlines()[2:]]
+    fair_row = next(row for row in rows if row and "tune=fair" in row[2])
+    untuned_row = next(row for row in rows if row and "tune=none" in row[2])
+    assert fair_row[4:6] == ["106.5", "300"]  # wall: mean of 106 and 107; the tuning: seed 0's
+    assert untuned_row[4:6] == ["104.5", "—"]  # no tuning
 
 
 def test_pairs_are_compared_within_a_setting_or_a_strategy_and_holm_counts_them(

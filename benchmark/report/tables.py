@@ -214,7 +214,7 @@ def load_runs(
     runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
     foreign, left_out = int((~cells & ~sweeps).sum()), 0 if include_debug else int(debug.sum())
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
-    wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS]}
+    wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS, "tune_s"]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
     wanted |= {"params.tune.trials": "tune_trials", "params.tune.reuse_seed": "tune_reuse_seed"}
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
@@ -335,6 +335,8 @@ def summarise(
         }
     )
     cost = finished.groupby(GROUP)[COST_METRICS].mean()
+    # The tuning, paid once by the seed that tuned (a seed reusing its choice logs 0).
+    cost = cost.join(finished.groupby(GROUP).tune_s.max())
     devices = finished.groupby(GROUP).device.agg(lambda d: ", ".join(sorted(set(d.dropna()))))
     data = latest.groupby(GROUP)[["n_classes", "n_images", "tune_trials", "tune_reuse_seed"]].max()
     states = pd.crosstab([latest[c] for c in GROUP], latest.status)
@@ -568,15 +570,20 @@ def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def cost_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean cost per finished cell: where the time and memory went."""
+    """Mean cost per finished cell: where the time and memory went; a column of the accuracy
+    table per row (strategy and variant), and a tuned cell's tuning time: the most any seed
+    spent, within that seed's wall time (seeds that reuse a choice spend none, so it can exceed
+    the mean wall time)."""
     done = table[table.n > 0]
+    tuning = done.tune_s if "tune_s" in done else pd.Series(float("nan"), index=done.index)
     return pd.DataFrame(
         {
             "dataset": done.dataset,
             "colour": done.colour,
-            "strategy": done.strategy,
+            "strategy": column_names(done),
             "backbone": done.backbone,
             "wall time (s)": done.wall_time_s.round(1),
+            "tuning, most of a seed (s)": tuning.where(tuning > 0).round(1),
             "train images/s": done.train_images_per_s.round(1),
             "peak RSS (MB)": done.peak_rss_mb.round(0),
             "peak GPU memory (MB)": done.peak_gpu_mem_mb.round(0),
