@@ -239,7 +239,9 @@ def _open_run_and_die(cfg) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_killed_cell_outside_the_gpus_launcher_is_failed_by_the_next_relaunch(make_cfg):
+def test_a_killed_cell_outside_the_gpus_launcher_is_failed_by_the_next_relaunch(
+    make_cfg, tmp_path
+):
     cfg = make_cfg(*TINY)
     cell = multiprocessing.get_context("fork").Process(target=_open_run_and_die, args=(cfg,))
     cell.start()
@@ -251,6 +253,17 @@ def test_a_killed_cell_outside_the_gpus_launcher_is_failed_by_the_next_relaunch(
     ended = mlflow.MlflowClient().get_run(left.info.run_id)
     assert ended.info.status == "FAILED"
     assert ended.data.tags["error"] == f"killed: its process {cell.pid} on this host is gone"
+    # A launcher that saw the process die, reading its exit status only now, says what it saw.
+    run_file = tmp_path / "saw_it.json"
+    run_file.write_text(json.dumps({"tracking_uri": cfg.tracking.uri, "run_id": left.info.run_id}))
+    assert store.settle_failed_run(run_file, "killed by signal 9 (SIGKILL)") == left.info.run_id
+    settled = mlflow.MlflowClient().get_run(left.info.run_id)
+    assert settled.data.tags["error"] == "killed by signal 9 (SIGKILL)"
+    assert settled.info.status == "FAILED"
+    # The cell's own words are never replaced.
+    mlflow.MlflowClient().set_tag(left.info.run_id, "error", "ValueError: the cell said so")
+    assert store.settle_failed_run(run_file, "exited with code 1") is None
+    assert mlflow.MlflowClient().get_run(left.info.run_id).data.tags["error"].startswith("Value")
 
 
 def test_a_live_run_is_left_alone_and_a_silent_remote_one_is_failed():

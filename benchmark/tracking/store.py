@@ -176,11 +176,16 @@ def gone_reason(tags: dict[str, str], now: float | None = None) -> str | None:
             alive = abs(psutil.Process(pid).create_time() - started) < 1.0  # not a reused pid
         except psutil.Error:
             alive = False
-        return None if alive else f"killed: its process {pid} on this host is gone"
+        return None if alive else f"{GONE_PREFIX}its process {pid} on this host is gone"
     silent = now - float(tags.get(BEAT_TAG, 0))
     if silent > STALE_AFTER_S:
-        return f"killed: no heartbeat from {tags.get(HOST_TAG)} for {silent:.0f}s"
+        return f"{GONE_PREFIX}no heartbeat from {tags.get(HOST_TAG)} for {silent:.0f}s"
     return None
+
+
+# How gone_reason's guesses begin: an onlooker's inference that a launcher which saw the
+# process end (its signal, its exit code) replaces with what it saw.
+GONE_PREFIX = "killed: "
 
 
 def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> list[str]:
@@ -216,8 +221,10 @@ def _outcome(folder: Path) -> dict[str, object]:
 def settle_failed_run(run_file: Path, reason: str) -> str | None:
     """The run that a failed cell started (named in its `run_file`, identity.RUN_FILE) ends
     FAILED, with `reason` as its `error` tag unless it has one: a cell that failed because the
-    server went away could neither end its run nor tag it. A FINISHED run (the server recorded
-    the end before the answer was lost) is left alone. The run's id if changed, else None."""
+    server went away could neither end its run nor tag it. A tag that is only the stale-run
+    rule's guess (GONE_PREFIX: another cell's relaunch check may get there before the launcher
+    reads the exit status) gives way to `reason`. A FINISHED run (the server recorded the end
+    before the answer was lost) is left alone. The run's id if changed, else None."""
     if not run_file.is_file():
         return None
     started = json.loads(run_file.read_text())
@@ -225,10 +232,10 @@ def settle_failed_run(run_file: Path, reason: str) -> str | None:
     run = client.get_run(run_id)
     running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
     failed = run.info.status == RunStatus.to_string(RunStatus.FAILED)
-    untagged = "error" not in run.data.tags
-    if not (running or (failed and untagged)):
+    guessed = run.data.tags.get("error", GONE_PREFIX).startswith(GONE_PREFIX)  # or untagged
+    if not (running or (failed and guessed)):
         return None
-    if untagged:
+    if guessed:
         client.set_tag(run_id, "error", reason[:5000])
     if running:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
