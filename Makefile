@@ -38,7 +38,9 @@ report:  ## results/report.{md,csv,tex,html} from the runs in MLflow
 	$(BIN)/python -m benchmark.report --tracking-uri $(TRACKING_URI) --out results
 
 CHROMIUM ?= chromium
-report-check: report  ## render results/report.html in headless Chromium -> results/report.png
+# Renders the report already there (make results or make report wrote it): it must not rewrite
+# results/report.* from another store first.
+report-check:  ## render results/report.html in headless Chromium -> results/report.png
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
 	  --disable-background-networking --disable-component-update --disable-sync \
 	  --user-data-dir=$$(mktemp -d) --window-size=1200,3000 \

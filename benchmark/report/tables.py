@@ -583,7 +583,7 @@ def cost_table(table: pd.DataFrame) -> pd.DataFrame:
             "strategy": column_names(done),
             "backbone": done.backbone,
             "wall time (s)": done.wall_time_s.round(1),
-            "tuning, most of a seed (s)": tuning.where(tuning > 0).round(1),
+            "tuning, longest seed (s)": tuning.where(tuning > 0).round(1),
             "train images/s": done.train_images_per_s.round(1),
             "peak RSS (MB)": done.peak_rss_mb.round(0),
             "peak GPU memory (MB)": done.peak_gpu_mem_mb.round(0),
