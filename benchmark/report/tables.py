@@ -482,6 +482,10 @@ def column_names(table: pd.DataFrame) -> pd.Series:
     names = names.where(variant.eq(""), names + " · " + variant)
     if "tune_trials" in table:  # said even when every run was tuned (no variant then)
         trials = pd.to_numeric(table.tune_trials, errors="coerce")
+        # One name per column, also in rows where it has no run (a dataset not run): the trials
+        # its runs in other rows had.
+        column = [table.strategy.astype(str), table.backbone.astype(str), variant]
+        trials = trials.groupby(column, dropna=False).transform("max")
         tuned = trials.notna() & ~variant.str.contains("tune.trials=", regex=False)
         names = names.where(~tuned, names + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
     return names
