@@ -116,7 +116,7 @@ def out_problem(out: Path) -> str | None:
 
 def pairs_note(verdicts: pd.DataFrame) -> str:
     """How the paired comparisons were chosen and how many tests the Holm adjustment counts."""
-    tested = int(verdicts.p_value.notna().sum()) if "p_value" in verdicts else 0
+    tested = int(verdicts.p_value.notna().sum())
     return (
         "Each line: the paired difference over the seeds both columns have, its 95 % t interval "
         "and the t-test's p (uncorrected). Compared: columns of one setting (e.g. all tune=fair), "

@@ -38,7 +38,7 @@ from benchmark.tracking.identity import (
     LOGGED_PARAMS,
     RANK_SCORES,
     SCHEMA_TAG,
-    VOLATILE_KEYS,
+    is_volatile,
 )
 from benchmark.tracking.store import end_stale_runs
 
@@ -145,8 +145,7 @@ NOT_A_VARIANT = {"seed", "probe_c_chosen", *LOGGED_PARAMS}
 
 def _is_setting(key: str) -> bool:
     """Whether a logged param is part of what a cell computes (so it may name a variant)."""
-    volatile = any(key == v or key.startswith(f"{v}.") for v in VOLATILE_KEYS)
-    return not volatile and key not in NOT_A_VARIANT
+    return not is_volatile(key) and key not in NOT_A_VARIANT
 
 
 # What a tuned run logs of its outcome (values chosen per seed, the donor run), not a setting.

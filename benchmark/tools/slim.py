@@ -51,7 +51,7 @@ class Slimmed:
             f"slim: {store} {self.db_before / MIB:.2f} -> {self.db_after / MIB:.2f} MiB "
             f"({self.samples_deleted} system metric samples deleted, vacuumed); mlartifacts/ "
             f"{self.artifacts_before / MIB:.2f} -> {self.artifacts_after / MIB:.2f} MiB "
-            f"({self.files_deleted} files the report does not read deleted)"
+            f"({self.files_deleted} files deleted: not read by the report, not a tuning record)"
         )
 
 
@@ -59,7 +59,7 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def unread_artifacts(artifacts: Path) -> list[Path]:
+def unkept_artifacts(artifacts: Path) -> list[Path]:
     """Files under `<run id>/artifacts/` that are not KEPT_ARTIFACTS."""
     return [
         file
@@ -95,8 +95,8 @@ def slim(uri: str) -> Slimmed:
         db.execute("delete from latest_metrics where key like ?", (SYSTEM_METRICS,))
         db.execute("commit")
         db.execute("vacuum")
-    unread = unread_artifacts(artifacts) if artifacts.is_dir() else []
-    for file in unread:
+    unkept = unkept_artifacts(artifacts) if artifacts.is_dir() else []
+    for file in unkept:
         file.unlink()
     if artifacts.is_dir():
         _remove_empty_folders(artifacts)
@@ -106,7 +106,7 @@ def slim(uri: str) -> Slimmed:
         samples_deleted=deleted,
         artifacts_before=artifacts_before,
         artifacts_after=_size(artifacts) if artifacts.is_dir() else 0,
-        files_deleted=len(unread),
+        files_deleted=len(unkept),
     )
 
 

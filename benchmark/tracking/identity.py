@@ -149,17 +149,18 @@ def run_params(spec: CellSpec) -> dict[str, object]:
     return {**named, **flat}
 
 
+def is_volatile(key: str, also: tuple[str, ...] = ()) -> bool:
+    """Whether a flattened config key (`paths.output_dir`) is one of VOLATILE_KEYS (or `also`)
+    or lies under one: where a cell writes or how it shows progress, not what it computes."""
+    dropped = (*VOLATILE_KEYS, *also)
+    return key in dropped or key.startswith(tuple(f"{k}." for k in dropped))
+
+
 def _kept(params: dict[str, object], also: tuple[str, ...] = ()) -> dict[str, object]:
     """What identifies a cell: every key but the volatile ones, and no null key (null means
     "the default", as an absent key does: an option added later with a null default leaves the
     keys of the cells already run, and a relaunch still finds them)."""
-    dropped = (*VOLATILE_KEYS, *also)
-    prefixes = tuple(f"{key}." for key in dropped)
-    return {
-        k: v
-        for k, v in params.items()
-        if v is not None and k not in dropped and not k.startswith(prefixes)
-    }
+    return {k: v for k, v in params.items() if v is not None and not is_volatile(k, also)}
 
 
 def _digest(value: object) -> str:
@@ -203,9 +204,8 @@ def _git(*args: str) -> str | None:
 def git_tags() -> dict[str, str]:
     """Which code a run comes from: the commit checked out (`mlflow.source.git.commit`) and
     whether tracked files outside OUTPUT_DIRS differ from it (`benchmark.git.dirty`,
-    "true"/"false"). Nothing when
-    the code is not a git checkout of this project (an installed copy), rather than the commit
-    of whatever repository happens to enclose it."""
+    "true"/"false"). Nothing when the code is not a git checkout of this project (an installed
+    copy), rather than the commit of whatever repository happens to enclose it."""
     top = _git("rev-parse", "--show-toplevel")
     if top is None or Path(top).resolve() != PROJECT_DIR:
         return {}
