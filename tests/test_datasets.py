@@ -19,6 +19,7 @@ from benchmark.tools.data import main as data_cli
 from tests.conftest import TINY
 
 STUDY_SIMPSONS = 20
+SHARED_FRAMES, SHARED_MAGGIE = 300, 98  # native Simpsons frames in ../shared/data
 
 
 def manifest_of(data_root: Path, seed: int = 0, **dataset) -> pd.DataFrame:
@@ -59,18 +60,16 @@ def test_simpsons_from_simpsons_dataset(shared_data):
         "lisa_simpson": 45,
         "marge_simpson": 50,
     }
-    assert (frame[frame.split != "test"].label.value_counts() == 70).all()
+    # ../shared/data/README: 300 native frames each of bart, homer, lisa and marge, 98 of maggie.
+    assert (frame[frame.split != "test"].label.value_counts() == SHARED_FRAMES).all()
     assert "maggie_simpson" not in set(frame.label)
     frame = manifest_of(shared_data, name="simpsons", classes=None, official_test=False)
     assert frame.label.value_counts().to_dict() == {
-        c: 70
-        for c in (
-            "bart_simpson",
-            "homer_simpson",
-            "lisa_simpson",
-            "maggie_simpson",
-            "marge_simpson",
-        )
+        "bart_simpson": SHARED_FRAMES,
+        "homer_simpson": SHARED_FRAMES,
+        "lisa_simpson": SHARED_FRAMES,
+        "maggie_simpson": SHARED_MAGGIE,
+        "marge_simpson": SHARED_FRAMES,
     }
     two = manifest_of(shared_data, name="simpsons", classes=["lisa_simpson", "bart_simpson"])
     assert sorted(two.label.unique()) == ["bart_simpson", "lisa_simpson"]
