@@ -41,11 +41,12 @@ from benchmark.report.tables import (
 )
 from benchmark.report.trust import (
     DEFAULT_RULE,
-    UNDERTRAINED_MARK,
-    Convergence,
+    DIAGNOSES,
+    Check,
     ConvergenceRule,
+    Diagnosis,
     code_summary,
-    run_convergence,
+    run_diagnoses,
 )
 from benchmark.runtime.progress import progress
 from benchmark.tracking.identity import RANK_SCORES, store_uri
@@ -140,8 +141,8 @@ def _comparable(verdicts: pd.DataFrame, counted: pd.DataFrame) -> pd.Series:
 def comparisons(runs: pd.DataFrame, rule: ConvergenceRule = DEFAULT_RULE) -> pd.DataFrame:
     """Per dataset x colour (x backbone), the comparable pairs of columns (`_comparable`) compared
     on the seeds both have (paired: a seed fixes the split), significant ones with their
-    Holm-adjusted p over every test made; a verdict resting on a cell that may be undertrained
-    (`rule`) says so."""
+    Holm-adjusted p over every test made; a verdict resting on a cell with a diagnosis (`rule`:
+    diverged, below its start, may be undertrained, overfit) says which."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     if counted.empty:
@@ -159,19 +160,30 @@ def comparisons(runs: pd.DataFrame, rule: ConvergenceRule = DEFAULT_RULE) -> pd.
     where = verdicts.dataset + " / " + verdicts.colour
     if counted.backbone.nunique() > 1:
         where += " / " + verdicts.backbone
-    undertrained = run_convergence(counted, rule).convergence.eq(Convergence.undertrained)
-    marked = set(counted[undertrained][[*rows, "column"]].itertuples(index=False, name=None))
+    checks = run_diagnoses(counted, rule)
+    cells = list(counted[[*rows, "column"]].itertuples(index=False, name=None))
+    marked = {
+        d: {c for c, s in zip(cells, checks[d.key], strict=True) if s == Check.marked}
+        for d in DIAGNOSES
+    }
     caveat = [
-        _rests_on([c for c in (r.a, r.b) if (r.dataset, r.colour, r.backbone, c) in marked])
+        _rests_on(
+            {
+                d: [c for c in (r.a, r.b) if (r.dataset, r.colour, r.backbone, c) in marked[d]]
+                for d in DIAGNOSES
+            }
+        )
         for r in verdicts.itertuples()
     ]
     return verdicts.assign(where=where, verdict=where + ": " + verdicts.verdict + caveat)
 
 
-def _rests_on(columns: list[str]) -> str:
-    if not columns:
-        return ""
-    return f" ({UNDERTRAINED_MARK} rests on {' and '.join(columns)}, which may be undertrained)"
+def _rests_on(columns: dict[Diagnosis, list[str]]) -> str:
+    """What a verdict rests on, per diagnosis: "(§ rests on a, which diverged; † rests on ...)"."""
+    said = [
+        f"{d.mark} rests on {' and '.join(c)}, which {d.rests}" for d, c in columns.items() if c
+    ]
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def ranks(table: pd.DataFrame) -> pd.DataFrame:
@@ -179,11 +191,10 @@ def ranks(table: pd.DataFrame) -> pd.DataFrame:
     if done.empty:
         return pd.DataFrame(columns=["average_rank", "rows"])
     ranked = average_ranks(done, ["dataset", "colour"], "column", "test_acc_mean")
-    if "undertrained" in done and done.undertrained.any():  # the ranks that rest on such cells
-        marked = done.groupby("column").undertrained.sum().astype(int)
-        ranked[f"rows with {UNDERTRAINED_MARK}"] = (
-            marked.reindex(ranked.index).fillna(0).astype(int)
-        )
+    for d in DIAGNOSES:  # the ranks that rest on cells with a diagnosis
+        if d.key in done and done[d.key].any():
+            marked = done.groupby("column")[d.key].sum().astype(int)
+            ranked[f"rows with {d.mark}"] = marked.reindex(ranked.index).fillna(0).astype(int)
     return ranked
 
 
@@ -287,9 +298,11 @@ def write_html(
         pictures.append(("Learning curves (validation accuracy)", figures.learning_curves(curves)))
     if matrices := best_confusions(counted, table, uri):
         pictures.append(
-            ("Confusion matrices (test, row-normalised), best validation run per cell",
-             figures.confusion_grid(matrices))
-        )  # fmt: skip
+            (
+                "Confusion matrices (test, row-normalised), best validation run per cell",
+                figures.confusion_grid(matrices),
+            )
+        )
     sections = "\n".join(
         f"<figure>{figures.svg_markup(figure)}<figcaption>{html.escape(title)}</figcaption></figure>"
         for title, figure in pictures
@@ -365,9 +378,35 @@ def main(argv: list[str] | None = None) -> int:
         default=ConvergenceRule.rising_epochs,
         help="a seed whose best validation epoch is among its last N may be undertrained (†)",
     )
+    parser.add_argument(
+        "--diverged-drop",
+        type=float,
+        default=ConvergenceRule.diverged_drop,
+        help="a seed whose validation accuracy peaked in the first half of its epochs and ended "
+        "more than this below the peak diverged (§)",
+    )
+    parser.add_argument(
+        "--overfit-train-acc",
+        type=float,
+        default=ConvergenceRule.overfit_train_acc,
+        help="a seed whose final training accuracy is at least this while its last validation "
+        "accuracy is more than --overfit-drop below its best overfit (‖)",
+    )
+    parser.add_argument(
+        "--overfit-drop",
+        type=float,
+        default=ConvergenceRule.overfit_drop,
+        help="see --overfit-train-acc (‖)",
+    )
     args = parser.parse_args(argv)
     try:
-        rule = ConvergenceRule(args.min_train_acc, args.rising_epochs)
+        rule = ConvergenceRule(
+            args.min_train_acc,
+            args.rising_epochs,
+            diverged_drop=args.diverged_drop,
+            overfit_train_acc=args.overfit_train_acc,
+            overfit_drop=args.overfit_drop,
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

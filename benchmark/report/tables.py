@@ -4,7 +4,8 @@ Rules, stated in the report too: of each (cell, seed) the latest FINISHED run co
 latest run (a rerun that finished replaces what it reran; a failed retry does not hide a result,
 as a relaunch would skip that cell too); a cell's accuracy is the mean ± sd over its FINISHED
 seeds; failed, running and never-run cells are shown as such, never dropped or averaged in.
-Marks on those numbers (may be undertrained, seeds on different commits): report/trust.py.
+Marks on those numbers (diverged, below its start, may be undertrained, overfit, seeds on
+different commits): report/trust.py.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import pandas as pd
 
 from benchmark.report.stats import seed_summary
 from benchmark.report.trust import (
+    BELOW_START,
     CONVERGENCE_METRICS,
     DEFAULT_RULE,
+    DIAGNOSES,
+    DIVERGED,
     EXEMPT_STRATEGIES,
     MIXED_COMMITS_MARK,
-    UNDERTRAINED_MARK,
+    OVERFIT,
+    UNDERTRAINED,
     Convergence,
     ConvergenceRule,
     cell_checks,
@@ -56,9 +61,14 @@ RULES = (
     "ran (the study's recipe on our backbone, its maximum validation accuracy over epochs read "
     "off the evaluation split: optimistic), its number has a column of its own and the "
     "difference to ours is against it. "
-    f"{UNDERTRAINED_MARK}: may be undertrained (a seed's validation accuracy was still rising at "
-    "its last epoch, or its final training accuracy is low; the rule and the cells are under the "
-    "table); cells whose runs did not log convergence say so and are not taken for converged; "
+    "Marks on a cell when any of its seeds' fits went wrong (the rules with their thresholds, "
+    "and each marked cell's seeds with their numbers, are under the table): "
+    f"{DIVERGED.mark} diverged (validation accuracy peaked early and fell far); "
+    f"{BELOW_START.mark} below its start (a fine-tune from a fitted head, lp_ft's probe, never "
+    f"beat that head); {UNDERTRAINED.mark} may be undertrained (validation accuracy still rising "
+    "at its last epoch, or a low final training accuracy); "
+    f"{OVERFIT.mark} overfit (training fitted while validation fell from its best). "
+    "Cells whose runs did not log what a rule needs say so and are not taken for clear of it; "
     f"{', '.join(EXEMPT_STRATEGIES)} (closed-form/LBFGS, no epochs) is exempt. "
     f"{MIXED_COMMITS_MARK}: the cell's seeds ran on different code commits."
 )
@@ -220,6 +230,7 @@ def load_runs(
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error", "params.test_split": "test_split"}
     wanted |= {f"metrics.{m}": m for m in CONVERGENCE_METRICS}
+    wanted |= {"params.strategy.head_init": "head_init"}  # probe: it starts from a fitted head
     wanted |= {f"tags.{GIT_COMMIT_TAG}": "git_commit", f"tags.{GIT_DIRTY_TAG}": "git_dirty"}
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
@@ -352,9 +363,9 @@ def summarise(
     )
     checks = cell_checks(finished, GROUP, rule).set_index(GROUP)
     table = pd.DataFrame(index=grid).join([accuracy, cost, devices, data, checks])
-    table = table.fillna({"undertrained": False, "mixed_commits": False}).astype(
-        {"undertrained": bool, "mixed_commits": bool}
-    )
+    flags = [*(d.key for d in DIAGNOSES), "mixed_commits"]
+    table = table.fillna({**dict.fromkeys(flags, False), "marks": ""})
+    table = table.astype(dict.fromkeys(flags, bool))
     for status in ("FAILED", "RUNNING"):
         table[status.lower()] = states.get(status, 0)
     table = table.fillna({"n": 0, "failed": 0, "running": 0}).astype(
@@ -415,39 +426,50 @@ def _accuracy_text(row: pd.Series) -> str:
     text += f", {row.failed} failed" if row.failed else ""
     text += f", {row.running} running" if row.running else ""
     text += ")"
-    text += f" {UNDERTRAINED_MARK}" if row.get("undertrained", False) else ""
+    text += f" {row.marks}" if isinstance(row.get("marks"), str) and row.marks else ""
     return text + (f" {MIXED_COMMITS_MARK}" if row.get("mixed_commits", False) else "")
 
 
 def trust_notes(table: pd.DataFrame, rule: ConvergenceRule) -> list[str]:
-    """The lines under the accuracy table: which cells may be undertrained (and why), which
-    did not log convergence, which ran their seeds on different commits."""
+    """The lines under the accuracy table: per diagnosis, its mark, its rule and the cells that
+    have it (each marked seed with its numbers); which cells did not log what a rule needs; which
+    ran their seeds on different commits."""
     done = table[table.n > 0]
     if done.empty:
         return []
     names = done.dataset + " / " + done.colour + " / " + column_names(done)
     notes = []
-    marked = done.undertrained
-    listed = "; ".join(
-        f"{n} ({w})" for n, w in zip(names[marked], done.convergence_why[marked], strict=True)
-    )
-    checked = done.convergence.isin([Convergence.converged, Convergence.undertrained])
-    if checked.any():  # "no cell" only where some cell could be checked
+    checked = done.checked.fillna("").astype(str).str.split(", ")
+    unlogged = done.not_logged.fillna("").astype(str)
+    for diagnosis in DIAGNOSES:
+        marked = done[diagnosis.key]
+        whys = done[f"{diagnosis.key}_why"]
+        listed = "; ".join(f"{n} ({w})" for n, w in zip(names[marked], whys[marked], strict=True))
+        if marked.any() or checked.map(lambda c, d=diagnosis: d.label in c).any():
+            notes.append(  # "no cell" only where some cell could be checked
+                f"{diagnosis.mark} {diagnosis.name.capitalize()} ({rule.text(diagnosis)}): "
+                + (listed or "no cell")
+                + "."
+            )
+    if unlogged.ne("").any():
+        shown = unlogged.ne("")
+        # A cell none of whose rules could be checked by its name alone, else with those that
+        # could not.
+        said = [
+            n if c == [""] else f"{n} ({u})"
+            for n, c, u in zip(names[shown], checked[shown], unlogged[shown], strict=True)
+        ]
+        suffixes = {s[len(n) :] for s, n in zip(said, names[shown], strict=True)}
+        every = shown.sum() == done.convergence.ne(Convergence.exempt).sum()
         notes.append(
-            f"{UNDERTRAINED_MARK} May be undertrained ({rule.text()}): "
-            + (listed or "no cell")
+            "Convergence not logged (runs from before the cell logged what a rule needs: not "
+            "taken for clear of it): "
+            + (f"every cell{suffixes.pop()}" if every and len(suffixes) == 1 else ", ".join(said))
             + "."
-        )
-    unlogged = done.convergence.eq(Convergence.not_logged)
-    if unlogged.any():
-        every = unlogged.sum() == done.convergence.ne(Convergence.exempt).sum()
-        notes.append(
-            "Convergence not logged (runs from before the cell logged it: not taken for "
-            "converged): " + ("every cell" if every else ", ".join(names[unlogged])) + "."
         )
     if done.convergence.eq(Convergence.exempt).any():
         notes.append(
-            f"{', '.join(EXEMPT_STRATEGIES)}: exempt from the convergence check "
+            f"{', '.join(EXEMPT_STRATEGIES)}: exempt from the convergence checks "
             "(a closed-form/LBFGS fit, no epochs)."
         )
     reuse = pd.to_numeric(done.get("tune_reuse_seed", pd.Series(dtype=float)), errors="coerce")

@@ -1,56 +1,155 @@
-"""Can a cell's number be trusted: had its fits converged, and which code made it.
+"""Can a cell's number be trusted: how its fits went, and which code made it.
 
 Pure pandas on the counted FINISHED runs (`tables.latest_per_seed`), no store involved.
 
-- Convergence: a run may be undertrained when its validation accuracy was still rising at its
-  end (its best epoch among its last `rising_epochs`, i.e. the last one by default) or its final
-  training accuracy is below `min_train_acc`. A run without the metrics (from before the cell
-  logged them) is "not logged", never taken for converged. linear_probe is exempt: a
-  closed-form/LBFGS fit has no epochs.
+- Diagnoses, one mark each, per seed (a seed may carry several; a cell carries its seeds'):
+  diverged (validation peaked early and fell far), below its start (a fit from a fitted head,
+  lp_ft's probe, that never beat it), may be undertrained (validation accuracy still rising at
+  the end, or a low final training accuracy) and overfit (training fitted while validation fell
+  from its best). The rules and their thresholds: `ConvergenceRule`. A run without the metrics a
+  rule needs (from before the cell logged them) is "not logged" for that rule, never taken for
+  clear of it. linear_probe is exempt: a closed-form/LBFGS fit has no epochs.
 - Code: each run's commit (`mlflow.source.git.commit`, "+dirty" when tracked files differed
   from it); a cell whose seeds ran on different code is marked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 
 from benchmark.tracking.identity import GIT_COMMIT_TAG
 
-UNDERTRAINED_MARK = "†"
 MIXED_COMMITS_MARK = "‡"
 EXEMPT_STRATEGIES = ("linear_probe",)  # closed-form/LBFGS: no epochs to converge over
-CONVERGENCE_METRICS = ("final_train_loss", "final_train_acc", "best_val_epoch", "epochs_run")
+# The run metrics the diagnoses read (`metrics.<name>`; NaN for runs of code that did not log
+# it). best_val_epoch is 0-based, -1 when selection kept the model before its first step;
+# final_val_acc is the last epoch's, start_val_acc the model's before its first step, lp_val_acc
+# the probe's that lp_ft starts from (on the same validation split).
+CONVERGENCE_METRICS = (
+    "final_train_loss",
+    "final_train_acc",
+    "best_val_epoch",
+    "epochs_run",
+    "best_val_acc",
+    "final_val_acc",
+    "start_val_acc",
+    "lp_val_acc",
+)
+FITTED_HEAD_STRATEGIES = ("lp_ft",)  # besides any run with strategy.head_init=probe
 NOT_RECORDED = "not recorded"
 SHORT = 10  # characters of a commit shown
+_EPS = 1e-9  # a fall of exactly a threshold is not more than it
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One way a fit can go wrong: its column in the report's CSV (`key`, a bool: any seed), its
+    mark after a cell's number, its `name` (a cell's `convergence` says it, its note starts with
+    it), its `label` in lists, and what a verdict resting on it says (`rests`)."""
+
+    key: str
+    mark: str
+    name: str
+    label: str
+    rests: str
+
+
+DIVERGED = Diagnosis("diverged", "§", "diverged", "diverged", "diverged")
+BELOW_START = Diagnosis(
+    "below_start", "¶", "below its start", "below its start", "ended below its start"
+)
+UNDERTRAINED = Diagnosis(
+    "undertrained", "†", "may be undertrained", "undertrained", "may be undertrained"
+)
+OVERFIT = Diagnosis("overfit", "‖", "overfit", "overfit", "overfit")
+DIAGNOSES = (DIVERGED, BELOW_START, UNDERTRAINED, OVERFIT)  # most severe first
+UNDERTRAINED_MARK = UNDERTRAINED.mark
 
 
 class Convergence:
-    """A run's or a cell's convergence state, as the report's CSV says it."""
+    """A cell's state as the report's CSV says it in `convergence`: these, or the names of its
+    diagnoses (`Diagnosis.name`, ", "-separated) when any seed has one."""
 
     converged = "converged"
-    undertrained = "may be undertrained"
+    undertrained = UNDERTRAINED.name
     not_logged = "convergence not logged"
     exempt = "exempt (no epochs)"
 
 
+class Check:
+    """A run's state for one diagnosis."""
+
+    marked = "marked"
+    clear = "clear"
+    not_logged = "not logged"
+    not_applicable = "n/a"  # linear_probe; below its start for a run from a random head
+
+
 @dataclass(frozen=True)
 class ConvergenceRule:
-    """When a run may be undertrained (`python -m benchmark.report --min-train-acc
-    --rising-epochs`)."""
+    """The diagnoses' thresholds (`python -m benchmark.report --min-train-acc --rising-epochs
+    --diverged-drop --overfit-train-acc --overfit-drop`).
+
+    - min_train_acc 0.9, rising_epochs 1 (may be undertrained): a pretrained backbone fits these
+      datasets' training images to well above 0.9 when it has trained enough; a best validation
+      epoch at the very last one says more epochs could still have helped.
+    - diverged_drop 0.10 with early_fraction 0.5 (diverged): the smallest validation split
+      (Hymenoptera's, 20 % of 244 images: ~49, one image 0.02) wobbles by an image or two from
+      epoch to epoch once a fit has settled, and the best is the maximum over the epochs, so the
+      last epoch falls short of it by that much with nothing wrong; 0.10 is five images, a fall
+      beyond that from a peak in the first half of the run is a fit that came apart (the tuned
+      Hymenoptera finetune: 0.98 after its first epoch, 0.51 at its tenth).
+    - below its start: no threshold: a fit from a fitted head (lp_ft's probe) whose trained
+      epochs never beat that head's validation accuracy added nothing to it, by any amount.
+    - overfit_train_acc 0.99, overfit_drop 0.05 (overfit): the training images fitted all but
+      perfectly (0.99, with augmentation on) while the last epoch's validation accuracy ended
+      more than the maximum-over-epochs' wobble (0.05: over two images of ~49) below its best:
+      training on made held-out accuracy worse. A train-validation gap alone is not taken: on
+      a hard dataset (Caltech-256) it is large for every well-trained model.
+    """
 
     min_train_acc: float = 0.9
     rising_epochs: int = 1  # best validation epoch among the last this many: still rising
+    diverged_drop: float = 0.10
+    early_fraction: float = 0.5  # a peak in the first this share of the epochs (the start counts)
+    overfit_train_acc: float = 0.99
+    overfit_drop: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_train_acc <= 1:
-            raise ValueError(f"min_train_acc={self.min_train_acc}: use a value in [0, 1]")
+        for name in ("min_train_acc", "diverged_drop", "overfit_train_acc", "overfit_drop"):
+            if not 0 <= (value := getattr(self, name)) <= 1:
+                raise ValueError(f"{name}={value}: use a value in [0, 1]")
         if self.rising_epochs < 1:
             raise ValueError(f"rising_epochs={self.rising_epochs}: use 1 or more")
+        if not 0 < self.early_fraction <= 1:
+            raise ValueError(f"early_fraction={self.early_fraction}: use a value in (0, 1]")
 
-    def text(self) -> str:
+    def text(self, diagnosis: Diagnosis = UNDERTRAINED) -> str:
+        """The rule of `diagnosis`, with its thresholds and options."""
+        if diagnosis == DIVERGED:
+            early = (
+                "first half" if self.early_fraction == 0.5 else f"first {self.early_fraction:.0%}"
+            )
+            return (
+                f"a seed's validation accuracy best in the {early} of its epochs (the start "
+                f"counts) and its last epoch's more than {self.diverged_drop:g} below that best; "
+                "--diverged-drop"
+            )
+        if diagnosis == BELOW_START:
+            return (
+                "a seed that fine-tunes from a fitted head (lp_ft's probe, head_init=probe) and "
+                "whose trained epochs never beat that head's validation accuracy: selection kept "
+                "the start, or its best epoch is below the probe's"
+            )
+        if diagnosis == OVERFIT:
+            return (
+                f"a seed's final training accuracy at least {self.overfit_train_acc:g} while its "
+                f"last epoch's validation accuracy is more than {self.overfit_drop:g} below its "
+                "best; --overfit-train-acc, --overfit-drop"
+            )
         last = "its last epoch" if self.rising_epochs == 1 else f"its last {self.rising_epochs}"
         return (
             f"a seed's validation accuracy best at {last} run, i.e. still rising, or its final "
@@ -61,29 +160,94 @@ class ConvergenceRule:
 DEFAULT_RULE = ConvergenceRule()
 
 
-def run_convergence(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
-    """Per run (aligned with `runs`): `convergence` (a Convergence state) and `why` (for a run
-    that may be undertrained, what says so)."""
-    metrics = runs.reindex(columns=list(CONVERGENCE_METRICS)).apply(pd.to_numeric, errors="coerce")
-    last = metrics.epochs_run - 1
-    rising = (last - metrics.best_val_epoch) < rule.rising_epochs
-    low = metrics.final_train_acc < rule.min_train_acc
-    logged = metrics[["final_train_acc", "best_val_epoch", "epochs_run"]].notna().all(axis=1)
+def _at(epoch: float) -> str:
+    """A 0-based epoch (-1: the start) as the report says it, 1-based."""
+    return "at the start" if epoch < 0 else f"at epoch {int(epoch) + 1}"
+
+
+def run_diagnoses(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
+    """Per run (aligned with `runs`), for each diagnosis: `<key>` (a Check state) and
+    `<key>_why` (for a marked run: its seed and the numbers that say so, "seed 1: ...")."""
+    m = runs.reindex(columns=list(CONVERGENCE_METRICS)).apply(pd.to_numeric, errors="coerce")
     exempt = runs.strategy.isin(EXEMPT_STRATEGIES)
-    state = pd.Series(Convergence.converged, index=runs.index, dtype=object)
-    state[~logged] = Convergence.not_logged
-    state[logged & (rising | low)] = Convergence.undertrained
-    state[exempt] = Convergence.exempt
-    why = pd.Series("", index=runs.index, dtype=object)
-    for i in runs.index[state.eq(Convergence.undertrained)]:
+    epoch, end = m.best_val_epoch, m.epochs_run
+    head = runs.reindex(columns=["head_init"]).head_init.astype(str).str.endswith("probe")
+    fitted = runs.strategy.isin(FITTED_HEAD_STRATEGIES) | head | m.lp_val_acc.notna()
+    start = m.start_val_acc.fillna(m.lp_val_acc)  # the start's own pass, else the probe's
+    start_name = m.start_val_acc.notna().map({True: "start", False: "probe"})
+
+    rising = (end - 1 - epoch) < rule.rising_epochs
+    low = m.final_train_acc < rule.min_train_acc
+    fall = m.best_val_acc - m.final_val_acc
+    early = (epoch + 1) <= rule.early_fraction * end
+
+    def undertrained_why(i: object) -> str:
         reasons = []
         if rising[i]:
-            best, run = int(metrics.best_val_epoch[i]) + 1, int(metrics.epochs_run[i])
-            reasons.append(f"val acc best at epoch {best} of {run}")
+            reasons.append(f"val acc best at epoch {int(epoch[i]) + 1} of {int(end[i])}")
         if low[i]:
-            reasons.append(f"train acc {metrics.final_train_acc[i]:.3f}")
-        why[i] = f"seed {runs.seed[i]}: " + ", ".join(reasons)
-    return pd.DataFrame({"convergence": state, "why": why})
+            reasons.append(f"train acc {m.final_train_acc[i]:.3f}")
+        return ", ".join(reasons)
+
+    def fell(i: object) -> str:
+        return (
+            f"val {m.best_val_acc[i]:.3f} {_at(epoch[i])} → {m.final_val_acc[i]:.3f} "
+            f"at epoch {int(end[i])}"
+        )
+
+    def below_why(i: object) -> str:
+        if epoch[i] < 0:
+            last = m.final_val_acc[i]
+            then = f"; last val {last:.3f} at epoch {int(end[i])}" if pd.notna(last) else ""
+            return (
+                f"selection kept the {start_name[i]} (val {start[i]:.3f}): no trained epoch "
+                f"beat it{then}"
+            )
+        return (
+            f"best trained val {m.best_val_acc[i]:.3f} {_at(epoch[i])} < "
+            f"{start_name[i]}'s {start[i]:.3f}"
+        )
+
+    rules: dict[Diagnosis, tuple[list[pd.Series], pd.Series, pd.Series, Callable]] = {
+        # (needed, applies, marked, why)
+        DIVERGED: (
+            [epoch, end, m.best_val_acc, m.final_val_acc],
+            pd.Series(True, index=runs.index),
+            early & (fall > rule.diverged_drop + _EPS),
+            fell,
+        ),
+        BELOW_START: (
+            [start, m.best_val_acc, epoch],
+            fitted,
+            (epoch < 0) | (m.best_val_acc < start - _EPS),
+            below_why,
+        ),
+        UNDERTRAINED: (
+            [m.final_train_acc, epoch, end],
+            pd.Series(True, index=runs.index),
+            rising | low,
+            undertrained_why,
+        ),
+        OVERFIT: (
+            [m.final_train_acc, epoch, end, m.best_val_acc, m.final_val_acc],
+            pd.Series(True, index=runs.index),
+            (m.final_train_acc >= rule.overfit_train_acc - _EPS)
+            & (fall > rule.overfit_drop + _EPS),
+            lambda i: f"train acc {m.final_train_acc[i]:.3f}, {fell(i)}",
+        ),
+    }
+    out = {}
+    for diagnosis, (needed, applies, marked, why) in rules.items():
+        logged = pd.concat(needed, axis=1).notna().all(axis=1)
+        state = pd.Series(Check.clear, index=runs.index, dtype=object)
+        state[~logged] = Check.not_logged
+        state[logged & marked] = Check.marked
+        state[exempt | ~applies] = Check.not_applicable
+        said = pd.Series("", index=runs.index, dtype=object)
+        for i in runs.index[state.eq(Check.marked)]:
+            said[i] = f"seed {runs.seed[i]}: {why(i)}"
+        out[diagnosis.key], out[f"{diagnosis.key}_why"] = state, said
+    return pd.DataFrame(out, index=runs.index)
 
 
 def code_labels(runs: pd.DataFrame) -> pd.Series:
@@ -96,32 +260,68 @@ def code_labels(runs: pd.DataFrame) -> pd.Series:
     return label.where(recorded, NOT_RECORDED)
 
 
+WHY_COLUMNS = [f"{d.key}_why" for d in DIAGNOSES]
+CHECK_COLUMNS = [
+    "convergence",
+    "marks",
+    *[d.key for d in DIAGNOSES],
+    "convergence_why",
+    *WHY_COLUMNS,
+    "checked",
+    "not_logged",
+]
+
+
 def cell_checks(finished: pd.DataFrame, by: list[str], rule: ConvergenceRule) -> pd.DataFrame:
-    """Per cell (`by`) of the counted FINISHED runs: `convergence` (undertrained if any seed
-    is; not logged if any seed did not log it; exempt; else converged), `undertrained`,
-    `convergence_why`, `commits` (its runs' code, "; "-separated) and `mixed_commits` (seeds on
-    different code, said per seed in `commits`)."""
-    columns = [*by, "convergence", "undertrained", "convergence_why", "commits", "mixed_commits"]
+    """Per cell (`by`) of the counted FINISHED runs:
+
+    - `convergence`: exempt (every seed linear_probe); else the names of the diagnoses any seed
+      has (", "-separated, e.g. "diverged, may be undertrained"); else "convergence not logged"
+      when a seed did not log what a diagnosis needs; else converged;
+    - `marks`: those diagnoses' marks (" "-separated); `<key>` of each diagnosis: whether any
+      seed has it; `<key>_why`: each such seed and its numbers ("; "-separated);
+      `convergence_why`: those, each after its diagnosis's name;
+    - `checked` / `not_logged`: the diagnoses (labels, ", "-separated) that some seed could be
+      checked for / did not log what they need;
+    - `commits` (its runs' code, "; "-separated) and `mixed_commits` (seeds on different code,
+      said per seed in `commits`)."""
+    columns = [*by, *CHECK_COLUMNS, "commits", "mixed_commits"]
     if finished.empty:
         return pd.DataFrame(columns=columns)
-    runs = finished.join(run_convergence(finished, rule)).assign(code=code_labels(finished))
+    runs = finished.join(run_diagnoses(finished, rule)).assign(code=code_labels(finished))
     rows = []
     for key, cell in runs.groupby(by, sort=False, dropna=False):
-        states = set(cell.convergence)
-        state = next(
-            s
-            for s in (Convergence.undertrained, Convergence.not_logged, Convergence.converged)
-            if s in states
-        ) if states != {Convergence.exempt} else Convergence.exempt  # fmt: skip
+        cell = cell.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
+        marked = [d for d in DIAGNOSES if cell[d.key].eq(Check.marked).any()]
+        whys = {d: "; ".join(w for w in cell[f"{d.key}_why"] if w) for d in DIAGNOSES}
+        checked = [
+            d.label for d in DIAGNOSES if cell[d.key].isin([Check.marked, Check.clear]).any()
+        ]
+        unlogged = [d.label for d in DIAGNOSES if cell[d.key].eq(Check.not_logged).any()]
+        if cell.strategy.isin(EXEMPT_STRATEGIES).all():
+            state = Convergence.exempt
+        elif marked:
+            state = ", ".join(d.name for d in marked)
+        else:
+            state = Convergence.not_logged if unlogged else Convergence.converged
         mixed = cell.code.nunique() > 1
-        codes = cell.sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
         commits = (
-            "; ".join(f"seed {r.seed}: {r.code}" for r in codes.itertuples())
+            "; ".join(f"seed {r.seed}: {r.code}" for r in cell.itertuples())
             if mixed
             else cell.code.iloc[0]
         )
-        why = "; ".join(w for w in cell.why if w)
-        rows.append((*key, state, state == Convergence.undertrained, why, commits, mixed))
+        rows.append((
+            *key,
+            state,
+            " ".join(d.mark for d in marked),
+            *[d in marked for d in DIAGNOSES],
+            "; ".join(f"{d.name}: {whys[d]}" for d in marked),
+            *[whys[d] for d in DIAGNOSES],
+            ", ".join(checked),
+            ", ".join(unlogged),
+            commits,
+            mixed,
+        ))  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
