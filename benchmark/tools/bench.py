@@ -366,29 +366,38 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def tuned_vs_untuned(args: argparse.Namespace) -> dict:
-    """What tune=fair costs: a finetune cell tuned (its trials pruned by successive halving)
-    against the same cell untuned, both on the image cache already built (a first cell builds
-    it), over --tune-epochs epochs (and --tune-train-batches of each epoch)."""
+def tuned_vs_untuned(args: argparse.Namespace) -> list[dict]:
+    """What tune=fair costs, per strategy of --tune-strategies: the cell tuned (its budget of
+    trial-epochs, trials pruned by successive halving) against the same cell untuned, both on
+    the image and feature caches already built (a first cell builds them), over --tune-epochs
+    epochs (and --tune-train-batches of each epoch)."""
     dataset = args.datasets.split(",")[0]
     small = (
         f"trainer.max_epochs={args.tune_epochs}",
         f"trainer.limit_train_batches={args.tune_train_batches}",
     )
     our_cell(dataset, "finetune", 1, args, extra=small, label="-warm")  # builds the caches
-    untuned = our_cell(dataset, "finetune", 0, args, extra=small, label="-untuned")
-    tuned = our_cell(dataset, "finetune", 0, args, extra=(*small, "tune=fair"), label="-tuned")
-    return {
-        "dataset": dataset,
-        "epochs": args.tune_epochs,
-        "train_batches": args.tune_train_batches,
-        "untuned_s": untuned["wall_time_s"],
-        "tuned_s": tuned["wall_time_s"],
-        "tune_s": tuned["tune_s"],
-        "trials_pruned": tuned["tune_trials_pruned"],
-        "trial_epochs_run": tuned["tune_epochs_run"],
-        "tuned_vs_untuned": tuned["wall_time_s"] / untuned["wall_time_s"],
-    }
+    rows = []
+    for strategy in args.tune_strategies.split(","):
+        untuned = our_cell(dataset, strategy, 0, args, extra=small, label="-untuned")
+        tuned = our_cell(dataset, strategy, 0, args, extra=(*small, "tune=fair"), label="-tuned")
+        rows.append(
+            {
+                "dataset": dataset,
+                "strategy": strategy,
+                "epochs": args.tune_epochs,
+                "train_batches": args.tune_train_batches,
+                "untuned_s": untuned["wall_time_s"],
+                "tuned_s": tuned["wall_time_s"],
+                "tune_s": tuned["tune_s"],
+                "trials_completed": tuned["tune_trials_completed"],
+                "trials_pruned": tuned["tune_trials_pruned"],
+                "trial_epochs_budget": tuned["tune_budget_epochs"],
+                "trial_epochs_run": tuned["tune_epochs_run"],
+                "tuned_vs_untuned": tuned["wall_time_s"] / untuned["wall_time_s"],
+            }
+        )
+    return rows
 
 
 def fast_vs_fp32(rows: list[dict]) -> list[dict]:
@@ -447,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-epochs",
         type=int,
         default=10,
-        help="epochs of the tuned-vs-untuned finetune (tune=fair's 8 trials; 0: skip it)",
+        help="epochs of the tuned-vs-untuned cells (tune=fair's budget: 1.8x; 0: skip them)",
+    )
+    parser.add_argument(
+        "--tune-strategies",
+        default="finetune,lp_ft,freeze",
+        help="the strategies whose tuned cell is timed against their untuned one",
     )
     parser.add_argument(
         "--tune-train-batches",
@@ -485,12 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         f"on {args.device_name}; in {args.work}"
     )
     tuning = tuned_vs_untuned(args) if args.tune_epochs else None
-    if tuning:
+    for row in tuning or []:
         print(
-            f"tune=fair finetune ({tuning['epochs']} epochs): {tuning['tuned_s']:.1f}s tuned, "
-            f"{tuning['untuned_s']:.1f}s untuned: ratio {tuning['tuned_vs_untuned']:.2f} "
-            f"({tuning['trials_pruned']:.0f} of 8 trials pruned, "
-            f"{tuning['trial_epochs_run']:.0f} trial epochs)"
+            f"tune=fair {row['strategy']} ({row['epochs']} epochs): {row['tuned_s']:.1f}s "
+            f"tuned, {row['untuned_s']:.1f}s untuned: ratio {row['tuned_vs_untuned']:.2f} "
+            f"({row['trials_completed']:.0f} trials completed, {row['trials_pruned']:.0f} "
+            f"pruned; {row['trial_epochs_run']:.0f} of {row['trial_epochs_budget']:.0f} "
+            "trial-epochs)"
         )
     if args.tune_only:
         figures = json.dumps({"tuned_vs_untuned": tuning})
