@@ -14,15 +14,26 @@ import pytest
 
 from benchmark.config.spec import CellSpec
 from benchmark.tracking import identity
-from benchmark.tracking.resume import cell_identity
 
 PROJECT = Path(__file__).resolve().parents[1]
 GRID = PROJECT / "results" / "grid" / "mlflow.db"
 DATA = "0" * 64  # a fixed data digest: these keys pin the config part alone
 
-# Config overrides -> the key `identity.cell_key(cfg, DATA)` gave before the redesign of issue 22.
+# The strategies whose BatchNorm policy protocol v2 changed (bn=eval -> bn=frozen): their keys
+# before it are those of `strategy.bn=eval` now (the same config, the same computation).
+BN_BEFORE_V2 = "strategy.bn=eval"
+
+FAIR_BEFORE_V2 = ("tune.trials=8", "tune.budget_fraction=null")
+
+# Config overrides -> the key `identity.cell_key(cfg, DATA)` gives (the older ones: as it gave
+# before the redesign of issue 22).
 PINNED = {
-    (): ("2df4ed1895924209859cd2a4690dd6e6317ab598094677f73ecbfb44717aa56d"),
+    # protocol v2 (bn=frozen, tune=fair's budget in trial-epochs)
+    (): ("9b48ae3cca352fce9bc71bcf0c6cffe1367dfcc5fad2e216a0079b507a345ea2"),
+    ("strategy=lp_ft", "tune=fair"): (
+        "c2077a70ac4d818885ff5befc922806e8c102631af27cd79a8123006656c37e0"
+    ),
+    (BN_BEFORE_V2,): ("2df4ed1895924209859cd2a4690dd6e6317ab598094677f73ecbfb44717aa56d"),
     ("strategy=freeze", "colour=gray", "seed=2"): (
         "86d29cac5125102726ed3b91ed78a190999b86ba5affbe7069e354a619e8b8b9"
     ),
@@ -32,7 +43,7 @@ PINNED = {
     ("protocol=study", "strategy=freeze"): (
         "577034a90542c03bb8222861e32b88f80f0890b0683ee9b3af146c16325e08ef"
     ),
-    ("strategy=two_stage", "tune.trials=4", "head=mlp"): (
+    ("strategy=two_stage", "tune.trials=4", "head=mlp", BN_BEFORE_V2): (
         "5c16045792b77e5165247778836678d2f5cfa670c11b42108eb88c69346aba63"
     ),
     (
@@ -41,6 +52,8 @@ PINNED = {
         "augment=strong",
         "dataset=simpsons",
         "dataset.classes=null",
+        "dataset.official_test=null",  # before protocol v2's native test split (false)
+        BN_BEFORE_V2,
     ): ("39f2180199e9f9f633c6a9562f96d81fc5474dd4be0407297dda9bf8299c2a03"),
 }
 
@@ -53,9 +66,9 @@ def test_cell_key_of_a_config_is_pinned(
     assert identity.cell_key(cfg, DATA) == PINNED[overrides]
 
 
-def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str, str]]:
-    """(colour, strategy, protocol, precision, cell_key, tune.reuse_seed) of the grid's FINISHED
-    runs (tune.reuse_seed None when it is unset or logged as "None")."""
+def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str, str, str]]:
+    """(colour, strategy, protocol, precision, cell_key, tune.reuse_seed, manifest_sha256) of
+    the grid's FINISHED runs (tune.reuse_seed None when it is unset or logged as "None")."""
     with closing(sqlite3.connect(f"file:{GRID}?mode=ro", uri=True)) as db:
         return db.execute(
             """
@@ -66,7 +79,9 @@ def grid_runs(dataset: str, seed: int) -> list[tuple[str, str, str, str, str, st
                      AND key = 'trainer.precision'),
                    (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND key = 'cell_key'),
                    NULLIF((SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
-                     AND key = 'tune.reuse_seed'), 'None')
+                     AND key = 'tune.reuse_seed'), 'None'),
+                   (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
+                     AND key = 'manifest_sha256')
             FROM runs r
             WHERE r.status = 'FINISHED'
               AND (SELECT value FROM params p WHERE p.run_uuid = r.run_uuid
@@ -82,18 +97,26 @@ def test_the_committed_grid_keys_are_what_a_relaunch_computes(
     make_cfg: Callable[..., CellSpec],
 ) -> None:
     """Hymenoptera seed 0: every colour x strategy of ours and of protocol=study, composed as
-    `make results` composes them, gives the key its FINISHED run in results/grid carries."""
+    `make results` composes them, gives the key its FINISHED run in results/grid carries, with
+    the data digest that run logged: protocol v2's near-duplicate groups changed every
+    manifest (a `group` column, group-aware splits), so the data part of every key moved; the
+    config part must not have."""
     runs = grid_runs("hymenoptera", 0)
-    untuned = {(c, s, p) for c, s, p, _, _, reuse in runs if reuse is None}
+    untuned = {(c, s, p) for c, s, p, _, _, reuse, _ in runs if reuse is None}
     pinned = {
         (c, s, "default") for c in ("rgb", "gray") for s in ("finetune", "freeze", "linear_probe")
     }
     pinned |= {(c, s, "study") for c in ("rgb", "gray") for s in ("finetune", "freeze")}
     assert pinned <= untuned, pinned - untuned  # 2 x 3 ours, 2 x 2 study of 2026-12-02
-    for colour, strategy, protocol, precision, key, reuse in runs:
+    for colour, strategy, protocol, precision, key, reuse, data in runs:
+        if protocol == "study":  # their logged digest is of another manifest than their key's
+            continue  # (val_fraction=0 logged as the default's): PINNED pins their config part
         ours = ["dataset.classes=null"] if protocol == "default" else []
-        if reuse is not None:  # the fair grid: make results' tune=fair tune.reuse_seed=0
-            ours += ["tune=fair", f"tune.reuse_seed={reuse}"]
+        if reuse is not None:  # the fair grid: make results' tune=fair tune.reuse_seed=0,
+            # with tune=fair as it was before protocol v2's budget in trial-epochs
+            ours += ["tune=fair", f"tune.reuse_seed={reuse}", *FAIR_BEFORE_V2]
+        if strategy in ("finetune", "lp_ft"):  # run before protocol v2's bn=frozen
+            ours.append(BN_BEFORE_V2)
         cfg = make_cfg(
             f"colour={colour}",
             f"strategy={strategy}",
@@ -103,4 +126,4 @@ def test_the_committed_grid_keys_are_what_a_relaunch_computes(
             "tracking.log_model=false",
             *ours,
         )
-        assert cell_identity(cfg)[1] == key, (colour, strategy, protocol)
+        assert identity.cell_key(cfg, data) == key, (colour, strategy, protocol)

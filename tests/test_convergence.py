@@ -85,4 +85,7 @@ def test_the_best_epoch_is_the_first_with_the_highest_val_acc_as_the_checkpoint_
         "epochs_run": 4.0,
         "final_train_loss": 0.3,
         "final_train_acc": 0.875,
+        "final_val_acc": 0.6,
     }
+    # The start (validated before the first step) scored at least the best epoch: it is chosen.
+    assert callback.metrics(trainer, start_won=True)["best_val_epoch"] == -1.0

@@ -60,8 +60,15 @@ def test_simpsons_from_simpsons_dataset(shared_data):
         "lisa_simpson": 45,
         "marge_simpson": 50,
     }
-    # ../shared/data/README: 300 native frames each of bart, homer, lisa and marge, 98 of maggie.
-    assert (frame[frame.split != "test"].label.value_counts() == SHARED_FRAMES).all()
+    # ../shared/data/README: 300 native frames each of bart, homer, lisa and marge, 98 of maggie;
+    # the frames within dataset.near_duplicate_bits of an official test image leave training.
+    trained = frame[frame.split != "test"].label.value_counts().to_dict()
+    assert trained == {
+        "bart_simpson": SHARED_FRAMES - 14,
+        "homer_simpson": SHARED_FRAMES - 1,
+        "lisa_simpson": SHARED_FRAMES - 11,
+        "marge_simpson": SHARED_FRAMES - 13,
+    }
     assert "maggie_simpson" not in set(frame.label)
     frame = manifest_of(shared_data, name="simpsons", classes=None, official_test=False)
     assert frame.label.value_counts().to_dict() == {
@@ -73,6 +80,20 @@ def test_simpsons_from_simpsons_dataset(shared_data):
     }
     two = manifest_of(shared_data, name="simpsons", classes=["lisa_simpson", "bart_simpson"])
     assert sorted(two.label.unique()) == ["bart_simpson", "lisa_simpson"]
+
+
+def test_simpsons_tests_on_native_frames_by_default(make_cfg, shared_data):
+    """Composed as a cell is: the test split is carved from the native frames (validation's
+    distribution), maggie included; Kaggle's downscaled set is dataset.official_test=true."""
+    cfg = make_cfg("dataset=simpsons", "dataset.classes=null")
+    assert cfg.dataset.official_test is False
+    built = build_manifest(cfg.dataset, shared_data, 0)
+    assert built.test_split == "carved"
+    assert not built.frame.path.str.contains("kaggle_simpson_testset").any()
+    test = built.frame[built.frame.split == "test"].label.value_counts()
+    assert set(test.index) == {f"{c}_simpson" for c in ("bart", "homer", "lisa", "maggie", "marge")}
+    assert abs(len(built.frame[built.frame.split == "test"]) - 0.2 * 1298) < 15  # whole groups
+    assert built.frame.groupby("group").split.nunique().max() == 1  # none straddles
 
 
 def test_simpsons_default_is_the_studys_20_and_absent_ones_are_named(make_cfg, shared_data):
@@ -91,7 +112,7 @@ def test_simpsons_duplicate_nested_copy_is_reported_not_a_class(tmp_path, shared
         shutil.copytree(real / character, folder / "simpsons_dataset" / character)
     manifest = build_manifest(DatasetConfig(name="simpsons", classes=None), tmp_path, 0)
     assert sorted(manifest.classes) == ["bart_simpson", "lisa_simpson"]
-    assert len(manifest.frame) == 140
+    assert len(manifest.frame) == 2 * SHARED_FRAMES  # the nested copy adds none
     assert "duplicate copy" in " ".join(manifest.skipped.reason)
 
 

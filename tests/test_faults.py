@@ -135,7 +135,7 @@ def test_an_image_in_train_and_test_is_kept_in_test_only(tmp_path, shared_data, 
 
 @pytest.mark.parametrize(
     "override",
-    ["trainer.max_epochs=-1", "data.batch_size=0", "dataset.val_fraction=1.5", "strategy.lr=0"],
+    ["trainer.max_epochs=-1", "data.batch_size=0", "dataset.val_fraction=1.5", "strategy.lr=-1"],
 )
 def test_values_out_of_range_are_refused_before_a_run_opens(make_cfg, tmp_path, override):
     key = override.split("=")[0]

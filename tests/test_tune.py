@@ -102,13 +102,13 @@ def test_tuned_and_untuned_runs_are_separate_columns_and_tuned_ones_say_so(
 
 # ---------------------------------------------------------------- tune=fair (issue 21 items 1-2)
 
-FAIR_SPACE = {  # strategy -> what tune=fair searches besides strategy.lr (conf/tune/fair.yaml)
+FAIR_SPACE = {  # strategy -> what tune=fair searches besides lr and weight decay (fair.yaml)
     "finetune": "optim.backbone_lr_factor",
     "partial": "optim.backbone_lr_factor",
     "lp_ft": "optim.backbone_lr_factor",
     "two_stage": "strategy.unfreeze_lr_factor",
-    "freeze": "optim.weight_decay",
-    "freeze_bn_train": "optim.weight_decay",
+    "freeze": None,
+    "freeze_bn_train": None,
 }
 
 
@@ -120,12 +120,15 @@ def test_fair_gives_every_strategy_the_same_trials_and_its_own_space(make_cfg, s
     assert problems(spec) == []
     assert (spec.tune.name, spec.tune.trials, str(spec.tune.pruner)) == (
         "fair",
-        8,
+        16,
         "successive_halving",
     )
     space = tune.search_space(spec)
-    assert space == {"strategy.lr": (1e-4, 0.3), FAIR_SPACE[strategy]: space[FAIR_SPACE[strategy]]}
+    common = {"strategy.lr": (1e-4, 0.3), "optim.weight_decay": (1e-6, 1e-2)}
+    factor = FAIR_SPACE[strategy]
+    assert space == (common | {factor: (0.01, 1.0)} if factor else common)
     assert tune.trial_epochs(spec) == 3  # 0.3 of trainer.max_epochs=10
+    assert tune.budget_epochs(spec) == 18  # 1.8 x 10 trial-epochs
     if strategy == "two_stage":  # a short trial unfreezes at the same share of its epochs
         assert tune.compressed(spec, 5).strategy.unfreeze_at_epoch == 2  # 5 of 10 -> 2 of 5
 
@@ -205,7 +208,7 @@ def test_a_fair_finetune_searches_the_backbone_rate_and_logs_its_trials(make_cfg
     lr = float(params["tune.chosen.strategy.lr"])
     factor = float(params["tune.chosen.optim.backbone_lr_factor"])
     assert 0.01 <= factor <= 1.0 and params["tune.searched"] == (
-        "strategy.lr,optim.backbone_lr_factor"
+        "strategy.lr,optim.weight_decay,optim.backbone_lr_factor"
     )
     assert fit.lr == pytest.approx(lr) and fit.backbone_lr == pytest.approx(lr * factor)
     trials = trials_of(summary.tracking_uri, run)
@@ -250,7 +253,8 @@ def test_fair_starts_tpe_after_four_random_trials(make_cfg, monkeypatch):
 
     monkeypatch.setattr(tune.optuna.samplers, "TPESampler", recording)
     monkeypatch.setattr(tune.optuna.Study, "optimize", lambda self, *a, **k: None)
-    monkeypatch.setattr(tune, "trials_table", lambda study: [])
+    row = {"number": 0, "strategy.lr": 0.1, "optim.weight_decay": 1e-4, "val_acc": 0.5}
+    monkeypatch.setattr(tune, "trials_table", lambda study: [row])
     monkeypatch.setattr(tune, "without_test", lambda datamodule: datamodule)
     monkeypatch.setattr(tune.optuna.Study, "best_params", {}, raising=False)
     monkeypatch.setattr(tune.optuna.Study, "best_value", 0.0, raising=False)

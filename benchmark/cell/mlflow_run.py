@@ -153,6 +153,10 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
             "n_skipped": len(manifest.skipped),
             "manifest_sha256": manifest.sha256,
             "test_split": manifest.test_split,  # official, or carved by dataset.test_split
+            # near-duplicate groups, each kept in one split, and the training/validation images
+            # left out for being near-duplicates of an official split's
+            "n_merged_groups": manifest.merged_groups,
+            "n_removed_near_duplicates": manifest.removed_across_splits,
         }
     )
     mlflow.log_dict(_redacted(spec.as_dict()), "config.yaml")
@@ -221,7 +225,7 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
             donor = result.tune_reused_from
             mlflow.log_params({"tune.searched": ",".join(result.tuned), "tune.reused_from": donor})
         else:
-            log_trials(result.tuned, result.tune_trials or [])
+            log_trials(result.tuned, result.tune_trials or [], result.tune_budget_epochs)
     elif spec.tune.name and spec.probe:  # tune=fair: the probe's C grid is its tuning
         mlflow.log_param("tune.searched", f"strategy.probe_c ({len(spec.strategy.probe_c)} C)")
     if result.probe_val_acc is not None:
@@ -241,16 +245,21 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     mlflow.log_metrics(result.scores, model_id=model_id)
 
 
-def log_trials(chosen: dict[str, float], trials: list[dict[str, object]]) -> None:
-    """The tuning's budget as params and metrics (what was searched; trials completed, pruned
-    and the epochs they ran) and its trials as a table artifact, browsable in the run's UI."""
+def log_trials(
+    chosen: dict[str, float], trials: list[dict[str, object]], budget_epochs: int | None = None
+) -> None:
+    """The tuning's budget as params and metrics (what was searched; its budget in
+    trial-epochs; trials completed, pruned and the epochs they ran) and its trials as a table
+    artifact, browsable in the run's UI."""
     mlflow.log_param("tune.searched", ",".join(chosen))
     states = [row["state"] for row in trials]
+    budget = {} if budget_epochs is None else {"tune_budget_epochs": budget_epochs}
     mlflow.log_metrics(
         {
             "tune_trials_completed": states.count("COMPLETE"),
             "tune_trials_pruned": states.count("PRUNED"),
             "tune_epochs_run": sum(int(row["epochs"]) for row in trials),
+            **budget,
         }
     )
     if trials:

@@ -31,6 +31,7 @@ from benchmark.models import precision
 from benchmark.models.backbones import Backbone, create_backbone
 from benchmark.models.classifier import (
     MinSteps,
+    StartCandidate,
     StopOnSignal,
     TrainThroughput,
     make_model,
@@ -147,6 +148,7 @@ def compute_cell(
         tune_s=fitted.tuned.seconds if fitted.tuned else None,
         tune_trials=fitted.tuned.table if fitted.tuned else None,
         tune_reused_from=fitted.tuned.reused_from if fitted.tuned else None,
+        tune_budget_epochs=fitted.tuned.budget_epochs if fitted.tuned else None,
         optimizer_steps=fitted.optimizer_steps,
         convergence=fitted.convergence,
     )
@@ -313,12 +315,17 @@ def fit_and_test(
     )
     throughput, convergence = TrainThroughput(), Convergence()
     budget = {"min_steps": spec.protocol.min_steps} if spec.protocol.min_steps else {}
+    # The start is a candidate too (held-out selection; the study's max over epochs is not).
+    start = StartCandidate(spec.output_dir / "checkpoints" / "start.ckpt")
+    candidates = {} if spec.max_eval else {"num_sanity_val_steps": -1}
     trainer: L.Trainer = hydra.utils.instantiate(
         spec.trainer,
         **head,
         **budget,
+        **candidates,
         callbacks=[
             MinSteps(),
+            *([] if spec.max_eval else [start]),
             checkpoint,
             throughput,
             convergence,
@@ -332,11 +339,15 @@ def fit_and_test(
     )
     fitted = torch.compile(model) if spec.speed.compile else model
     trainer.fit(fitted, datamodule=datamodule)
-    converged = convergence.metrics(trainer)  # before the test pass adds its own metrics
-    trainer.test(fitted, datamodule=datamodule, ckpt_path="best")
+    best = checkpoint.best_model_score
+    start_won = start.wins(None if best is None else float(best))
+    # Before the test pass adds its own metrics.
+    converged = convergence.metrics(trainer, start_won) | start.scores
+    chosen = str(start.path) if start_won else checkpoint.best_model_path
+    trainer.test(fitted, datamodule=datamodule, ckpt_path=chosen)
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
-    scores["best_val_acc"] = float(checkpoint.best_model_score)
+    scores["best_val_acc"] = start.scores["start_val_acc"] if start_won else float(best)
     if lp is not None:  # the probe LP-FT started from, on the same validation split
         scores |= {"lp_val_acc": lp.val_acc, "lp_val_loss": lp.val_loss}
     if spec.max_eval:
@@ -353,7 +364,7 @@ def fit_and_test(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         precision=precision,
         train_images_per_s=throughput.images_per_s,
-        checkpoint=checkpoint.best_model_path or None,
+        checkpoint=chosen or None,
         tuned=tuned,
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,

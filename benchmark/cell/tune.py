@@ -1,18 +1,24 @@
-"""`tune.trials=K`: the cell's learning rate (and, for a head on a frozen backbone, its weight
-decay; with `tune.backbone_lr_factor_range`, the backbone's rate factor when it trains) searched
-on the validation split alone, before the cell's own fit. `tune=fair` (conf/tune/fair.yaml) gives
-every strategy that trains the same budget, its trials pruned by Optuna's successive halving.
+"""`tune.trials=K`: the cell's learning rate, weight decay and (where the backbone trains) the
+backbone's rate factor searched on the validation split alone, before the cell's own fit.
+`tune=fair` (conf/tune/fair.yaml) gives every strategy that trains the same search: the same
+dimensions over the same ranges and the same budget in trial-epochs.
 
-Each of the K trials (Optuna's TPE sampler, seeded with the cell's seed) fits the cell's model
-from the same starting weights for `tune.epochs` epochs (default: the cell's) and scores its
-best validation accuracy. The trials see data without the test split at all (its rows, or its
-cached features, removed), so no test image or label can reach the choice. With `tune.pruner`,
-each trial reports its val_acc after every epoch through optuna-integration's
-PyTorchLightningPruningCallback and the pruner ends the hopeless ones early. The cell then fits at
-the chosen values as usual; they are run params (`tune.chosen.*`), the tuning's cost is a metric
-(`tune_s`) and its trials a table artifact (`tune_trials.json`). Each seed tunes on its own
-validation split (a seed fixes that split), so an interval over seeds includes the tuning's own
-variance.
+The trials (Optuna's TPE sampler, seeded with the cell's seed) each fit the cell's model from
+the same starting weights for `tune.epochs` epochs (or `tune.epochs_fraction` of the cell's),
+until the budget (`tune.budget_fraction` of the cell's epochs, in trial-epochs; else K trials of
+full length) is spent or K trials ran: a pruned trial's unspent epochs go to further trials, so
+every strategy of a cell spends the same trial-epochs. A trial's score is its best validation
+accuracy so far; the pruner (Optuna's, through optuna-integration's
+PyTorchLightningPruningCallback) compares that same score epoch by epoch and never prunes a
+trial at its last epoch, and the choice is the best score among completed and pruned trials
+alike (ties: the earlier trial), so no trial is dropped for a number the selection would keep.
+The trials see data without the test split (its rows, or its cached features, removed). The
+searched learning rate is the rate of what trains: a strategy's `ft_lr_factor` (lp_ft) does not
+scale it. The cell then fits at the chosen values as usual; they are run params
+(`tune.chosen.*`), the tuning's cost and budget are metrics (`tune_s`, `tune_budget_epochs`,
+`tune_epochs_run`) and its trials a table artifact (`tune_trials.json`). Each seed tunes on its
+own validation split by default, so an interval over seeds includes the tuning's own variance
+(`tune.reuse_seed` takes another seed's choice instead).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Tuned:
     val_acc: float  # the best trial's validation accuracy
     trials: int
     seconds: float
+    budget_epochs: int | None = None  # the trial-epochs the trials could spend
     # One row per trial: number, the values tried, val_acc (its best epoch), state
     # (COMPLETE or PRUNED), epochs (how many it ran).
     table: list[dict[str, object]] = dataclasses.field(default_factory=list)
@@ -83,11 +90,13 @@ WEIGHT_DECAY_RANGE = (1e-6, 1e-2)
 
 
 def search_space(spec: CellSpec) -> dict[str, tuple[float, float]]:
-    """Config key -> (low, high), sampled log-uniformly."""
-    space = {"strategy.lr": tuple(spec.tune.lr_range or LR_RANGE)}
-    if spec.head_only:  # a head alone, ever (not two_stage): its weight decay too
-        space["optim.weight_decay"] = tuple(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE)
-    elif spec.tune.backbone_lr_factor_range:  # the backbone trains: how fast, against the head
+    """Config key -> (low, high), sampled log-uniformly: the learning rate and the weight decay
+    for every strategy alike, and the backbone's rate factor where the backbone trains."""
+    space = {
+        "strategy.lr": tuple(spec.tune.lr_range or LR_RANGE),
+        "optim.weight_decay": tuple(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE),
+    }
+    if not spec.head_only and spec.tune.backbone_lr_factor_range:  # how fast, against the head
         space[spec.backbone_lr_factor_key] = tuple(spec.tune.backbone_lr_factor_range)
     return space
 
@@ -98,6 +107,14 @@ def trial_epochs(spec: CellSpec) -> int:
     if spec.tune.epochs_fraction:
         return max(2, round(spec.tune.epochs_fraction * spec.max_epochs))
     return spec.tune.epochs or spec.max_epochs
+
+
+def budget_epochs(spec: CellSpec) -> int:
+    """The trial-epochs all trials together may run: `tune.budget_fraction` of the cell's
+    epochs (at least one trial's), else every trial at full length."""
+    if spec.tune.budget_fraction:
+        return max(trial_epochs(spec), round(spec.tune.budget_fraction * spec.max_epochs))
+    return (spec.tune.trials or 0) * trial_epochs(spec)
 
 
 def compressed(spec: CellSpec, epochs: int) -> CellSpec:
@@ -111,16 +128,23 @@ def compressed(spec: CellSpec, epochs: int) -> CellSpec:
 
 
 class EpochsRun:
-    """The trial as the pruning callback sees it, its steps counted in epochs run (1 after the
-    first epoch) rather than Lightning's 0-based epoch index: the pruner's `min_resource`
-    (tune.min_epochs) is then a number of epochs, and a comparison after the first epoch is
-    possible (Optuna's pruners take no resource below 1). Everything else is the trial's."""
+    """The trial as the pruning callback sees it: its steps counted in epochs run (1 after the
+    first epoch) rather than Lightning's 0-based epoch index, so the pruner's `min_resource`
+    (tune.min_epochs) is a number of epochs; its value the best validation accuracy so far (the
+    score the choice reads, so a trial is never pruned for a worse epoch after a good one); and
+    never pruned after its last epoch (it ran them all: it is complete). Everything else is the
+    trial's."""
 
-    def __init__(self, trial: optuna.Trial) -> None:
-        self._trial = trial
+    def __init__(self, trial: optuna.Trial, epochs: int) -> None:
+        self._trial, self.epochs = trial, epochs
+        self.best, self.step = float("-inf"), 0
 
     def report(self, value: float, step: int) -> None:
-        self._trial.report(value, step + 1)
+        self.best, self.step = max(self.best, value), step + 1
+        self._trial.report(self.best, self.step)
+
+    def should_prune(self) -> bool:
+        return self.step < self.epochs and self._trial.should_prune()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._trial, name)
@@ -142,8 +166,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, object]]:
     """Every finished trial: its number, values, best val_acc, state and epochs run."""
     rows = []
     for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        seen = trial.intermediate_values  # by epochs run: 1, 2, ...
-        best = trial.value if trial.value is not None else max(seen.values(), default=None)
+        seen = trial.intermediate_values  # by epochs run: 1, 2, ..., each the best so far
+        best = max(seen.values(), default=trial.value)
         rows.append(
             {
                 "number": trial.number,
@@ -162,34 +186,46 @@ def choose(
     make_model: Callable[[CellSpec], L.LightningModule],
     **trainer_args: object,
 ) -> Tuned:
-    """Run the trials on `datamodule` less its test split; the values of the best one.
-    `trainer_args` override the cell's Trainer arguments (as the cell's own fit does)."""
+    """Run the trials on `datamodule` less its test split until the budget of trial-epochs is
+    spent (or `tune.trials` ran); the values of the best one. `trainer_args` override the
+    cell's Trainer arguments (as the cell's own fit does)."""
     start = time.perf_counter()
     data = without_test(datamodule)
     space = search_space(spec)
-    epochs = trial_epochs(spec)
+    epochs, budget = trial_epochs(spec), budget_epochs(spec)
+    spent = [0]  # trial-epochs run so far
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in space.items()}
-        trial_spec = compressed(with_values(spec, values), epochs)
+        length = min(epochs, budget - spent[0])  # the last trial gets what the budget has left
+        trial_spec = compressed(with_values(spec, values), length)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         best = BestValAcc()
-        # Reports val_acc each epoch (the table's epochs); prunes only with tune.pruner set.
-        pruning = PyTorchLightningPruningCallback(EpochsRun(trial), "val_acc")  # type: ignore[arg-type]
+        # Reports the best val_acc so far each epoch (the table's epochs); prunes only with
+        # tune.pruner set, never after the trial's last epoch.
+        run = EpochsRun(trial, length)
+        pruning = PyTorchLightningPruningCallback(run, "val_acc")  # type: ignore[arg-type]
         recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
         trainer: L.Trainer = hydra.utils.instantiate(
             spec.trainer,
             **trainer_args,
-            max_epochs=epochs,
+            max_epochs=length,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=[best, StopOnSignal(), *recipe, pruning],
         )
-        trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
+        try:
+            trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
+        finally:
+            spent[0] += run.step  # epochs validated, the last one of a pruned trial too
         log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)
         return best.value
+
+    def stop_when_spent(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if spent[0] >= budget:
+            study.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = {"n_startup_trials": spec.tune.startup_trials} if spec.tune.startup_trials else {}
@@ -197,14 +233,18 @@ def choose(
     study = optuna.create_study(
         direction="maximize", sampler=sampler, pruner=pruner(spec.tune, epochs)
     )
-    study.optimize(objective, n_trials=spec.tune.trials)
+    study.optimize(objective, n_trials=spec.tune.trials, callbacks=[stop_when_spent])
     table = trials_table(study)
+    # The best score among completed and pruned trials alike; ties go to the earlier trial.
+    chosen = max(table, key=lambda row: (row["val_acc"], -int(row["number"])))  # type: ignore[operator]
+    values = {k: float(chosen[k]) for k in space}  # type: ignore[arg-type]
     return Tuned(
-        dict(study.best_params),
-        study.best_value,
-        spec.tune.trials,
+        values,
+        float(chosen["val_acc"]),  # type: ignore[arg-type]
+        len(table),
         time.perf_counter() - start,
-        table,
+        table=table,
+        budget_epochs=budget,
     )
 
 
@@ -238,11 +278,15 @@ def reused(spec: CellSpec) -> Tuned | None:
 
 
 def with_values(spec: CellSpec, values: dict[str, float]) -> CellSpec:
-    """The cell with the chosen values set (`strategy.lr`, `optim.weight_decay`...)."""
+    """The cell with the chosen values set (`strategy.lr`, `optim.weight_decay`...). A chosen
+    `strategy.lr` is the rate of what trains: the strategy's `ft_lr_factor` no longer scales it
+    (else lp_ft's searched rates would be a tenth of every other strategy's)."""
     for key, value in values.items():
         group, name = key.split(".")
         changed = dataclasses.replace(getattr(spec, group), **{name: float(value)})
         spec = dataclasses.replace(spec, **{group: changed})
+    if "strategy.lr" in values and spec.strategy.ft_lr_factor is not None:
+        spec = dataclasses.replace(spec, strategy=replace(spec.strategy, ft_lr_factor=None))
     return spec
 
 

@@ -20,7 +20,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("dataset.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dataset.test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("strategy.lr", lambda v: v > 0, "> 0"),
+    ("strategy.lr", lambda v: v >= 0, ">= 0 (0: the do-nothing check)"),
     ("strategy.trainable_stages", lambda v: v is None or v >= 0, "null (all) or >= 0"),
     ("strategy.unfreeze_at_epoch", lambda v: v is None or v >= 1, "null or >= 1"),
     ("strategy.unfreeze_stages", lambda v: v is None or v >= 1, "null (all) or >= 1"),
@@ -145,7 +145,7 @@ def problems(spec: CellSpec) -> list[str]:
             f"strategy={spec.strategy.name} has trainable_stages={spec.strategy.trainable_stages}, "
             f"bn={spec.strategy.bn}, unfreeze_at_epoch={spec.strategy.unfreeze_at_epoch}, "
             f"trainer.strategy={spec.trainer.get('strategy', 'auto')}: use trainable_stages=0, "
-            "bn=eval, no unfreezing and a single-device trainer (not trainer=ddp)."
+            "bn=eval or frozen, no unfreezing and a single-device trainer (not trainer=ddp)."
         )
     return found
 

@@ -31,8 +31,14 @@ class TestSplit(Choice):
 
 
 class BatchNorm(Choice):
-    eval = "eval"  # frozen parts keep ImageNet statistics
-    train = "train"  # they drift with the new data (the study's freeze)
+    """What BatchNorm layers do while a cell trains (README, "BatchNorm policy")."""
+
+    # every BatchNorm layer keeps its ImageNet running statistics and normalises with them in
+    # training as at evaluation; the affine weights train where their stage trains. A fit that
+    # cannot learn (lr 0) then keeps its start, and LP-FT's probe sees the features it was fit on
+    frozen = "frozen"
+    eval = "eval"  # frozen parts keep ImageNet statistics; training stages use batch statistics
+    train = "train"  # every part drifts with the new data (the study's freeze)
 
 
 class Fit(Choice):
@@ -89,15 +95,22 @@ class DatasetConfig:
     # Without an official test split: `random` (stratified, fixed by split_seed for every run)
     # or `sorted` (the study's: the last test_fraction of each class's sorted file names).
     test_split: TestSplit = TestSplit.random
-    # simpsons: Kaggle's kaggle_simpson_testset/ as the test split when it is there (null: yes;
-    # false: ignore it and carve a test split as above). Characters it has no images of are then
-    # left out of every split, with one line naming them.
+    # simpsons: Kaggle's kaggle_simpson_testset/ (its frames downscaled x0.357) as the test
+    # split, a resolution-shift test (true, or null: when it is there), or a test split carved
+    # from the native frames as above (false: conf/dataset/simpsons.yaml's default). Characters
+    # it has no images of are then left out of every split, with one line naming them.
     official_test: bool | None = None
     test_fraction: float = 0.2
     split_seed: int = 0
     # Share of each class of the training data held back as the validation split that selects
     # the checkpoint; drawn with the run's seed. The test split is never used for selection.
     val_fraction: float = 0.2
+    # Near-duplicates never straddle splits: images whose 256-bit difference hashes (imagehash)
+    # differ in at most this many bits are one group, kept whole in one split (21: Kaggle's
+    # downscaled Simpsons test images are within 16 bits of their training frames; unrelated
+    # images are about 128 apart). null: 21, the default (null keeps the cell keys of configs
+    # written before this option); 0: identical hashes only. Byte-identical files always group.
+    near_duplicate_bits: int | None = None
     # Fetch the official files (URL or Kaggle) when the data is not under paths.data_root.
     download: bool = True
 
@@ -115,9 +128,10 @@ class StrategyConfig:
     # Backbone stages that train, counted from the top: None all (finetune), 0 none (freeze),
     # k the top k (partial). Stages are defined per backbone family by output stride.
     trainable_stages: int | None = None
-    # BatchNorm of the frozen parts: `eval` keeps ImageNet statistics; `train` lets them drift
-    # with the new data, as the study's "freeze" did.
-    bn: BatchNorm = BatchNorm.eval
+    # BatchNorm while training: `frozen` keeps ImageNet statistics everywhere; `eval` in the
+    # frozen parts only (the training stages normalise by batch and update their statistics);
+    # `train` lets every part drift with the new data, as the study's "freeze" did.
+    bn: BatchNorm = BatchNorm.frozen
     lr: float = 1e-3
     # two_stage: at this epoch, unfreeze the top `unfreeze_stages` stages (None: all) and train
     # them at lr x unfreeze_lr_factor, the head going on at its own lr.
@@ -210,10 +224,14 @@ class TuneConfig:
     name: str | None = None
     trials: int | None = None  # null: no tuning, the strategy's lr
     epochs: int | None = None  # a trial's epochs (null: trainer.max_epochs): finetune's budget
-    # ...or this share of trainer.max_epochs (rounded, at least 2): tune=fair's 0.5
+    # ...or this share of trainer.max_epochs (rounded, at least 2): tune=fair's 0.3
     epochs_fraction: float | None = None
+    # The trial-epochs all trials together may run, as a share of trainer.max_epochs (null:
+    # `trials` full-length trials): a pruned trial's unspent epochs go to further trials, up to
+    # `trials` of them, so every strategy of a cell spends the same budget.
+    budget_fraction: float | None = None
     lr_range: list[float] | None = None  # log-uniform (null: [1e-4, 0.3])
-    weight_decay_range: list[float] | None = None  # heads alone (null: [1e-6, 1e-2])
+    weight_decay_range: list[float] | None = None  # every strategy (null: [1e-6, 1e-2])
     # When the backbone trains: the factor of its rate (optim.backbone_lr_factor; two_stage's
     # strategy.unfreeze_lr_factor), log-uniform in this range (null: not searched).
     backbone_lr_factor_range: list[float] | None = None

@@ -84,7 +84,7 @@ class CellSpec:
         strategy = self.strategy
         return (
             strategy.trainable_stages == 0
-            and strategy.bn == BatchNorm.eval
+            and strategy.bn in (BatchNorm.eval, BatchNorm.frozen)
             and strategy.unfreeze_at_epoch is None
         )
 

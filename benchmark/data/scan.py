@@ -3,6 +3,7 @@
 Real archives are messy: placeholders, `.DS_Store`, zero-byte and truncated files, text saved as
 `.jpg`, stray nested folders. Each file is either an image (decoded once here, so a broken one can
 never stop an epoch) or skipped with the reason, for the stats output and the run's artifacts.
+The same decode gives each image its perceptual hash, which groups near-duplicates (manifest.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagehash
+import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from benchmark.data.images import to_rgb
 from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -28,8 +32,20 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 # 256 x 3,072,000 px, 2.4 GB of RGB). A panorama is about 4:1; 20:1 is no photograph.
 MAX_ASPECT_RATIO = 20
 # Verdicts remembered in the cache (`remembered_verdicts`): the version changes with the rules, so
-# a file accepted by older rules is checked again.
-VERDICTS_FILE = "verified_files.v2.csv"
+# a file accepted by older rules is checked again (v3: with each image's perceptual hash).
+VERDICTS_FILE = "verified_files.v3.csv"
+# The perceptual hash: imagehash's difference hash of a 17x16 grey thumbnail, 16 x 16 = 256 bits.
+HASH_SIZE = 16
+HASH_BITS = HASH_SIZE * HASH_SIZE
+# A JPEG is decoded at a reduced scale (its DCT does it, at a fraction of the cost), but not below
+# this many pixels a side: on the Simpsons frames, the hash of a 1/8 decode (80x60 of 640x480)
+# differs from the full image's by up to 20 bits; of one 128 px or more a side, by up to 12 (mean
+# 1.6), and Kaggle's test images (too small to be reduced) by none.
+HASH_SOURCE_PX = 128
+# A thumbnail whose grey levels span less than this is featureless (a blank or one-colour image):
+# its hash is all zeros whatever the colour, so it gets none and is grouped by exact content only.
+# The real images of ../shared/data span 52 levels or more.
+FLAT_SPREAD = 8
 # Folders that archivers add beside the data (macOS zips carry `__MACOSX/`): never a class.
 SYSTEM_FOLDERS = {"__macosx": "macOS archive metadata (__MACOSX), not a class"}
 
@@ -56,8 +72,28 @@ class Scan:
 
 def unusable_reason(content: bytes) -> str | None:
     """None for a file whose bytes decode fully as an image; otherwise why it cannot be used."""
+    return inspect_image(content)[0]
+
+
+def perceptual_hash(image: Image.Image) -> str | None:
+    """The 256-bit difference hash (64 hex digits) of the upright image, or None when it is
+    featureless (see FLAT_SPREAD) or its orientation cannot be read."""
+    try:
+        upright = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    # The thumbnail imagehash.dhash makes (grey, LANCZOS); handed to it, it is not resized again.
+    thumbnail = upright.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.LANCZOS)
+    if np.ptp(np.asarray(thumbnail)) < FLAT_SPREAD:
+        return None
+    return str(imagehash.dhash(thumbnail, hash_size=HASH_SIZE))
+
+
+def inspect_image(content: bytes) -> tuple[str | None, str | None]:
+    """Why the bytes cannot be used (None: they decode fully as an image), and the image's
+    perceptual hash (`perceptual_hash`) from the same decode."""
     if not content:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     try:
         with Image.open(io.BytesIO(content)) as image:
             width, height = image.size
@@ -66,16 +102,17 @@ def unusable_reason(content: bytes) -> str | None:
                     f"extreme aspect ratio ({width}x{height} px, more than "
                     f"{MAX_ASPECT_RATIO}:1): resized for a backbone it would take gigabytes; "
                     "crop it or remove it"
-                )
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                ), None
+            least = (max(width // 8, HASH_SOURCE_PX), max(height // 8, HASH_SOURCE_PX))
+            image.draft("RGB", (min(width, least[0]), min(height, least[1])))
             image.load()  # decodes the whole stream: truncation shows up here, not mid-epoch
+            return None, perceptual_hash(image)
     except UnidentifiedImageError:
-        return "not an image (content unreadable by Pillow)"
+        return "not an image (content unreadable by Pillow)", None
     except Image.DecompressionBombError as error:  # a pixel bomb: refused before decoding
-        return f"too large to decode safely ({error})"
+        return f"too large to decode safely ({error})", None
     except (OSError, SyntaxError, ValueError) as error:
-        return f"corrupt or truncated image ({error})"
-    return None
+        return f"corrupt or truncated image ({error})", None
 
 
 def _candidate(path: Path, placeholders: set[str]) -> str | None:
@@ -90,65 +127,75 @@ def _candidate(path: Path, placeholders: set[str]) -> str | None:
     return None
 
 
-# Verdicts of files already decoded, and their content digests, by (path, size, mtime): a dataset
-# is decoded and hashed once, not per run. Filled from and saved to a CSV by `remembered_verdicts`.
-_VERDICTS: dict[tuple[str, int, int], tuple[str | None, str]] = {}
+# Verdicts of files already decoded, their content digests and perceptual hashes, by (path, size,
+# mtime): a dataset is decoded and hashed once, not per run. Filled from and saved to a CSV by
+# `remembered_verdicts`, with the columns VERDICT_COLUMNS + [PERCEPTUAL_COLUMN] (empty: no hash).
+_VERDICTS: dict[tuple[str, int, int], tuple[str | None, str, str | None]] = {}
 VERDICT_COLUMNS = ["path", "size", "mtime_ns", "reason", "sha256"]
+PERCEPTUAL_COLUMN = "dhash"
 
 
 @contextmanager
 def remembered_verdicts(file: Path | None) -> Iterator[None]:
     """Reuse and extend the verdicts stored in `file` (no file: decode everything)."""
+    columns = [*VERDICT_COLUMNS, PERCEPTUAL_COLUMN]
     if file is not None and file.is_file():
-        table = pd.read_csv(file, dtype={"reason": object, "sha256": object}, keep_default_na=False)
-        if set(VERDICT_COLUMNS) <= set(table.columns):  # older caches lack digests: redo them
+        text = {"reason": object, "sha256": object, PERCEPTUAL_COLUMN: object}
+        table = pd.read_csv(file, dtype=text, keep_default_na=False)
+        if set(columns) <= set(table.columns):  # older caches lack digests or hashes: redo them
             _VERDICTS.update(
-                ((p, int(s), int(m)), (r or None, d))
-                for p, s, m, r, d in table[VERDICT_COLUMNS].itertuples(index=False)
+                ((p, int(s), int(m)), (r or None, d, h or None))
+                for p, s, m, r, d, h in table[columns].itertuples(index=False)
             )
     try:
         yield
     finally:
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
-            rows = [(*key, reason or "", digest) for key, (reason, digest) in _VERDICTS.items()]
+            rows = [
+                (*key, reason or "", digest, phash or "")
+                for key, (reason, digest, phash) in _VERDICTS.items()
+            ]
             # Written aside then renamed: cells of a parallel sweep never read a half-written file.
             partial = file.with_name(f".{file.name}.{os.getpid()}")
-            pd.DataFrame(rows, columns=VERDICT_COLUMNS).to_csv(partial, index=False)
+            pd.DataFrame(rows, columns=columns).to_csv(partial, index=False)
             partial.replace(file)
         _VERDICTS.clear()
 
 
-def _verdict(path: Path) -> tuple[str | None, str | None]:
-    """Why the file is unusable (None: it decodes), and the SHA-256 of its bytes. A file that
-    cannot be read now (dangling or looping symlink, no permission) is skipped with the reason
-    but not remembered: once fixed, it is checked again."""
+def _verdict(path: Path) -> tuple[str | None, str | None, str | None]:
+    """Why the file is unusable (None: it decodes), the SHA-256 of its bytes and the image's
+    perceptual hash. A file that cannot be read now (dangling or looping symlink, no permission)
+    is skipped with the reason but not remembered: once fixed, it is checked again."""
     try:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in _VERDICTS:
             content = path.read_bytes()  # read once: decoded and hashed
-            _VERDICTS[key] = (unusable_reason(content), hashlib.sha256(content).hexdigest())
+            reason, phash = inspect_image(content)
+            _VERDICTS[key] = (reason, hashlib.sha256(content).hexdigest(), phash)
         return _VERDICTS[key]
     except OSError as error:
-        return f"unreadable ({error.strerror or error}; fix it and rerun)", None
+        return f"unreadable ({error.strerror or error}; fix it and rerun)", None, None
 
 
 def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = "") -> Scan:
     """Check every (path, label) row; decoding runs on all cores with a progress bar. Usable
-    images get their content digest (`sha256`), which the manifest and its hash carry."""
+    images get their content digest (`sha256`), which the manifest and its hash carry, and their
+    perceptual hash (`dhash`, None for a featureless image), which groups near-duplicates."""
     placeholders = set(placeholders)
     reasons = [_candidate(Path(p), placeholders) for p in files.path]
     digests: list[str | None] = [None] * len(reasons)
+    hashes: list[str | None] = [None] * len(reasons)
     to_decode = [i for i, reason in enumerate(reasons) if reason is None]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = pool.map(_verdict, (Path(files.path.iloc[i]) for i in to_decode))
         if len(to_decode) >= 500:  # a few hundred images take a second or two: no progress
             decoded = progress(decoded, desc or "Checking images", total=len(to_decode))
-        for i, (reason, digest) in zip(to_decode, decoded, strict=True):
-            reasons[i], digests[i] = reason, digest
+        for i, (reason, digest, phash) in zip(to_decode, decoded, strict=True):
+            reasons[i], digests[i], hashes[i] = reason, digest, phash
     bad = pd.Series(reasons, index=files.index)
-    images = files.assign(sha256=digests)[bad.isna()].reset_index(drop=True)
+    images = files.assign(sha256=digests, dhash=hashes)[bad.isna()].reset_index(drop=True)
     return Scan(
         images,
         files[bad.notna()]

@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from benchmark.config.schema import HeadConfig, OptimConfig, StrategyConfig
+from benchmark.config.schema import BatchNorm, HeadConfig, OptimConfig, StrategyConfig
 from benchmark.config.spec import plain
 from benchmark.models.backbones import Backbone, stage_of, trainable_from
 from benchmark.runtime import interrupt
@@ -47,9 +48,11 @@ log = logging.getLogger("benchmark")
 class TransferClassifier(L.LightningModule):
     """A pretrained backbone and a new head; the strategy decides which backbone stages train.
 
-    Stages below `frozen_below` get no gradients; with `bn="eval"` their BatchNorm and dropout
-    layers also stay in eval mode while the module trains, so ImageNet statistics never drift
-    (a wholly frozen backbone runs exactly as at inference, as its cached features did).
+    Stages below `frozen_below` get no gradients. `bn="frozen"`: every BatchNorm layer of the
+    backbone stays in eval mode while the module trains (ImageNet statistics, never updated;
+    its affine weights still train where its stage does), so at learning rate 0 nothing moves.
+    `bn="eval"`: only the frozen stages' BatchNorm and dropout layers stay in eval mode (a
+    wholly frozen backbone runs exactly as at inference, as its cached features did).
     `bn="train"` lets them drift, as the study's "freeze" did.
     """
 
@@ -60,7 +63,7 @@ class TransferClassifier(L.LightningModule):
         num_features: int,
         num_classes: int,
         trainable_stages: int | None = None,
-        bn: str = "eval",
+        bn: str = "frozen",
         lr: float = 1e-3,
         optim: dict | None = None,
         head_hidden: list[int] | tuple[int, ...] = (),
@@ -68,8 +71,7 @@ class TransferClassifier(L.LightningModule):
         head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if bn not in ("eval", "train"):
-            raise ValueError(f"strategy.bn={bn!r}: use eval or train.")
+        BatchNorm(bn)  # a plain value in the checkpoint's hparams (weights_only), checked here
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.optim = {**asdict(OptimConfig()), **(optim or {})}
         self.backbone = backbone
@@ -96,14 +98,18 @@ class TransferClassifier(L.LightningModule):
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
-        if not (mode and self.hparams.bn == "eval"):
+        policy = BatchNorm(self.hparams.bn)
+        if not mode or policy == BatchNorm.train:
             return self
         if self.frozen_below > len(self.hparams.stages):  # nothing trains: run as at inference
             self.backbone.eval()
             return self
         for name, module in self.backbone.named_modules():
             frozen = stage_of(name, self.hparams.stages) < self.frozen_below
-            if frozen and isinstance(module, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+            norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            if (norm and policy == BatchNorm.frozen) or (
+                frozen and (norm or isinstance(module, nn.Dropout))
+            ):
                 module.eval()
         return self
 
@@ -238,6 +244,30 @@ class MinSteps(Callback):
                 needed,
             )
             trainer.fit_loop.max_epochs = needed
+
+
+class StartCandidate(Callback):
+    """The weights before the first training step as a candidate for selection: Lightning's
+    sanity check validates them on the whole validation split (the fit runs it with
+    `num_sanity_val_steps=-1`), and this keeps their score and a weights-only checkpoint.
+    After the fit the start is tested when no epoch scored higher (ties go to the earlier
+    candidate, as ModelCheckpoint's): a fit that only made things worse keeps its start."""
+
+    def __init__(self, path: Path, monitor: str = "val_acc") -> None:
+        self.path, self.monitor = path, monitor
+        self.scores: dict[str, float] = {}
+
+    def on_sanity_check_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        logged = trainer.callback_metrics
+        if self.monitor not in logged:
+            return
+        self.scores = {f"start_{k}": float(v) for k, v in logged.items() if k.startswith("val_")}
+        trainer.save_checkpoint(self.path, weights_only=True)
+
+    def wins(self, best: float | None) -> bool:
+        """Whether the start scored at least `best` (the best epoch's score)."""
+        start = self.scores.get(f"start_{self.monitor}")
+        return start is not None and (best is None or start >= best)
 
 
 class TrainThroughput(Callback):

@@ -28,12 +28,15 @@ class Convergence(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.epochs += 1
 
-    def metrics(self, trainer: L.Trainer) -> dict[str, float]:
+    def metrics(self, trainer: L.Trainer, start_won: bool = False) -> dict[str, float]:
         """Read right after `fit`: `final_train_loss`, `final_train_acc` (the last epoch's
-        aggregates, as trained: augmentation and dropout on), `best_val_epoch`, `epochs_run`."""
+        aggregates, as trained: augmentation and dropout on), `final_val_acc` (the last
+        epoch's), `best_val_epoch` (-1 when the start won the selection), `epochs_run`."""
         logged = trainer.callback_metrics
-        out = {f"final_{name}": float(logged[name]) for name in ("train_loss", "train_acc")
-               if name in logged}  # fmt: skip
-        if self.best_epoch is not None:
+        names = ("train_loss", "train_acc", "val_acc")
+        out = {f"final_{name}": float(logged[name]) for name in names if name in logged}
+        if start_won:
+            out["best_val_epoch"] = -1.0
+        elif self.best_epoch is not None:
             out["best_val_epoch"] = float(self.best_epoch)
         return out | {"epochs_run": float(self.epochs)}

@@ -70,6 +70,8 @@ LOGGED_PARAMS = (
     "manifest_sha256",
     "input",
     "test_split",
+    "n_merged_groups",
+    "n_removed_near_duplicates",
 )
 
 # Where a cell writes and how it shows progress or logs, not what it computes: left out of its

@@ -37,6 +37,8 @@ class CellResult:
     tune_trials: list[dict[str, object]] | None = None
     # tune.reuse_seed: the run whose chosen values this cell took instead of tuning itself.
     tune_reused_from: str | None = None
+    # The trial-epochs the trials could spend (tune.budget_fraction; tune_epochs_run: spent).
+    tune_budget_epochs: int | None = None
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
