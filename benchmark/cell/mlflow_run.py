@@ -233,6 +233,8 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
         grid = sorted(result.probe_val_acc.items())
         table = {"C": [c for c, _ in grid], "val_acc": [a for _, a in grid]}
         mlflow.log_table(table, "probe_c_grid.json")
+    if result.test_predictions is not None:  # the report's bootstrap over test images
+        mlflow.log_table(result.test_predictions, "test_predictions.json")
     mlflow.log_dict(
         {"classes": result.classes, "matrix": result.confusion}, "confusion_matrix.json"
     )

@@ -32,6 +32,7 @@ class ProbeResult:
     confusion: torch.Tensor  # rows: true class, columns: predicted
     iterations: int  # the chosen model's L-BFGS iterations
     model: Pipeline  # the chosen model: standardisation, then the logistic regression
+    test_predicted: list[int]  # the class predicted for each test image, in the split's order
 
 
 def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> ProbeResult:
@@ -64,6 +65,7 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
         confusion=confusion,
         iterations=int(models[best][-1].n_iter_.max()),
         model=models[best],
+        test_predicted=predicted.tolist(),
     )
 
 

@@ -94,6 +94,7 @@ class Fitted:
     precision: str
     train_images_per_s: float | None = None
     checkpoint: str | None = None
+    test_predicted: list[int] | None = None  # per test image, in the split's order
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
     tuned: tune.Tuned | None = None
@@ -151,7 +152,23 @@ def compute_cell(
         tune_budget_epochs=fitted.tuned.budget_epochs if fitted.tuned else None,
         optimizer_steps=fitted.optimizer_steps,
         convergence=fitted.convergence,
+        test_predictions=test_predictions(manifest, data.classes, fitted.test_predicted),
     )
+
+
+def test_predictions(
+    manifest: Manifest, classes: list[str], predicted: list[int] | None
+) -> dict[str, list[str]] | None:
+    """Each test image's path (relative to the dataset's root), true and predicted class, in the
+    test split's order (the order its loader and its cached features keep)."""
+    test = manifest.relative_frame()[manifest.frame.split == "test"]
+    if predicted is None or len(predicted) != len(test):
+        return None
+    return {
+        "path": test.path.tolist(),
+        "label": test.label.tolist(),
+        "predicted": [classes[i] for i in predicted],
+    }
 
 
 def protocol_splits(spec: CellSpec, frame: pd.DataFrame) -> pd.DataFrame:
@@ -243,6 +260,7 @@ def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
         probe_val_acc=result.val_acc_by_c,
         probe_c=result.c,
         optimizer_steps=result.iterations,
+        test_predicted=result.test_predicted,
     )
 
 
@@ -365,6 +383,11 @@ def fit_and_test(
         precision=precision,
         train_images_per_s=throughput.images_per_s,
         checkpoint=chosen or None,
+        test_predicted=(
+            torch.cat(model.test_predicted).tolist()
+            if model.test_predicted and trainer.world_size == 1
+            else None
+        ),
         tuned=tuned,
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,

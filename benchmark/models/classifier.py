@@ -81,6 +81,8 @@ class TransferClassifier(L.LightningModule):
         self.freeze_below(trainable_from(stages, trainable_stages))
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None  # rows: true class, columns: predicted
+        # The class predicted for each test image, in the test loader's order (one device).
+        self.test_predicted: list[torch.Tensor] = []
         # ModuleDict keys may not shadow Module methods such as train().
         self.accuracy = nn.ModuleDict(
             {
@@ -125,7 +127,12 @@ class TransferClassifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         self._step(batch, "test")
         images, targets = batch
-        self.confusion.update(self(images).argmax(1), targets)
+        predicted = self(images).argmax(1)
+        self.confusion.update(predicted, targets)
+        self.test_predicted.append(predicted.cpu())
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predicted = []
 
     def on_test_epoch_end(self) -> None:
         self.test_confusion = self.confusion.compute().cpu()

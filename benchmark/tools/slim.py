@@ -7,7 +7,8 @@ tree still travels to a lent GPU machine (64 MiB with `make gpu-pack`'s pack; sc
   grid's own cells no longer log them (`tracking.system_metrics=false` in the Makefile).
 - Of each run's artifacts in the `mlartifacts/` beside the store, only those the report reads
   and the record of how a cell chose its values are kept (`KEPT_ARTIFACTS`: a tuned cell's
-  trials, linear_probe's C grid, a few hundred bytes each); the manifests, the resolved
+  trials, linear_probe's C grid, a few hundred bytes each; each test image's prediction, tens of
+  bytes an image); the manifests, the resolved
   configs (every key is also a param), Hydra's files and the confusion matrices' pictures go.
 - The database is `VACUUM`ed (SQLite keeps freed pages otherwise).
 
@@ -29,10 +30,13 @@ from pathlib import Path
 from benchmark.tracking.store import StoreError, check_sqlite
 
 # What `python -m benchmark.report` reads of a run's artifacts (report/__main__.py,
-# best_confusions), and what shows how a cell chose its values (cell/mlflow_run.py: tune's
-# trials, linear_probe's C grid), so that a tuned number stays auditable in the committed
-# store: everything else under a run's artifacts/ is deleted.
-KEPT_ARTIFACTS = frozenset({"confusion_matrix.json", "tune_trials.json", "probe_c_grid.json"})
+# best_confusions; each test image's prediction for its bootstrap), and what shows how a cell
+# chose its values (cell/mlflow_run.py: tune's trials, linear_probe's C grid), so that a tuned
+# number stays auditable in the committed store: everything else under a run's artifacts/ is
+# deleted.
+KEPT_ARTIFACTS = frozenset(
+    {"confusion_matrix.json", "tune_trials.json", "probe_c_grid.json", "test_predictions.json"}
+)
 SYSTEM_METRICS = "system/%"  # MLflow's prefix for its system metrics (a LIKE pattern)
 MIB = 2**20
 

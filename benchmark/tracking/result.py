@@ -39,6 +39,9 @@ class CellResult:
     tune_reused_from: str | None = None
     # The trial-epochs the trials could spend (tune.budget_fraction; tune_epochs_run: spent).
     tune_budget_epochs: int | None = None
+    # Each test image (its path relative to the dataset's root, true and predicted class), for
+    # the report's bootstrap over test images; None where the test pass ran on several devices.
+    test_predictions: dict[str, list[str]] | None = None
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
