@@ -241,7 +241,7 @@ def _open_run_and_die(cfg) -> None:
 
 def test_a_killed_cell_outside_the_gpus_launcher_is_failed_by_the_next_relaunch(make_cfg, tmp_path):
     cfg = make_cfg(*TINY)
-    cell = multiprocessing.get_context("fork").Process(target=_open_run_and_die, args=(cfg,))
+    cell = multiprocessing.get_context("spawn").Process(target=_open_run_and_die, args=(cfg,))
     cell.start()
     cell.join(timeout=120)
     mlflow.set_tracking_uri(cfg.tracking.uri)

@@ -200,7 +200,7 @@ def _die_inside_a_cell_run(cfg: CellSpec) -> None:
 
 def test_the_launcher_ends_the_run_of_a_killed_cell_failed_with_the_signal(make_cfg):
     cfg = make_cfg(*TINY)
-    cell = multiprocessing.get_context("fork").Process(target=_die_inside_a_cell_run, args=(cfg,))
+    cell = multiprocessing.get_context("spawn").Process(target=_die_inside_a_cell_run, args=(cfg,))
     cell.start()
     cell.join(timeout=120)
     assert cell.exitcode == -signal.SIGKILL

@@ -53,9 +53,9 @@ def _worker(
 
 def test_four_processes_log_to_one_fresh_sqlite_store_at_once(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Forked from a process that never opened this store: each child meets it fresh, as a
-    # sweep's cells do, without paying the interpreter start-up again.
-    context = multiprocessing.get_context("fork")
+    # Fresh processes (spawned: forking a process that runs torch's and MLflow's threads can
+    # deadlock the child), each meeting the store fresh, as a sweep's cells do.
+    context = multiprocessing.get_context("spawn")
     start, errors = context.Barrier(PROCESSES), context.Queue()
     writers = [
         context.Process(target=_worker, args=(uri, i, start, errors)) for i in range(PROCESSES)

@@ -119,7 +119,7 @@ def _launch(spec) -> None:
 
 def test_the_same_cell_launched_twice_at_once_trains_once(make_cfg, caplog):
     spec = make_cfg(*TINY)
-    first = multiprocessing.get_context("fork").Process(target=_launch, args=(spec,))
+    first = multiprocessing.get_context("spawn").Process(target=_launch, args=(spec,))
     first.start()
     mlflow.set_tracking_uri(spec.tracking.uri)
     deadline = time.time() + 120
