@@ -96,3 +96,16 @@ def test_native_bf16_is_read_from_the_processor():
     assert precision.native_bf16("cuda") == (
         torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     )
+
+
+def test_two_machines_that_chose_different_precisions_never_share_a_cell(make_cfg, monkeypatch):
+    """`auto` resolves before the key (cell.run.plan): a bf16 machine's cell and an fp32
+    machine's are two cells, so their runs are never averaged together (issue 32 item 5)."""
+    from benchmark.models import precision
+    from benchmark.tracking.identity import cell_key
+
+    keys = set()
+    for native in (True, False):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        keys.add(cell_key(precision.resolve(make_cfg()), "0" * 64))
+    assert len(keys) == 2
