@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from benchmark.cell.run import run_cell
-from benchmark.config.spec import plain
+from benchmark.config.schema import HeadConfig, OptimConfig
 from benchmark.models.backbones import BACKBONES, create_backbone, stage_of
 from benchmark.models.classifier import TransferClassifier
 from tests.conftest import TINY
@@ -121,7 +121,8 @@ def test_every_backbone_names_only_real_submodules(tmp_path_factory):
 
 
 def test_discriminative_learning_rates(lite0):
-    model = classifier(lite0, trainable_stages=None, lr=0.01, optim={"backbone_lr_factor": 0.1})
+    optim = OptimConfig(name="sgd_cosine", backbone_lr_factor=0.1)
+    model = classifier(lite0, trainable_stages=None, lr=0.01, optim=optim)
     model.trainer = type("T", (), {"max_epochs": 3})()  # configure_optimizers reads max_epochs
     optimizer = model.configure_optimizers()["optimizer"]
     head, backbone = optimizer.param_groups
@@ -136,9 +137,7 @@ def test_mlp_head(lite0):
         lite0.num_features,
         3,
         trainable_stages=0,
-        head_hidden=[64, 32],
-        head_batchnorm=True,
-        head_dropout=0.1,
+        head=HeadConfig(name="mlp", hidden=[64, 32], batchnorm=True, dropout=0.1),
     )
     kinds = [type(m).__name__ for m in model.head]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
@@ -177,7 +176,7 @@ def test_two_stage_unfreezes_the_top_stages_at_the_epoch_with_a_lower_lr(make_cf
 def learning_rates(make_cfg, preset: str, epochs: int) -> tuple[str, list[float]]:
     cfg = make_cfg(f"optim={preset}", f"trainer.max_epochs={epochs}")
     backbone = create_backbone("efficientnet_lite0")
-    model = classifier(backbone, lr=0.01, optim=plain(cfg.optim))
+    model = classifier(backbone, lr=0.01, optim=cfg.optim)
     model.trainer = type("T", (), {"max_epochs": epochs})()
     configured = model.configure_optimizers()
     optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]

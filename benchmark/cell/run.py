@@ -8,10 +8,10 @@ which `compute_cell` does all the work and returns a `CellResult` that is then l
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import hydra
 import lightning as L
 import pandas as pd
 import torch
@@ -32,7 +32,6 @@ from benchmark.models.backbones import Backbone, create_backbone
 from benchmark.models.classifier import (
     MinSteps,
     StartCandidate,
-    StopOnSignal,
     TrainThroughput,
     make_model,
     progress_callbacks,
@@ -40,6 +39,7 @@ from benchmark.models.classifier import (
 )
 from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
+from benchmark.models.trainer import build_trainer
 from benchmark.tracking import identity
 from benchmark.tracking.result import CellResult, CellSummary
 from benchmark.tracking.resume import cell_identity, cell_lock, finished_earlier
@@ -222,15 +222,12 @@ def cell_features(
     the memory format its batches come in."""
     if channels_last:  # as the loaders send the batches (image_data)
         backbone.model.to(memory_format=torch.channels_last)
-    extractor: L.Trainer = hydra.utils.instantiate(
+    extractor = build_trainer(
         spec.trainer,
+        progress_callbacks(spec.progress_bar),
         devices=1,
         strategy="auto",
         logger=False,
-        callbacks=[
-            StopOnSignal(),
-            *progress_callbacks(spec.progress_bar),
-        ],
         enable_checkpointing=False,
         enable_model_summary=False,
     )
@@ -281,6 +278,89 @@ def probe_first(
     return result, features.build_s
 
 
+@dataclass
+class FitInputs:
+    """What a fit (the cell's own, or a tuning trial) works on: the data module (images, or the
+    cached features with the head alone as the model), how to build the model for a cell's
+    values, and the Trainer arguments the cell's config does not give."""
+
+    datamodule: L.LightningDataModule
+    build: Callable[[CellSpec], L.LightningModule]
+    fitted_on: Backbone
+    trainer_args: dict[str, Any]
+
+
+def fit_inputs(
+    spec: CellSpec,
+    data: ManifestDataModule,
+    backbone: Backbone,
+    features: FeatureSet | None,
+    channels_last: bool,
+    lp: ProbeResult | None,
+) -> FitInputs:
+    """Images and the whole model, or cached features and the head alone; `lp`: the probe the
+    head starts from (LP-FT), in every tuning trial too."""
+    datamodule: L.LightningDataModule = data
+    fitted_on = backbone
+    trainer_args: dict[str, Any] = {}
+    if features is not None:  # the model is the head alone
+        fitted_on = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
+        datamodule = FeatureDataModule(features, data.classes, spec.data.batch_size, spec.seed)
+        # A head on cached features is a few small matrix products: autocast would only add
+        # casts (bf16 took 1.5 s against 0.85 s for a Hymenoptera head), so it trains in
+        # float32; the features were extracted at the cell's precision.
+        trainer_args["precision"] = "32-true"
+    fitted_head = linear_head(lp.model, len(data.classes)) if lp is not None else None
+
+    def build(cell: CellSpec) -> L.LightningModule:
+        model = make_model(cell.strategy, cell.head, cell.optim, fitted_on, len(data.classes))
+        if fitted_head is not None:  # the rules guarantee a linear head
+            model.head[-1].load_state_dict(fitted_head)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    return FitInputs(datamodule, build, fitted_on, trainer_args)
+
+
+def tuned_values(spec: CellSpec, inputs: FitInputs) -> tune.Tuned | None:
+    """tune.trials' choice on validation, each trial from the same starting weights (or
+    tune.reuse_seed's choice); None for an untuned cell."""
+    if not spec.tune.trials:
+        return None
+    tuned = tune.reused(spec)
+    if tuned is None:
+        restore = tune.fresh_weights(inputs.fitted_on.model)
+        tuned = tune.choose(
+            spec,
+            inputs.datamodule,
+            lambda c: (restore(), inputs.build(c))[1],
+            **inputs.trainer_args,
+        )
+        restore()
+    return tuned
+
+
+@dataclass
+class Selection:
+    """The checkpoint chosen on validation (the start when no epoch beat it) and the fit's
+    convergence metrics."""
+
+    checkpoint: str
+    best_val_acc: float
+    convergence: dict[str, float]
+
+
+def select(checkpoint: ModelCheckpoint, start: StartCandidate, convergence: Convergence,
+           trainer: L.Trainer) -> Selection:  # fmt: skip
+    """The best epoch's checkpoint, or the start's when it scored at least as well (ties: the
+    start, the earlier candidate)."""
+    best = checkpoint.best_model_score
+    start_won = start.wins(None if best is None else float(best))
+    converged = convergence.metrics(trainer, start_won) | start.scores
+    if start_won:
+        return Selection(str(start.path), start.scores["start_val_acc"], converged)
+    return Selection(checkpoint.best_model_path, float(best), converged)  # type: ignore[arg-type]
+
+
 def fit_and_test(
     spec: CellSpec,
     data: ManifestDataModule,
@@ -291,38 +371,16 @@ def fit_and_test(
     callbacks: Sequence[Callback] = (),
     lp: ProbeResult | None = None,
 ) -> Fitted:
-    """Lightning epochs on the images, or on cached features (then the model is the head
-    alone); the best-validation checkpoint is tested. Seeded here, so that a cache miss (which
-    draws random numbers while extracting) and a hit train the same head. `lp`: the probe the
-    head starts from (LP-FT), in every tuning trial too."""
-    L.seed_everything(spec.seed, workers=True, verbose=False)
-    datamodule: L.LightningDataModule = data
-    fitted_on = backbone
-    if features is not None:  # the model is the head alone
-        fitted_on = Backbone(nn.Identity(), features.num_features, backbone.preprocess, [])
-        datamodule = FeatureDataModule(features, data.classes, spec.data.batch_size, spec.seed)
-    # A head on cached features is a few small matrix products: autocast would only add casts
-    # (bf16 took 1.5 s against 0.85 s for a Hymenoptera head), so it trains in float32; the
-    # features were extracted at the cell's precision.
-    head = {"precision": "32-true"} if features is not None else {}
-
-    fitted_head = linear_head(lp.model, len(data.classes)) if lp is not None else None
-
-    def build(cell: CellSpec) -> L.LightningModule:
-        model = make_model(cell.strategy, cell.head, cell.optim, fitted_on, len(data.classes))
-        if fitted_head is not None:  # the rules guarantee a linear head
-            model.head[-1].load_state_dict(fitted_head)
-        return model.to(memory_format=torch.channels_last) if channels_last else model
-
-    tuned = tune.reused(spec) if spec.tune.trials else None  # tune.reuse_seed's choice
-    if spec.tune.trials and tuned is None:  # on validation, from the same weights each trial
-        restore = tune.fresh_weights(fitted_on.model)
-        tuned = tune.choose(spec, datamodule, lambda c: (restore(), build(c))[1], **head)
-        restore()
+    """Tune (tune.trials), fit (Lightning epochs on the images, or on cached features: then the
+    model is the head alone), select on validation (the start a candidate), test once."""
+    inputs = fit_inputs(spec, data, backbone, features, channels_last, lp)
+    tuned = tuned_values(spec, inputs)
     if tuned is not None:
         spec = tune.with_values(spec, tuned.values)
-        L.seed_everything(spec.seed, workers=True, verbose=False)
-    model = build(spec)
+    # Seeded here, once: a cache miss (which draws random numbers while extracting) and a hit,
+    # a tuned cell and an untuned one, start their fit from the same random state.
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    model = inputs.build(spec)
     checkpoint = ModelCheckpoint(
         dirpath=spec.output_dir / "checkpoints",
         monitor="val_acc",
@@ -336,36 +394,31 @@ def fit_and_test(
     # The start is a candidate too (held-out selection; the study's max over epochs is not).
     start = StartCandidate(spec.output_dir / "checkpoints" / "start.ckpt")
     candidates = {} if spec.max_eval else {"num_sanity_val_steps": -1}
-    trainer: L.Trainer = hydra.utils.instantiate(
+    trainer = build_trainer(
         spec.trainer,
-        **head,
-        **budget,
-        **candidates,
-        callbacks=[
+        [
             MinSteps(),
             *([] if spec.max_eval else [start]),
             checkpoint,
             throughput,
             convergence,
-            StopOnSignal(),
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
             *callbacks,
         ],
+        **inputs.trainer_args,
+        **budget,
+        **candidates,
         logger=mlflow_run.lightning_loggers(spec, run),
         default_root_dir=spec.paths.output_dir,
     )
     fitted = torch.compile(model) if spec.speed.compile else model
-    trainer.fit(fitted, datamodule=datamodule)
-    best = checkpoint.best_model_score
-    start_won = start.wins(None if best is None else float(best))
-    # Before the test pass adds its own metrics.
-    converged = convergence.metrics(trainer, start_won) | start.scores
-    chosen = str(start.path) if start_won else checkpoint.best_model_path
-    trainer.test(fitted, datamodule=datamodule, ckpt_path=chosen)
+    trainer.fit(fitted, datamodule=inputs.datamodule)
+    chosen = select(checkpoint, start, convergence, trainer)  # before the test adds metrics
+    trainer.test(fitted, datamodule=inputs.datamodule, ckpt_path=chosen.checkpoint)
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
-    scores["best_val_acc"] = start.scores["start_val_acc"] if start_won else float(best)
+    scores["best_val_acc"] = chosen.best_val_acc
     if lp is not None:  # the probe LP-FT started from, on the same validation split
         scores |= {"lp_val_acc": lp.val_acc, "lp_val_loss": lp.val_loss}
     if spec.max_eval:
@@ -382,7 +435,7 @@ def fit_and_test(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         precision=precision,
         train_images_per_s=throughput.images_per_s,
-        checkpoint=chosen or None,
+        checkpoint=chosen.checkpoint or None,
         test_predicted=(
             torch.cat(model.test_predicted).tolist()
             if model.test_predicted and trainer.world_size == 1
@@ -392,5 +445,5 @@ def fit_and_test(
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,
         probe_c=lp.c if lp is not None else None,
-        convergence=converged,
+        convergence=chosen.convergence,
     )

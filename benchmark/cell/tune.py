@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import hydra
 import lightning as L
 import optuna
 import torch
@@ -41,8 +40,9 @@ from optuna_integration import PyTorchLightningPruningCallback
 from benchmark.config.schema import Pruner, TuneConfig
 from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
-from benchmark.models.classifier import StopOnSignal, recipe_callbacks
+from benchmark.models.classifier import recipe_callbacks
 from benchmark.models.features import FeatureSet
+from benchmark.models.trainer import build_trainer
 from benchmark.tracking import identity, store
 from benchmark.tracking.resume import cell_identity
 
@@ -206,15 +206,15 @@ def choose(
         run = EpochsRun(trial, length)
         pruning = PyTorchLightningPruningCallback(run, "val_acc")  # type: ignore[arg-type]
         recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
-        trainer: L.Trainer = hydra.utils.instantiate(
+        trainer = build_trainer(
             spec.trainer,
+            [best, *recipe, pruning],
             **trainer_args,
             max_epochs=length,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[best, StopOnSignal(), *recipe, pruning],
         )
         try:
             trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here

@@ -7,19 +7,20 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ProgressBar
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from benchmark.config.schema import BatchNorm, HeadConfig, OptimConfig, StrategyConfig
 from benchmark.config.spec import plain
+from benchmark.models import optim as optimizers
 from benchmark.models.backbones import Backbone, stage_of, trainable_from
 from benchmark.runtime import interrupt
 from benchmark.runtime.progress import line
@@ -63,20 +64,35 @@ class TransferClassifier(L.LightningModule):
         num_features: int,
         num_classes: int,
         trainable_stages: int | None = None,
-        bn: str = "frozen",
+        bn: BatchNorm = BatchNorm.frozen,
         lr: float = 1e-3,
-        optim: dict | None = None,
-        head_hidden: list[int] | tuple[int, ...] = (),
-        head_batchnorm: bool = False,
-        head_dropout: float = 0.0,
+        optim: OptimConfig | None = None,
+        head: HeadConfig | None = None,
     ) -> None:
         super().__init__()
-        BatchNorm(bn)  # a plain value in the checkpoint's hparams (weights_only), checked here
-        self.save_hyperparameters(ignore=["backbone"], logger=False)
-        self.optim = {**asdict(OptimConfig()), **(optim or {})}
+        self.bn, self.lr = BatchNorm(bn), lr
+        self.optim = optim or OptimConfig(name="sgd_cosine")
+        head = head or HeadConfig(name="linear")
+        # The checkpoint's metadata, in plain values (a checkpoint loads with weights_only).
+        self.save_hyperparameters(
+            plain(
+                {
+                    "stages": stages,
+                    "num_features": num_features,
+                    "num_classes": num_classes,
+                    "trainable_stages": trainable_stages,
+                    "bn": self.bn,
+                    "lr": lr,
+                    "optim": self.optim,
+                    "head": head,
+                }
+            ),
+            logger=False,
+        )
+        self.stages = stages
         self.backbone = backbone
         self.head = build_head(
-            num_features, num_classes, list(head_hidden), head_batchnorm, head_dropout
+            num_features, num_classes, list(head.hidden), head.batchnorm, head.dropout
         )
         self.freeze_below(trainable_from(stages, trainable_stages))
         self.confusion = MulticlassConfusionMatrix(num_classes)
@@ -95,19 +111,19 @@ class TransferClassifier(L.LightningModule):
         """Stages below `stage` (0: the stem) stop training; the others train."""
         self.frozen_below = stage
         for name, parameter in self.backbone.named_parameters():
-            parameter.requires_grad = stage_of(name, self.hparams.stages) >= stage
+            parameter.requires_grad = stage_of(name, self.stages) >= stage
         self.train(self.training)
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
-        policy = BatchNorm(self.hparams.bn)
+        policy = self.bn
         if not mode or policy == BatchNorm.train:
             return self
-        if self.frozen_below > len(self.hparams.stages):  # nothing trains: run as at inference
+        if self.frozen_below > len(self.stages):  # nothing trains: run as at inference
             self.backbone.eval()
             return self
         for name, module in self.backbone.named_modules():
-            frozen = stage_of(name, self.hparams.stages) < self.frozen_below
+            frozen = stage_of(name, self.stages) < self.frozen_below
             norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
             if (norm and policy == BatchNorm.frozen) or (
                 frozen and (norm or isinstance(module, nn.Dropout))
@@ -138,47 +154,23 @@ class TransferClassifier(L.LightningModule):
         self.test_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
 
-    def configure_optimizers(self) -> dict:
-        """The head at lr, the backbone at lr x backbone_lr_factor (discriminative rates)."""
-        optim = self.optim
-        lr = self.hparams.lr * optim["lr_factor"]
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """The head at lr, the backbone at lr x backbone_lr_factor (discriminative rates), with
+        the `optim` group's optimizer and schedule (benchmark.models.optim)."""
+        lr = self.lr * self.optim.lr_factor
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         groups = [{"params": list(self.head.parameters()), "lr": lr}]
         if backbone:
-            groups.append({"params": backbone, "lr": lr * optim["backbone_lr_factor"]})
-        if optim["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"]
-            )
-        elif optim["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=optim["weight_decay"])
-        else:
-            raise ValueError(f"optim.optimizer={optim['optimizer']!r}: use sgd or adamw.")
-        return {"optimizer": optimizer, "lr_scheduler": self._schedule(optimizer)}
-
-    def _schedule(self, optimizer: torch.optim.Optimizer) -> LRScheduler:
-        schedules = torch.optim.lr_scheduler
-        optim, epochs = self.optim, max(1, self.trainer.max_epochs or 1)
-        if optim["scheduler"] == "step":
-            return schedules.StepLR(optimizer, optim["step_size"], optim["gamma"])
-        if optim["scheduler"] == "constant":
-            return schedules.ConstantLR(optimizer, factor=1.0)
-        if optim["scheduler"] != "cosine":
-            raise ValueError(
-                f"optim.scheduler={optim['scheduler']!r}: use cosine, step or constant."
-            )
-        warmup = min(optim["warmup_epochs"], epochs - 1)
-        cosine = schedules.CosineAnnealingLR(optimizer, T_max=epochs - warmup)
-        if not warmup:
-            return cosine
-        ramp = schedules.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
-        return schedules.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+            groups.append({"params": backbone, "lr": lr * self.optim.backbone_lr_factor})
+        optimizer = optimizers.optimizer(groups, lr, self.optim)
+        schedule = optimizers.scheduler(optimizer, self.optim, self.trainer.max_epochs or 1)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.optim["label_smoothing"])
-        accuracy = self.accuracy[f"{stage}_acc"]
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.optim.label_smoothing)
+        accuracy = cast(MulticlassAccuracy, self.accuracy[f"{stage}_acc"])
         accuracy(logits, targets)
         logged = stage != "test"  # the test scores are part of the cell's result, logged once
         # Under DDP each rank sees a shard: the loss is averaged over the ranks (sync_dist), the
@@ -210,11 +202,16 @@ class StagedUnfreeze(BaseFinetuning):
         """The module froze its backbone already, from strategy.trainable_stages."""
 
     def finetune_function(
-        self, pl_module: TransferClassifier, epoch: int, optimizer: torch.optim.Optimizer
+        self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
     ) -> None:
         if epoch != self.epoch:
             return
-        stages = pl_module.hparams.stages
+        if not isinstance(pl_module, TransferClassifier):
+            raise TypeError(
+                f"StagedUnfreeze unfreezes a TransferClassifier's stages, not a "
+                f"{type(pl_module).__name__}'s"
+            )
+        stages = pl_module.stages
         floor = trainable_from(stages, self.stages)
         names = [name for stage in stages[max(0, floor - 1) :] for name in stage]
         modules = (
@@ -384,12 +381,10 @@ def make_model(
         backbone.num_features,
         num_classes,
         trainable_stages=strategy.trainable_stages,
-        bn=str(strategy.bn),  # plain values: the checkpoint's hparams load with weights_only
+        bn=strategy.bn,
         lr=strategy.lr * (strategy.ft_lr_factor or 1.0),
-        optim=plain(optim),
-        head_hidden=list(head.hidden),
-        head_batchnorm=head.batchnorm,
-        head_dropout=head.dropout,
+        optim=optim,
+        head=head,
     )
 
 

@@ -13,8 +13,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from benchmark.models.trainer import build_trainer
 
 log = logging.getLogger("benchmark")
 
@@ -36,11 +37,10 @@ def relaunches_command(trainer_cfg: Mapping[str, Any]) -> bool:
     if "ddp" not in str(trainer_cfg.get("strategy", "")).lower():
         return False
     try:
-        trainer = hydra.utils.instantiate(
+        trainer = build_trainer(
             trainer_cfg,
             logger=False,
             enable_checkpointing=False,
-            callbacks=[],
             precision="32-true",  # `auto` is the harness's; the launcher does not depend on it
         )
     except Exception:  # e.g. no GPU: the cell itself reports that, with its MLflow run
