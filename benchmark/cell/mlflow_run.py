@@ -152,6 +152,7 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
             "n_classes": len(manifest.classes),
             "n_skipped": len(manifest.skipped),
             "manifest_sha256": manifest.sha256,
+            identity.DATA_PARAM: manifest.content_sha256,  # the same for every seed
             "test_split": manifest.test_split,  # official, or carved by dataset.test_split
             # near-duplicate groups, each kept in one split, and the training/validation images
             # left out for being near-duplicates of an official split's
@@ -170,13 +171,9 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
 
 
 def _redacted(value: object) -> object:
-    """`value` (a dict of params, a config) with every string in it through identity.redact:
-    a tracking URI's password is never logged."""
-    if isinstance(value, Mapping):
-        return {key: _redacted(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_redacted(item) for item in value]
-    return identity.redact(value) if isinstance(value, str) else value
+    """`value` (a dict of params, a config) with every secret in it masked
+    (identity.redact_all): a tracking URI's password, a secret variable's value."""
+    return identity.redact_all(value)
 
 
 INPUT_TRIES = 3

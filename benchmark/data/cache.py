@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torchvision.transforms import v2 as T
 
 from benchmark.data.images import Preprocess, load_rgb
 from benchmark.data.scan import DatasetError
+from benchmark.runtime.files import commit, open_aside, partials, read_json, write_text_aside
 from benchmark.runtime.progress import progress
 
 log = logging.getLogger("benchmark")
@@ -46,16 +48,29 @@ def file_fingerprint(file: Path) -> dict[str, object]:
 
 def reusable(file: Path, what: str) -> bool:
     """Whether `file` is complete (its done-marker `file.json` exists) and intact (its size and
-    SHA-256 as recorded there). A damaged one is named in a warning and its marker removed, for
-    the caller to rebuild it."""
+    SHA-256 as recorded there). A damaged one, a damaged marker (truncated, not JSON) or a link
+    in place of either (the harness makes none) is named in one warning and its marker removed,
+    for the caller to rebuild it: a cache miss, healed by that build."""
     marker = file.with_suffix(".json")
-    if not marker.is_file():
+    if not os.path.lexists(marker):
         return False
-    if (problem := damage(file, json.loads(marker.read_text()))) is None:
+    if file.is_symlink() or marker.is_symlink():
+        problem: str | None = "a link in the cache, which the harness never makes"
+    elif (recorded := read_json(marker)) is None:
+        problem = f"its done-marker {marker.name} is truncated or not JSON"
+    else:
+        problem = damage(file, recorded)
+    if problem is None:
         return True
     log.warning("%s %s is damaged (%s): rebuilding it.", what, file, problem)
-    marker.unlink()
+    marker.unlink(missing_ok=True)
     return False
+
+
+def clear_partials(file: Path) -> None:
+    """Remove what a killed builder of `file` left (call with the file's lock held)."""
+    for partial in partials(file):
+        partial.unlink(missing_ok=True)
 
 
 def damage(file: Path, recorded: dict[str, object]) -> str | None:
@@ -132,10 +147,11 @@ def build_image_cache(
         return _build(sorted(paths), size, preprocess.interpolation, file, threads)
 
 
-def allocate(file: Path, size: int) -> None:
-    """`file` with `size` bytes reserved on disk before any is written. A memmap on a sparse
-    file that meets a full disk gets SIGBUS ("Bus error", no message, its run left RUNNING):
-    here it is one DatasetError naming the folder, and nothing is left behind."""
+def allocate(handle: IO[bytes], file: Path, size: int) -> None:
+    """The new, empty `file` open as `handle` with `size` bytes reserved on disk before any is
+    written. A memmap on a sparse file that meets a full disk gets SIGBUS ("Bus error", no
+    message, its run left RUNNING): here it is one DatasetError naming the folder, and nothing
+    is left behind."""
     free = shutil.disk_usage(file.parent).free
     if free < size:
         raise DatasetError(
@@ -144,13 +160,12 @@ def allocate(file: Path, size: int) -> None:
             "paths.cache_dir (BENCHMARK_CACHE_DIR) to a larger disk."
         )
     try:
-        with open(file, "wb") as handle:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, size)
-            except OSError as error:
-                if error.errno != errno.EOPNOTSUPP:  # a file system that cannot reserve
-                    raise
-                handle.truncate(size)
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno != errno.EOPNOTSUPP:  # a file system that cannot reserve
+                raise
+            handle.truncate(size)
     except OSError as error:
         file.unlink(missing_ok=True)
         if error.errno != errno.ENOSPC:
@@ -172,21 +187,29 @@ def _build(
             T.ToImage(),
         ]
     )
-    partial = file.with_suffix(".partial")
     shape = (len(paths), 3, size, size)
-    allocate(partial, int(np.prod(shape)))
-    array = np.memmap(partial, dtype=np.uint8, mode="r+", shape=shape)
+    # Built in a new file of its own (never through a link planted in the cache folder), then
+    # flushed to disk and renamed into place.
+    clear_partials(file)
+    handle, partial = open_aside(file)
+    try:
+        with handle:
+            allocate(handle, partial, int(np.prod(shape)))
+            array = np.memmap(handle, dtype=np.uint8, mode="r+", shape=shape)
 
-    def store(row: int) -> None:
-        array[row] = square(load_rgb(paths[row])).numpy()
+            def store(row: int) -> None:
+                array[row] = square(load_rgb(paths[row])).numpy()
 
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL releases the GIL
-        done = pool.map(store, range(len(paths)))
-        for _ in progress(done, f"Decoding images once ({size}px)", total=len(paths)):
-            pass
-    array.flush()
-    partial.rename(file)
+            with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # PIL frees the GIL
+                done = pool.map(store, range(len(paths)))
+                for _ in progress(done, f"Decoding images once ({size}px)", total=len(paths)):
+                    pass
+            array.flush()
+            commit(handle, partial, file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     meta = {"paths": paths, "size": size, "interpolation": interpolation}
     meta |= file_fingerprint(file)
-    file.with_suffix(".json").write_text(json.dumps(meta))  # written last: the done-marker
+    write_text_aside(file.with_suffix(".json"), json.dumps(meta))  # last: the done-marker
     return ImageCache.open(file), time.perf_counter() - start

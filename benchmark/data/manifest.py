@@ -31,6 +31,7 @@ import pandas as pd
 from benchmark.config.schema import DatasetConfig
 from benchmark.data.scan import HASH_BITS, VERDICTS_FILE, DatasetError, remembered_verdicts
 from benchmark.data.sources import PREPARERS
+from benchmark.runtime.files import write_text_aside
 
 # dataset.near_duplicate_bits=null: perceptual hashes at most this many of HASH_BITS apart are
 # one group (Kaggle's downscaled Simpsons test images are within 16 of their training frames).
@@ -79,6 +80,15 @@ class Manifest:
     @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.csv.encode()).hexdigest()
+
+    @cached_property
+    def content_sha256(self) -> str:
+        """The dataset by content, whatever its splits: each image's path (relative to the
+        root), label and bytes' SHA-256. The same for every seed (the validation split, carved
+        with the run's seed, is left out of it), unlike `sha256`: what tells two datasets apart
+        in the report when their folders have one name."""
+        rows = self.relative_frame().sort_values("path")[["path", "label", "sha256"]]
+        return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()
 
     @property
     def classes(self) -> list[str]:
@@ -303,5 +313,5 @@ def build_manifest(
     if cache_dir is not None:
         saved = cache_dir / "manifests" / f"{cfg.name}-{manifest.sha256[:12]}.csv"
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(manifest.csv)
+        write_text_aside(saved, manifest.csv)  # aside, then renamed: no link followed
     return manifest

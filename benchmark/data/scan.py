@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from benchmark.data.images import to_rgb
+from benchmark.runtime.files import write_aside
 from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -156,10 +157,10 @@ def remembered_verdicts(file: Path | None) -> Iterator[None]:
                 (*key, reason or "", digest, phash or "")
                 for key, (reason, digest, phash) in _VERDICTS.items()
             ]
-            # Written aside then renamed: cells of a parallel sweep never read a half-written file.
-            partial = file.with_name(f".{file.name}.{os.getpid()}")
-            pd.DataFrame(rows, columns=columns).to_csv(partial, index=False)
-            partial.replace(file)
+            # Written aside then renamed: cells of a parallel sweep never read a half-written
+            # file, and no link planted in the cache folder is followed.
+            table = pd.DataFrame(rows, columns=columns)
+            write_aside(file, lambda handle: table.to_csv(handle, index=False))
         _VERDICTS.clear()
 
 
@@ -261,6 +262,29 @@ def select_classes(
     return files[keep].reset_index(drop=True), excluded(files.path[~keep], "class not selected")
 
 
+def refuse_two_labels(files: pd.DataFrame, root: Path) -> None:
+    """A file reached through two class folders (one folder a link to another, `bees2 -> bees`,
+    or an image linked into a second folder) would be one image under two labels, possibly in
+    two splits: refused, as the CSV source refuses an image listed with two labels."""
+    real = files.path.map(os.path.realpath)
+    labels = files.groupby(real.to_numpy()).label.unique()
+    conflicting = labels[labels.map(len) > 1]
+    if conflicting.empty:
+        return
+    first, second = (root / label for label in sorted(conflicting.iloc[0])[:2])
+    if os.path.realpath(first) == os.path.realpath(second):
+        raise DatasetError(
+            f"class folders {first} and {second} are the same folder "
+            f"({os.path.realpath(first)}): its images would have two labels; remove the link, "
+            "or keep one of them (dataset.classes)."
+        )
+    shown = ", ".join(conflicting.index[:5])
+    raise DatasetError(
+        f"{root}: {len(conflicting)} image(s) are in two class folders, {first} and {second} "
+        f"among them ({shown}): give each image one label (remove the link or the copy)."
+    )
+
+
 def scan_class_folders(
     root: Path, placeholders: Iterable[str] = (), classes: list[str] | None = None
 ) -> Scan:
@@ -269,6 +293,7 @@ def scan_class_folders(
     if not found:
         raise DatasetError(f"{root} has no class sub-folders.")
     files, left_out = select_classes(files, found, classes, root)
+    refuse_two_labels(files, root)
     scan = verify(files, placeholders, desc=f"checking {root.name}")
     wanted = found if classes is None else classes
     empty = sorted(set(wanted) - set(scan.images.label))

@@ -26,8 +26,9 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from benchmark.data.cache import file_fingerprint, files_key, reusable
+from benchmark.data.cache import clear_partials, file_fingerprint, files_key, reusable
 from benchmark.data.loading import ManifestDataModule, Normalize, SplitLoaders
+from benchmark.runtime.files import read_json, write_aside, write_text_aside
 
 log = logging.getLogger("benchmark")
 
@@ -98,19 +99,19 @@ def _cached(
             return torch.from_numpy(array), 0.0
         start = time.perf_counter()
         array = compute().numpy()
-        partial = file.with_suffix(".partial.npy")
-        np.save(partial, array)
-        partial.rename(file)
+        # Written aside in a new file (never through a planted link), then renamed into place.
+        clear_partials(file)
+        write_aside(file, lambda handle: np.save(handle, array))
         # Written last: the done-marker, naming what the features were computed from.
         marker = {**file_fingerprint(file), "inputs": inputs}
-        file.with_suffix(".json").write_text(json.dumps(marker, default=str))
+        write_text_aside(file.with_suffix(".json"), json.dumps(marker, default=str))
         return torch.from_numpy(array), time.perf_counter() - start
 
 
 def _load(file: Path, inputs: dict[str, object]) -> np.ndarray | None:
     """The intact cache file's features, or None (said in a warning) if it was built from
     other inputs (or by a version that did not record them) or is not a float array."""
-    recorded = json.loads(file.with_suffix(".json").read_text()).get("inputs")
+    recorded = (read_json(file.with_suffix(".json")) or {}).get("inputs")
     expected = json.loads(json.dumps(inputs, default=str))  # tuples as JSON lists
     if recorded != expected:
         differ = sorted(k for k in expected if (recorded or {}).get(k) != expected[k])

@@ -72,6 +72,11 @@ class DevicePool:
     GPUs ("0,1", "2,3"; GPUs left over are not used), or `workers` CPU slots (None)."""
 
     def __init__(self, gpus: list[int], workers: int, gpus_per_cell: int = 1) -> None:
+        if workers < 1:  # an empty pool would wait forever for a free slot
+            raise ValueError(
+                f"hydra.launcher.workers={workers}: the number of cells run at once without a "
+                "GPU must be 1 or more; set hydra.launcher.workers=1 (or more)."
+            )
         if gpus_per_cell < 1 or (gpus and len(gpus) < gpus_per_cell):
             raise ValueError(
                 f"hydra.launcher.gpus_per_cell={gpus_per_cell}, but the GPUs are {gpus}: "
@@ -104,6 +109,9 @@ class Running:
     folder: Path
     config: DictConfig
     started: float
+    # The cell's folder's clock when it started (its fresh cell.log's mtime): an outcome file
+    # older than that is an earlier launch's, not this cell's.
+    since_ns: int = 0
 
 
 class CellProcessLauncher(Launcher):
@@ -137,6 +145,12 @@ class CellProcessLauncher(Launcher):
 
         from benchmark.tracking.server import TrackingUnreachable
 
+        gpus = visible_gpus() if self.gpus is None else list(self.gpus)
+        try:
+            pool = DevicePool(gpus, self.workers, self.gpus_per_cell)
+        except ValueError as error:  # one line, before any cell or store
+            log.error("%s", error)
+            raise SystemExit(2) from None
         try:
             store.experiment_id(
                 identity.store_uri(self.config.tracking.uri), self.config.tracking.experiment
@@ -146,8 +160,6 @@ class CellProcessLauncher(Launcher):
             raise SystemExit(1) from None
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        gpus = visible_gpus() if self.gpus is None else list(self.gpus)
-        pool = DevicePool(gpus, self.workers, self.gpus_per_cell)
         slots = " | ".join(map(str, pool.free))
         where = f"GPUs {slots}" if gpus else f"{self.workers} CPU worker(s)"
         log.info("Launching %d cells on %s", len(job_overrides), where)
@@ -246,6 +258,7 @@ class CellProcessLauncher(Launcher):
             env["CUDA_VISIBLE_DEVICES"] = slot
         command = [sys.executable, "-m", "benchmark", *overrides, f"hydra.run.dir={folder}"]
         with open(folder / "cell.log", "w") as output:
+            since_ns = os.fstat(output.fileno()).st_mtime_ns  # the file system's clock, now
             process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
         device = f"GPU {slot}" if slot is not None else "CPU"
         log.info(
@@ -256,12 +269,19 @@ class CellProcessLauncher(Launcher):
             progress.status(),
             " ".join(filter_overrides(overrides)),
         )
-        return Running(process, index, overrides, slot, folder, config, time.time())
+        return Running(process, index, overrides, slot, folder, config, time.time(), since_ns)
 
     def _outcome(self, cell: Running) -> CellOutcome:
         """What the cell reported. One that died before it could say is failed, with the signal
-        or exit code, and the MLflow run it had started is ended FAILED with that reason."""
-        if (cell.folder / OUTCOME_FILE).is_file():
+        or exit code, and the MLflow run it had started is ended FAILED with that reason. An
+        outcome file written before the cell started (an earlier launch's, in the same sweep
+        folder, e.g. with rerun=true) is not this cell's word: it is replaced by what happened."""
+        file = cell.folder / OUTCOME_FILE
+        try:
+            said_ns: int | None = file.stat().st_mtime_ns if file.is_file() else None
+        except OSError:
+            said_ns = None
+        if said_ns is not None and said_ns >= cell.since_ns:
             return CellOutcome.load(cell.folder, " ".join(cell.overrides))
         from benchmark.tracking import identity, store
 
@@ -276,7 +296,10 @@ class CellProcessLauncher(Launcher):
             log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
             run_id = None
         error = f"{reason}; see {cell.folder / 'cell.log'}"
-        return CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
+        outcome = CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
+        if said_ns is not None:  # an earlier launch's word there: replaced by what happened
+            outcome.save(cell.folder)
+        return outcome
 
     def _end_runs_left_running(self, returns: Sequence[JobReturn]) -> None:
         """A cell that failed because the tracking server went away could neither end nor tag

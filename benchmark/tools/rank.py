@@ -138,7 +138,7 @@ def log_scores(spec: CellSpec, scores: dict[str, float]) -> str:
         **identity.git_tags(),
     }
     with mlflow.start_run(experiment_id=experiment, tags=tags, log_system_metrics=False) as run:
-        mlflow.log_params(identity.run_params(spec))
+        mlflow.log_params(identity.redact_all(identity.run_params(spec)))
         mlflow.log_metrics(scores)
     return run.info.run_id
 

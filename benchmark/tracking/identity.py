@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -61,7 +62,11 @@ PARENT_RUN_ENV = "BENCHMARK_PARENT_RUN_ID"
 # Params a cell logs beside its config's (run_params): what its data and path turned out to be.
 # The report reads these names and the config's own keys (tests/test_boundary.py checks that every
 # `params.<key>` it reads is one of them, so a renamed key breaks a test, not a report's column).
+# The dataset's images by content (path, label, bytes), the same for every seed: the report
+# tells a user's datasets apart by it (`content_labels`), not by their folders' names.
+DATA_PARAM = "data_sha256"
 LOGGED_PARAMS = (
+    DATA_PARAM,
     "n_train",
     "n_val",
     "n_test",
@@ -130,13 +135,153 @@ def tracking_uri(spec: CellSpec) -> str:
 
 # The userinfo of any URI in a text (`http://user:secret@host` -> `http://***@host`).
 _USERINFO = re.compile(r"(?<=://)[^/?#\s'\"]*@")
+MASK = "***"
+# Variables that hold secrets: those the harness's stores, clouds and downloads read, and any
+# environment-style name (upper case) that says it holds one: PASSWORD, PASSWD, SECRET, TOKEN,
+# CREDENTIAL(S), APIKEY / API_KEY anywhere in it, or ending in _KEY (AWS_SECRET_ACCESS_KEY,
+# AZURE_STORAGE_ACCESS_KEY, KAGGLE_KEY...).
+SECRET_VARIABLES = frozenset(
+    {
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "DATABRICKS_TOKEN",
+        "KAGGLE_KEY",
+        "HF_TOKEN",
+    }
+)
+_SECRET_NAME = (
+    r"[A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIALS?|APIKEY|API_KEY)[A-Z0-9_]*"
+    r"|[A-Z0-9_]*_KEY|" + "|".join(sorted(SECRET_VARIABLES))
+)
+# `NAME=value`, `NAME: value`, `"NAME": "value"`, `'NAME': 'value'` with a secret's name: the
+# value, quoted or not (after `=`: up to a blank; after `:`, as YAML writes it: the line's rest).
+_SECRET_SETTING = re.compile(
+    rf"(?<![A-Za-z0-9_])(?P<name>{_SECRET_NAME})(?![A-Za-z0-9_])"
+    r"(?P<sep>[\"']?[ \t]*(?P<op>[:=])[ \t]*)"
+    r"(?:\"(?P<dq>[^\"\n]*)\"|'(?P<sq>[^'\n]*)'|(?P<bare>[^\s'\"][^\n]*))"
+)
+# A secret variable's value is masked wherever it appears, once it is this long (a shorter one
+# would mask common words).
+MIN_SECRET_CHARS = 8
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a variable (or a config key's last part) named so holds a secret."""
+    return re.fullmatch(_SECRET_NAME, name.rsplit(".", 1)[-1]) is not None
+
+
+def _masked_setting(match: re.Match[str]) -> str:
+    head = match["name"] + match["sep"]
+    if match["dq"] is not None:
+        return f'{head}"{MASK}"'
+    if match["sq"] is not None:
+        return f"{head}'{MASK}'"
+    if match["op"] == "=":  # an override or a shell-style setting: the value ends at a blank
+        rest = match["bare"]
+        end = len(rest.split(maxsplit=1)[0])
+        return f"{head}{MASK}{rest[end:]}"
+    return f"{head}'{MASK}'"  # YAML: `***` unquoted would be an alias
+
+
+def _secret_values() -> list[str]:
+    """The values of the secret variables set in this process, longest first."""
+    values = {
+        value
+        for name, value in os.environ.items()
+        if len(value) >= MIN_SECRET_CHARS and is_secret_name(name)
+    }
+    return sorted(values, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """`text` with the userinfo of every URI in it masked: what is logged or stored of a
-    tracking URI (params, config artifacts, log lines) never carries its password or token.
-    Credentials belong in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN."""
-    return _USERINFO.sub("***@", text)
+    """`text` with every secret in it masked: the userinfo of every URI (what is logged or
+    stored of a tracking URI never carries its password or token), the value set for any
+    secret variable (`+hydra.job.env_set.MLFLOW_TRACKING_PASSWORD=...` in Hydra's hydra.yaml,
+    `KAGGLE_KEY: ...`; see SECRET_VARIABLES) and the value of each such variable set in the
+    environment, wherever it appears. Credentials belong in MLFLOW_TRACKING_USERNAME /
+    _PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    text = _SECRET_SETTING.sub(_masked_setting, _USERINFO.sub(f"{MASK}@", text))
+    for value in _secret_values():
+        text = text.replace(value, MASK)
+    return text
+
+
+def redact_all(value: object, key: str = "") -> object:
+    """`value` (a dict of params, a config) with every string in it through `redact`, and the
+    value of every key named as a secret (is_secret_name) masked whole."""
+    if isinstance(value, Mapping):
+        return {k: redact_all(item, str(k)) for k, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_all(item, key) for item in value]
+    if key and value is not None and is_secret_name(key):
+        return MASK
+    return redact(value) if isinstance(value, str) else value
+
+
+class Redacting(logging.Filter):
+    """On a logger: each record's message (and traceback) through `redact`, before any handler
+    (the terminal, a cell's `__main__.log`) writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it itself
+            return True
+        if (masked := redact(message)) != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            trace = logging.Formatter().formatException(record.exc_info)
+            if (masked := redact(trace)) != trace:
+                record.exc_text = masked
+        return True
+
+
+# The loggers whose lines the harness writes: its own, and Hydra's launchers', which log each
+# cell's overrides (a tracking URI with a password, an env_set secret). A filter on a logger
+# sees only its own records, not its children's: each is named.
+REDACTED_LOGGERS = (
+    "benchmark",
+    __name__,
+    "benchmark.data.sources",
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+)
+
+
+def redact_logs() -> None:
+    """Install the `Redacting` filter on REDACTED_LOGGERS, once (idempotent)."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Redacting) for f in logger.filters):
+            logger.addFilter(Redacting())
+
+
+redact_logs()  # every process of the harness imports this module before it logs
+
+
+def content_labels(labels: pd.Series, runs: pd.DataFrame) -> pd.Series:
+    """The report's dataset `labels` of `runs` (params.* columns), with a user's datasets (a
+    label other than params.dataset: imagefolder:photos) told apart by content. Where runs with
+    one label ran on different data (DATA_PARAM; a run from before it was logged: its folder or
+    file), each gets `@` and its data's first 8 hex digits (or `@<folder>`): two folders named
+    alike (projA/photos, projB/photos), or one whose images changed, are never pooled."""
+    labels = labels.astype(object).copy()
+    own = labels.ne(runs["params.dataset"]) & labels.notna()
+    content = pd.Series(None, index=runs.index, dtype=object)
+    if f"params.{DATA_PARAM}" in runs:
+        digests = runs[f"params.{DATA_PARAM}"]
+        content = digests.map(lambda d: d[:8] if isinstance(d, str) else None).astype(object)
+    for key in ("params.dataset.root", "params.dataset.file"):
+        if key in runs:
+            content = content.where(content.notna(), runs[key].astype(object))
+    for label, rows in content[own].groupby(labels[own], dropna=False):
+        if rows.nunique(dropna=False) > 1:
+            labels[rows.index] = str(label) + "@" + rows.astype(str)
+    return labels
 
 
 def cell_name(spec: CellSpec) -> str:

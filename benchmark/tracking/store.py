@@ -34,6 +34,7 @@ from benchmark.tracking.identity import (
     SCHEMA_TAG,
     SCHEMA_VERSION,
     read_outcome,
+    redact,
 )
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
@@ -199,7 +200,7 @@ def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> li
     for run in running:
         if (reason := gone_reason(run.data.tags)) is not None:
             reason = _said_error(run.data.tags) or reason
-            client.set_tag(run.info.run_id, "error", reason)
+            client.set_tag(run.info.run_id, "error", redact(reason))
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
             ended.append(run.info.run_id)
     return ended
@@ -236,7 +237,7 @@ def settle_failed_run(run_file: Path, reason: str) -> str | None:
     if not (running or (failed and guessed)):
         return None
     if guessed:
-        client.set_tag(run_id, "error", reason[:5000])
+        client.set_tag(run_id, "error", redact(reason)[:5000])
     if running:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
     return run_id
