@@ -34,17 +34,19 @@ grid:  ## the 4-cell Hymenoptera grid of the README
 ui:  ## MLflow's UI on the project's store
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI)
 
-report:  ## results/report.{md,csv,tex,html} from the runs in MLflow
-	$(BIN)/python -m benchmark.report --tracking-uri $(TRACKING_URI) --out results
+# Into a git-ignored folder: only `make results` writes the committed results/report.*.
+REPORT_DIR ?= reports
+report:  ## $(REPORT_DIR)/report.{md,csv,tex,html} (default reports/, git-ignored) from the runs in MLflow
+	$(BIN)/python -m benchmark.report --tracking-uri $(TRACKING_URI) --out $(REPORT_DIR)
 
 CHROMIUM ?= chromium
-# Renders the report already there (make results or make report wrote it): it must not rewrite
-# results/report.* from another store first.
-report-check:  ## render results/report.html in headless Chromium -> results/report.png
+# Renders the report `make report` wrote (REPORT_DIR=results: the one `make results` wrote): it
+# must not rewrite a report from another store first.
+report-check:  ## render $(REPORT_DIR)/report.html in headless Chromium -> $(REPORT_DIR)/report.png
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
 	  --disable-background-networking --disable-component-update --disable-sync \
-	  --user-data-dir=$$(mktemp -d) --window-size=1200,3000 \
-	  --screenshot=$(CURDIR)/results/report.png file://$(CURDIR)/results/report.html
+	  --user-data-dir=$$(mktemp -d) --window-size=1280,3000 \
+	  --screenshot=$(CURDIR)/$(REPORT_DIR)/report.png file://$(CURDIR)/$(REPORT_DIR)/report.html
 
 UI_STORE ?= $(TRACKING_URI)
 ui-check:  ## the MLflow UI in headless Chromium (needs chromium, chromium-driver, selenium)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -32,6 +33,7 @@ from benchmark.report.tables import (
     column_names,
     cost_table,
     latest_per_seed,
+    load_predictions,
     load_ranks,
     load_runs,
     split_note,
@@ -42,11 +44,22 @@ from benchmark.report.tables import (
 from benchmark.report.trust import (
     DEFAULT_RULE,
     DIAGNOSES,
+    MIXED_COMMITS_MARK,
     Check,
     ConvergenceRule,
     Diagnosis,
     code_summary,
     run_diagnoses,
+)
+from benchmark.report.verdicts import (
+    BETTER,
+    EQUIVALENT,
+    TRAINS_VS_FROZEN,
+    VerdictRule,
+    cell_intervals,
+)
+from benchmark.report.verdicts import (
+    verdicts as decide,
 )
 from benchmark.runtime.progress import progress
 from benchmark.tracking.identity import RANK_SCORES, store_uri
@@ -222,9 +235,160 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
     return agreement.round(3) if not agreement.empty else agreement
 
 
+@dataclass(frozen=True)
+class Decided:
+    """The primary contrasts (`verdicts.verdicts`), the verdict-first table made of them, and
+    the rule they were decided by."""
+
+    contrasts: pd.DataFrame
+    headline: pd.DataFrame
+    rule: VerdictRule
+
+    def note(self) -> str:
+        return verdict_note(self.rule)
+
+    def details(self) -> pd.DataFrame:
+        """Every primary contrast, one line each: the verdicts' family."""
+        c = self.contrasts
+        shown = pd.DataFrame(
+            {
+                "dataset": c.dataset,
+                "colour": c.colour,
+                "contrast": c.kind,
+                "difference a - b, interval": [_difference(r) for r in c.itertuples()],
+                "level": c.level.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"),
+                "p (Holm)": c.p_holm.map(lambda v: "" if pd.isna(v) else f"{v:.2g}"),
+                "seeds": c.seeds,
+                "images": c.images.map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
+                "verdict": c.text,
+                "interval from": c.source,
+            }
+        )
+        if c.backbone.nunique() > 1:
+            shown.insert(2, "backbone", c.backbone)
+        return shown
+
+
+def verdict_note(rule: VerdictRule) -> str:
+    """How the verdicts above the tables were reached, in one paragraph."""
+    return (
+        "Verdicts: per dataset x colour, the best strategy that trains the backbone (finetune, "
+        "lp_ft, partial, two_stage) against the best that does not (freeze, linear_probe, "
+        "freeze_bn_train), each chosen by its mean test accuracy over seeds: the verdict is "
+        "conditional on that choice, made on the same data. With each tuned column against its "
+        "untuned self (under the table), these are the row's declared family; Holm's correction "
+        "(statsmodels) runs over it alone, every other comparison is exploratory and in no "
+        "verdict. Intervals: a paired, hierarchical bootstrap "
+        f"({rule.resamples:,} draws, seed {rule.seed}) over seeds and then test images (one "
+        "image draw for every seed and both columns: the test split is shared), the seeds' "
+        "part of each draw scaled to Student's t with seeds - 1 degrees of freedom (a bootstrap "
+        "over a few seeds alone claims too much), at the level Holm tests the contrast at; "
+        "runs without per-image predictions draw their images "
+        "binomially from test_acc x n_test (said per contrast). "
+        f"Better: Holm rejects no difference at alpha={rule.alpha:g}. Equivalent within "
+        f"±{rule.margin:g} (--margin; one test image in {1 / rule.margin:.0f}): the "
+        "(1 - 2alpha/m) interval lies inside ±δ (two one-sided tests). Otherwise undecided, with "
+        "about how many more seeds would decide it at the variance seen."
+    )
+
+
+def _difference(row: object) -> str:
+    difference, low, high = (getattr(row, k) for k in ("difference", "ci_low", "ci_high"))
+    if pd.isna(difference):
+        return ""
+    if pd.isna(low):
+        return f"{difference:+.3f}"
+    return f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def headline(contrasts: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The verdict-first table: per row with a trains-vs-frozen contrast, the recommendation
+    (the better column, or equivalent, or undecided with the seeds that would decide it), the
+    difference with its interval, the paired seeds and the marks of the cells it rests on."""
+    first = contrasts[contrasts.kind == TRAINS_VS_FROZEN]
+    done = table[table.n > 0].assign(column=column_names(table[table.n > 0]))
+    marks = {
+        (r.dataset, r.colour, r.backbone, r.column): " ".join(
+            m for m in (r.marks, MIXED_COMMITS_MARK if r.mixed_commits else "") if m
+        )
+        for r in done.itertuples()
+    }
+    rows = []
+    for r in first.itertuples():
+        if r.verdict == BETTER:
+            said = str(r.winner)
+        elif r.verdict == EQUIVALENT:
+            said = f"equivalent within ±{r.margin:g}"
+        else:
+            more = "" if pd.isna(r.more_seeds) else f", ~{r.more_seeds:.0f} more seeds"
+            more = ", seeds alone will not" if "would not" in r.text else more
+            said = f"undecided{more}"
+        behind = "; ".join(
+            f"{c}: {m}"
+            for c in (r.a, r.b)
+            if (m := marks.get((r.dataset, r.colour, r.backbone, c), ""))
+        )
+        rows.append(
+            {
+                "recommendation": said,
+                "dataset": r.dataset,
+                "colour": r.colour,
+                "backbone": r.backbone,
+                "a (trains) vs b (frozen)": f"{r.a} vs {r.b}",
+                "difference a - b, interval": _difference(r),
+                "seeds": r.seeds,
+                "diagnoses": behind,
+            }
+        )
+    columns = ["recommendation", "dataset", "colour", "backbone", "a (trains) vs b (frozen)"]
+    columns += ["difference a - b, interval", "seeds", "diagnoses"]
+    out = pd.DataFrame(rows, columns=columns)
+    if out.backbone.nunique() <= 1:
+        out = out.drop(columns="backbone")
+    return out
+
+
+def decided(
+    counted: pd.DataFrame, table: pd.DataFrame, uri: str, rule: VerdictRule
+) -> tuple[Decided, pd.DataFrame]:
+    """The verdicts of the counted FINISHED runs and `table` with each cell's bootstrap
+    interval (`boot_low`, `boot_high`, `boot_source`)."""
+    counted = counted.assign(column=column_names(counted))
+    predictions = load_predictions(counted, uri)
+    contrasts = decide(counted, predictions, rule)
+    contrasts = contrasts.assign(margin=rule.margin)
+    intervals = cell_intervals(counted, predictions, GROUP, rule)
+    table = table.merge(intervals, on=GROUP, how="left")
+    return Decided(contrasts, headline(contrasts, table), rule), table
+
+
+def _verdicts_markdown(decided: Decided, names: tuple[str, ...]) -> str:
+    """The verdict-first table and its rule: what report.md opens with (no "## " heading above
+    the accuracy table, which readers of report.md find as the first section)."""
+    if decided.headline.empty:
+        return (
+            "**Verdicts**: none yet (no row has both a strategy that trains the backbone and "
+            "one that does not, each with FINISHED seeds).\n\n"
+        )
+    shown = escape_names(decided.headline, (*names, "recommendation", "a (trains) vs b (frozen)"))
+    return f"**Verdicts**\n\n{shown.to_markdown(index=False)}\n\n{decided.note()}\n\n"
+
+
+def _contrasts_markdown(decided: Decided, names: tuple[str, ...]) -> str:
+    details = decided.details()
+    if details.empty:
+        return ""
+    shown = escape_names(details, (*names, "verdict"))
+    return (
+        "## Primary contrasts (the verdicts' family; Holm per row)\n\n"
+        f"{shown.to_markdown(index=False)}\n\n"
+    )
+
+
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
     footnote: str, predicted: pd.DataFrame | None = None, notes: Sequence[str] = (),
+    decided: Decided | None = None,
 ) -> list[Path]:  # fmt: skip
     accuracy, cost = accuracy_table(table), cost_table(table)
     bold = bold_best(table, accuracy)
@@ -248,10 +412,13 @@ def write_tables(
     predicted = None if predicted is None else escape_names(predicted, names)
     paths[0].write_text(
         "# Transfer learning: test accuracy per cell\n\n"
-        f"Source: `{source}`.\n\n{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
+        f"Source: `{source}`.\n\n"
+        + (_verdicts_markdown(decided, names) if decided is not None else "")
+        + f"{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
         + "".join(f"{escape(note)}\n\n" for note in notes)
         + (f"{footnote}\n\n" if footnote else "")
-        + "## Paired comparisons (same seeds, so the same splits)\n\n"
+        + (_contrasts_markdown(decided, names) if decided is not None else "")
+        + "## Exploratory: every comparable pair (paired t-tests, not in the verdicts)\n\n"
         + f"{pairs_note(verdicts)}\n\n"
         + lines
         + "\n\n"
@@ -283,9 +450,31 @@ def write_tables(
     return paths
 
 
+def _verdicts_html(decided: Decided | None) -> str:
+    if decided is None:
+        return ""
+    if decided.headline.empty:
+        return "<p><strong>Verdicts</strong>: none yet.</p>"
+    return (
+        "<h2>Verdicts</h2>"
+        + decided.headline.to_html(index=False, border=0)
+        + f"<p>{html.escape(decided.note())}</p>"
+    )
+
+
+def _contrasts_html(decided: Decided | None) -> str:
+    if decided is None or decided.contrasts.empty:
+        return ""
+    return (
+        "<details><summary>Primary contrasts (the verdicts' family; Holm per row)</summary>"
+        + decided.details().to_html(index=False, border=0)
+        + "</details>"
+    )
+
+
 def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
-    footnote: str, uri: str, notes: Sequence[str] = (),
+    footnote: str, uri: str, notes: Sequence[str] = (), decided: Decided | None = None,
 ) -> Path:  # fmt: skip
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
@@ -329,13 +518,20 @@ figcaption {{ color: #555; font-size: 0.9rem; }}
 </style></head><body>
 <h1>Transfer learning: test accuracy per cell</h1>
 <p>Source: <code>{html.escape(source)}</code></p>
+{_verdicts_html(decided)}
+<h2>Test accuracy per cell</h2>
 <p>{html.escape(RULES)}</p>
 {accuracy_table(table).to_html(index=False, border=0)}
+<details><summary>Notes on the table (diagnoses, code, splits)</summary>
 {"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
 <p>{html.escape(footnote)}</p>
-<h2>Paired comparisons</h2>
+</details>
+{_contrasts_html(decided)}
+<details><summary>Exploratory: every comparable pair (paired t-tests, not in the verdicts)
+</summary>
 <p>{html.escape(pairs_note(verdicts))}</p>
 <ul>{verdict_list}</ul>
+</details>
 <h2>Cost per cell</h2>
 {cost_table(table).to_html(index=False, border=0, na_rep="")}
 {f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else ""}
@@ -398,8 +594,27 @@ def main(argv: list[str] | None = None) -> int:
         default=ConvergenceRule.overfit_drop,
         help="see --overfit-train-acc (‖)",
     )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=VerdictRule.margin,
+        help="δ: a difference in accuracy within ±δ is equivalent for the verdicts (default "
+        "0.02, one test image in 50)",
+    )
+    parser.add_argument(
+        "--bootstrap-resamples",
+        type=int,
+        default=VerdictRule.resamples,
+        help="draws of the seeds x test images bootstrap behind the verdicts' intervals",
+    )
+    parser.add_argument(
+        "--bootstrap-seed", type=int, default=VerdictRule.seed, help="the bootstrap's RNG seed"
+    )
     args = parser.parse_args(argv)
     try:
+        verdict_rule = VerdictRule(
+            margin=args.margin, resamples=args.bootstrap_resamples, seed=args.bootstrap_seed
+        )
         rule = ConvergenceRule(
             args.min_train_acc,
             args.rising_epochs,
@@ -443,13 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     counted = counted[counted.status == "FINISHED"]
     notes = [*trust_notes(table, rule), code_summary(counted)]
     notes = [note for note in notes if note]
+    verdicts_, table = decided(counted, table, uri, verdict_rule)
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )
     predicted = ranking_before_training(table, uri, args.experiment)
     written = [
-        *write_tables(table, verdicts, ranking, args.out, source, footnote, predicted, notes),
-        write_html(table, runs, verdicts, args.out, source, footnote, uri, notes),
+        *write_tables(
+            table, verdicts, ranking, args.out, source, footnote, predicted, notes, verdicts_
+        ),
+        write_html(table, runs, verdicts, args.out, source, footnote, uri, notes, verdicts_),
     ]
     for path in written:
         print(f"wrote {path}")

@@ -10,6 +10,7 @@ different commits): report/trust.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,10 @@ from benchmark.tracking.identity import (
     LOGGED_PARAMS,
     RANK_SCORES,
     SCHEMA_TAG,
+    content_labels,
     is_volatile,
 )
-from benchmark.tracking.store import end_stale_runs
+from benchmark.tracking.store import artifact_file, end_stale_runs
 
 CELL = list(CELL_PARAMS)
 GROUP = [*CELL, "variant"]  # one experiment: runs that differ only in their seed
@@ -226,6 +228,7 @@ def load_runs(
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS, "tune_s"]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
     wanted |= {"params.tune.trials": "tune_trials", "params.tune.reuse_seed": "tune_reuse_seed"}
+    wanted |= {"params.tune.name": "tune_name"}
     wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error", "params.test_split": "test_split"}
@@ -253,6 +256,25 @@ _TAGS = {f"tags.{t}" for t in (HARNESS_TAG, SCHEMA_TAG, KIND_TAG, DEBUG_TAG)}
 _PARAMS = {f"params.{p}" for p in (*CELL, "seed")}
 
 
+PREDICTIONS = "test_predictions.json"  # the cell's per-image test predictions (mlflow.log_table)
+
+
+def load_predictions(runs: pd.DataFrame, uri: str) -> dict[str, pd.DataFrame]:
+    """Per run that logged `test_predictions.json` (columns path, label, predicted), its test
+    images and whether each was predicted right: run_id -> frame (`path`, `correct`). Runs from
+    before the cell logged it are absent (the verdicts fall back to test_acc x n_test)."""
+    out = {}
+    for run in runs.itertuples():
+        file = artifact_file(uri, str(run.run_id), str(run.artifact_uri), PREDICTIONS)
+        if file is None:
+            continue
+        table = json.loads(file.read_text())
+        frame = pd.DataFrame(table["data"], columns=table["columns"])
+        correct = frame.label.astype(str).eq(frame.predicted.astype(str))
+        out[str(run.run_id)] = pd.DataFrame({"path": frame.path.astype(str), "correct": correct})
+    return out
+
+
 def dataset_labels(runs: pd.DataFrame) -> pd.Series:
     """The study's datasets by name; a user's own by its folder or file (imagefolder:my_photos),
     so two folders are two rows."""
@@ -261,7 +283,7 @@ def dataset_labels(runs: pd.DataFrame) -> pd.Series:
         if key in runs:
             own = runs["params.dataset"].eq(name) & runs[key].notna()
             labels[own] = name + ":" + runs.loc[own, key].map(lambda p: Path(p).name)
-    return labels
+    return content_labels(labels, runs)  # two datasets in folders named alike: @<content>
 
 
 def backbone_labels(runs: pd.DataFrame) -> pd.Series:
@@ -276,27 +298,48 @@ def backbone_labels(runs: pd.DataFrame) -> pd.Series:
 def variants(runs: pd.DataFrame) -> pd.Series:
     """For runs of one dataset x colour x strategy x backbone made with different settings (the
     tag cell_group: the config less the seed), the keys that differ, as `key=value, ...`; empty
-    when there is one setting. Such runs are separate rows, never averaged together."""
+    when no row has two settings of that strategy x backbone. Such runs are separate columns,
+    never averaged together. The keys are chosen over the whole report (those that tell two
+    settings of a strategy x backbone apart in any row) and say every row's setting of them, so
+    one setting has one label, in every row: a lone 2-epoch finetune in one row sits in the
+    same column as the 2-epoch finetune beside a 10-epoch one in another."""
     label = pd.Series("", index=runs.index, dtype=object)
     logged = [c for c in runs.columns if c.startswith("params.")]
     params = [c for c in logged if _is_setting(c.removeprefix("params."))]
     keys = ["params.dataset", *dataset_keys(runs), *[f"params.{c}" for c in CELL[1:]]]
     keys += [k for k in ("params.protocol",) if k in runs]  # a protocol is compared, not a variant
     group = f"tags.{CELL_GROUP_TAG}"
+    column = ["params.strategy", "params.backbone"]
+    cells = []
+    differ: dict[tuple, set[str]] = {}
     for _, cell in runs.groupby(keys, dropna=False):
-        if cell[group].nunique() < 2:
-            continue
         # Each group as its latest run says it (an older run may predate a key, or be superseded).
         latest = cell.sort_values("start_time").drop_duplicates(group, keep="last")
         first = latest.set_index(group)[params].astype(object)
         # A key one run logged as null and another (older code) did not log is the same setting.
         first = first.where(first.notna() & first.ne("None"), "default")
-        differ = _variant_keys(first, params)
+        where = tuple(cell[column].iloc[0])
+        cells.append((cell, first, where))
+        if cell[group].nunique() > 1:
+            differ.setdefault(where, set()).update(_variant_keys(first, params))
+    for cell, first, where in cells:
+        said_keys = _tune_keys(sorted(differ.get(where, ())))
         for key, row in first.iterrows():
-            said = (_setting(c.removeprefix("params."), row[c]) for c in differ)
-            text = ", ".join(s for s in said if s)
-            label[cell.index[cell[group] == key]] = text
+            said = (_setting(c.removeprefix("params."), row[c]) for c in said_keys)
+            label[cell.index[cell[group] == key]] = ", ".join(s for s in said if s)
     return label
+
+
+def _tune_keys(differ: list[str]) -> list[str]:
+    """`_variant_keys`' order and its tune group rule, on keys gathered from several rows."""
+    if f"params.{TUNE_CHOICE}" in differ:
+        keep = {TUNE_CHOICE, *TUNE_OWN}
+        differ = [
+            c
+            for c in differ
+            if not c.startswith("params.tune.") or c.removeprefix("params.") in keep
+        ]
+    return sorted(differ, key=lambda c: (c != f"params.{TUNE_CHOICE}", c))
 
 
 def dataset_keys(runs: pd.DataFrame) -> list[str]:
@@ -508,6 +551,7 @@ def column_names(table: pd.DataFrame) -> pd.Series:
         column = [table.strategy.astype(str), table.backbone.astype(str), variant]
         trials = trials.groupby(column, dropna=False).transform("max")
         tuned = trials.notna() & ~variant.str.contains("tune.trials=", regex=False)
+        tuned &= ~table.strategy.isin(EXEMPT_STRATEGIES)  # linear_probe: its C grid, no trials
         names = names.where(~tuned, names + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
     return names
 
