@@ -12,8 +12,9 @@ import json
 import os
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, Protocol, SupportsInt, cast
 
 import hydra
 import matplotlib
@@ -26,6 +27,7 @@ import mlflow.data
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Run, RunData, RunInfo, RunStatus
 from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -35,6 +37,14 @@ from benchmark.tracking import identity, store
 from benchmark.tracking.result import CellResult
 
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's contexts
+
+
+class RankZeroOnly(Protocol):
+    """Lightning's `rank_zero_only` decorator as Lightning uses it: it keeps the process's global
+    rank as an attribute (from the environment at import, then from the strategy), which the
+    decorator's own type does not declare."""
+
+    rank: int
 
 
 def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
@@ -61,7 +71,7 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     """The cell's run, nested under its sweep's run when there is one: FINISHED when the block
     completes, FAILED (the error as the tag `error`, the traceback as `error.txt`) when anything
     inside raises. A heartbeat says the process is alive while the block runs."""
-    if rank_zero_only.rank != 0:
+    if cast(RankZeroOnly, rank_zero_only).rank != 0:
         mlflow.set_tracking_uri(identity.tracking_uri(spec))  # for its Lightning logger
         yield _other_rank_run()
         return
@@ -94,7 +104,7 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
             os.environ.pop(identity.RUN_ID_ENV, None)
 
 
-def _heartbeat(uri: str, run_id: str) -> callable:
+def _heartbeat(uri: str, run_id: str) -> Callable[[], None]:
     """A daemon thread that tags the run as alive every store.HEARTBEAT_S; returns its stop."""
     stop = threading.Event()
     client = mlflow.MlflowClient(uri)
@@ -129,7 +139,7 @@ def split_datasets(spec: CellSpec, manifest: Manifest) -> dict[str, mlflow.data.
     """Each split as an MLflow dataset: its rows of the manifest, digest = the manifest hash."""
     frames = manifest.relative_frame()
     return {
-        split: mlflow.data.from_pandas(
+        split: from_pandas(
             frames[frames.split == split].reset_index(drop=True),
             source=str(manifest.root),
             targets="label",
@@ -170,7 +180,7 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
     log_splits(split_datasets(spec, manifest))
 
 
-def _redacted(value: object) -> object:
+def _redacted(value: Mapping[str, Any]) -> dict[str, Any]:
     """`value` (a dict of params, a config) with every secret in it masked
     (identity.redact_all): a tracking URI's password, a secret variable's value."""
     return identity.redact_all(value)
@@ -217,6 +227,8 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
         mlflow.log_metrics(result.convergence)
     if result.tuned is not None:
         mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
+        if result.tune_s is None or result.tune_val_acc is None:
+            raise ValueError("A tuned cell's result lacks the tuning's time or best val_acc.")
         mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})
         if result.tune_reused_from:  # no trials of its own: the donor run has them
             donor = result.tune_reused_from
@@ -257,7 +269,7 @@ def log_trials(
         {
             "tune_trials_completed": states.count("COMPLETE"),
             "tune_trials_pruned": states.count("PRUNED"),
-            "tune_epochs_run": sum(int(row["epochs"]) for row in trials),
+            "tune_epochs_run": sum(int(cast(SupportsInt, row["epochs"])) for row in trials),
             **budget,
         }
     )
@@ -270,6 +282,8 @@ def log_checkpoint(spec: CellSpec, checkpoint: str) -> str:
     """The checkpoint selected on validation as an MLflow logged model of the run (the UI's
     Models column), its weights the Lightning checkpoint file."""
     run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_checkpoint logs into the cell's MLflow run, and none is active.")
     model = mlflow.initialize_logged_model(
         name=f"{spec.backbone.name}-{spec.strategy.name}",
         source_run_id=run.info.run_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import pandas as pd
@@ -33,6 +33,7 @@ from benchmark.models.classifier import (
     MinSteps,
     StartCandidate,
     TrainThroughput,
+    TransferClassifier,
     make_model,
     progress_callbacks,
     recipe_callbacks,
@@ -125,6 +126,8 @@ def compute_cell(
     if spec.probe_head:  # LP-FT: the linear probe on the frozen backbone's features first
         lp, build_s["feature_build_s"] = probe_first(spec, data, backbone, channels_last)
     if spec.probe:
+        if features is None:  # input_kind gives a probe the features, always
+            raise RuntimeError(f"{spec.name}: the linear probe has no features to fit on.")
         fitted = probe(spec, features, data.classes)
     else:
         fitted = fit_and_test(spec, data, backbone, features, run, channels_last, callbacks, lp)
@@ -285,7 +288,7 @@ class FitInputs:
     values, and the Trainer arguments the cell's config does not give."""
 
     datamodule: L.LightningDataModule
-    build: Callable[[CellSpec], L.LightningModule]
+    build: Callable[[CellSpec], TransferClassifier]
     fitted_on: Backbone
     trainer_args: dict[str, Any]
 
@@ -312,7 +315,7 @@ def fit_inputs(
         trainer_args["precision"] = "32-true"
     fitted_head = linear_head(lp.model, len(data.classes)) if lp is not None else None
 
-    def build(cell: CellSpec) -> L.LightningModule:
+    def build(cell: CellSpec) -> TransferClassifier:
         model = make_model(cell.strategy, cell.head, cell.optim, fitted_on, len(data.classes))
         if fitted_head is not None:  # the rules guarantee a linear head
             model.head[-1].load_state_dict(fitted_head)
@@ -412,10 +415,15 @@ def fit_and_test(
         logger=mlflow_run.lightning_loggers(spec, run),
         default_root_dir=spec.paths.output_dir,
     )
-    fitted = torch.compile(model) if spec.speed.compile else model
+    # torch.compile wraps the model in an OptimizedModule (typed as a plain callable), which
+    # Trainer.fit and .test take in place of the LightningModule (Lightning unwraps it); the
+    # results are read from `model` itself.
+    fitted = cast(L.LightningModule, torch.compile(model)) if spec.speed.compile else model
     trainer.fit(fitted, datamodule=inputs.datamodule)
     chosen = select(checkpoint, start, convergence, trainer)  # before the test adds metrics
     trainer.test(fitted, datamodule=inputs.datamodule, ckpt_path=chosen.checkpoint)
+    if model.test_confusion is None:  # the test epoch's end computes it
+        raise RuntimeError(f"{spec.name}: the test pass left no confusion matrix.")
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
     scores["best_val_acc"] = chosen.best_val_acc

@@ -27,8 +27,9 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import SupportsFloat, SupportsInt, cast
 
 import lightning as L
 import optuna
@@ -41,7 +42,7 @@ from benchmark.config.schema import Pruner, TuneConfig
 from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import recipe_callbacks
-from benchmark.models.features import FeatureSet
+from benchmark.models.features import FeatureDataModule
 from benchmark.models.trainer import build_trainer
 from benchmark.tracking import identity, store
 from benchmark.tracking.resume import cell_identity
@@ -75,14 +76,17 @@ class BestValAcc(Callback):
 
 def without_test(datamodule: L.LightningDataModule) -> L.LightningDataModule:
     """The same data with the test split removed, for the trials."""
-    trial = copy.copy(datamodule)
     if isinstance(datamodule, ManifestDataModule):
-        trial.manifest = datamodule.manifest[datamodule.manifest.split != "test"]
-    else:  # FeatureDataModule
-        features: FeatureSet = datamodule.features
+        images = copy.copy(datamodule)
+        images.manifest = datamodule.manifest[datamodule.manifest.split != "test"]
+        return images
+    if isinstance(datamodule, FeatureDataModule):
+        features = datamodule.features
         targets = {**features.targets, "test": features.targets["test"][:0]}
-        trial.features = replace(features, test=features.test[:0], targets=targets)
-    return trial
+        cached = copy.copy(datamodule)
+        cached.features = replace(features, test=features.test[:0], targets=targets)
+        return cached
+    raise TypeError(f"Tuning reads images or cached features, not a {type(datamodule).__name__}.")
 
 
 LR_RANGE = (1e-4, 0.3)
@@ -93,12 +97,18 @@ def search_space(spec: CellSpec) -> dict[str, tuple[float, float]]:
     """Config key -> (low, high), sampled log-uniformly: the learning rate and the weight decay
     for every strategy alike, and the backbone's rate factor where the backbone trains."""
     space = {
-        "strategy.lr": tuple(spec.tune.lr_range or LR_RANGE),
-        "optim.weight_decay": tuple(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE),
+        "strategy.lr": low_high(spec.tune.lr_range or LR_RANGE),
+        "optim.weight_decay": low_high(spec.tune.weight_decay_range or WEIGHT_DECAY_RANGE),
     }
     if not spec.head_only and spec.tune.backbone_lr_factor_range:  # how fast, against the head
-        space[spec.backbone_lr_factor_key] = tuple(spec.tune.backbone_lr_factor_range)
+        space[spec.backbone_lr_factor_key] = low_high(spec.tune.backbone_lr_factor_range)
     return space
+
+
+def low_high(bounds: Sequence[float]) -> tuple[float, float]:
+    """A range as (low, high), from a config's [low, high] (the rules check it has two)."""
+    low, high = bounds
+    return low, high
 
 
 def trial_epochs(spec: CellSpec) -> int:
@@ -180,6 +190,12 @@ def trials_table(study: optuna.Study) -> list[dict[str, object]]:
     return rows
 
 
+def choice_key(row: dict[str, object]) -> tuple[float, int]:
+    """A trial's place in the choice (trials_table's row): its best val_acc, then the earlier
+    trial."""
+    return cast(float, row["val_acc"]), -int(cast(SupportsInt, row["number"]))
+
+
 def choose(
     spec: CellSpec,
     datamodule: L.LightningDataModule,
@@ -228,19 +244,23 @@ def choose(
             study.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    startup = {"n_startup_trials": spec.tune.startup_trials} if spec.tune.startup_trials else {}
-    sampler = optuna.samplers.TPESampler(seed=spec.seed, **startup)
+    startup = spec.tune.startup_trials
+    sampler = (
+        optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
+        if startup
+        else optuna.samplers.TPESampler(seed=spec.seed)
+    )
     study = optuna.create_study(
         direction="maximize", sampler=sampler, pruner=pruner(spec.tune, epochs)
     )
     study.optimize(objective, n_trials=spec.tune.trials, callbacks=[stop_when_spent])
     table = trials_table(study)
     # The best score among completed and pruned trials alike; ties go to the earlier trial.
-    chosen = max(table, key=lambda row: (row["val_acc"], -int(row["number"])))  # type: ignore[operator]
-    values = {k: float(chosen[k]) for k in space}  # type: ignore[arg-type]
+    chosen = max(table, key=choice_key)
+    values = {k: float(cast(SupportsFloat, chosen[k])) for k in space}
     return Tuned(
         values,
-        float(chosen["val_acc"]),  # type: ignore[arg-type]
+        float(cast(SupportsFloat, chosen["val_acc"])),
         len(table),
         time.perf_counter() - start,
         table=table,

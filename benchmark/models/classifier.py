@@ -208,7 +208,7 @@ class StagedUnfreeze(BaseFinetuning):
             return
         if not isinstance(pl_module, TransferClassifier):
             raise TypeError(
-                f"StagedUnfreeze unfreezes a TransferClassifier's stages, not a "
+                "StagedUnfreeze unfreezes a TransferClassifier's stages, not a "
                 f"{type(pl_module).__name__}'s"
             )
         stages = pl_module.stages

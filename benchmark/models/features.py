@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 import numpy as np
@@ -85,7 +86,9 @@ def extract(
     )
     backbone.eval()
     batches = trainer.predict(FeatureExtractor(backbone, data.normalize), loader)
-    return torch.cat(batches)
+    if batches is None:  # Lightning returns None only with return_predictions=False
+        raise RuntimeError("Feature extraction: the Trainer's predict loop returned no features.")
+    return torch.cat(cast(list[torch.Tensor], batches))  # one loader: a tensor per batch
 
 
 def _cached(
@@ -158,7 +161,11 @@ def feature_set(
     paths = sorted(frame.path)
     weights = weights_digest(backbone)
     key = files_key(paths, json.dumps(identity, sort_keys=True), weights)
-    inputs = {"backbone": weights, "images": images_digest(frame), "transform": identity}
+    inputs: dict[str, object] = {
+        "backbone": weights,
+        "images": images_digest(frame),
+        "transform": identity,
+    }
     plain, build_s = _cached(
         folder / f"{key}.npy",
         lambda: extract(data, trainer, backbone, paths, augment=False),

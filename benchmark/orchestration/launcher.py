@@ -320,9 +320,9 @@ class CellProcessLauncher(Launcher):
         except server.TrackingUnreachable as error:
             log.warning("%s The runs of the failed cells may stay RUNNING.", error)
             return
-        for run_file, error in failed:
+        for run_file, reason in failed:
             try:
-                if (run_id := store.settle_failed_run(run_file, error)) is not None:
+                if (run_id := store.settle_failed_run(run_file, reason)) is not None:
                     log.info("\tRun %s of %s ended FAILED, with its error", run_id, run_file.parent)
             except Exception:
                 log.warning("Could not end the MLflow run of %s", run_file.parent, exc_info=True)
@@ -330,14 +330,14 @@ class CellProcessLauncher(Launcher):
     def _finish(
         self,
         overrides: Sequence[str],
-        config: DictConfig | None,
-        folder: Path | None,
+        config: DictConfig,
+        folder: Path,
         outcome: CellOutcome,
     ) -> JobReturn:
         job = JobReturn(
             overrides=list(overrides),
             cfg=config,
-            working_dir=str(folder) if folder else None,
+            working_dir=str(folder),
             status=JobStatus.COMPLETED,
         )
         job.return_value = outcome

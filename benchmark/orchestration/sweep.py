@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -30,6 +30,14 @@ OUTCOME_FILE = identity.OUTCOME_FILE
 STATES = ("finished", "skipped", "failed")
 # Where Lightning reads a process's rank from: without any of them, the process is rank 0.
 DISTRIBUTED_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+class RankZeroOnly(Protocol):
+    """Lightning's `rank_zero_only` decorator as Lightning uses it: it keeps the process's global
+    rank as an attribute (from those variables at import, then from the strategy), which the
+    decorator's own type does not declare."""
+
+    rank: int
 
 
 @dataclass
@@ -47,7 +55,7 @@ class CellOutcome:
             # Lightning (and torch) to say what they say.
             from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-            if rank_zero_only.rank != 0:
+            if cast(RankZeroOnly, rank_zero_only).rank != 0:
                 return
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f".{OUTCOME_FILE}.{os.getpid()}"  # a reader never sees half a file
@@ -60,10 +68,12 @@ class CellOutcome:
         said = identity.read_outcome(folder)
         if said == {}:
             return CellOutcome(cell, "failed", error=f"ended without an outcome; see {folder}")
-        try:
-            return CellOutcome(**said)
-        except TypeError:  # damaged (None), or not an outcome's fields
-            error = f"its outcome file {folder / OUTCOME_FILE} is damaged; see {folder}"
+        error = f"its outcome file {folder / OUTCOME_FILE} is damaged; see {folder}"
+        if said is None:  # damaged
+            return CellOutcome(cell, "failed", error=error)
+        try:  # the file's JSON values as they are (a missing or unknown field fails here)
+            return CellOutcome(**cast(dict[str, Any], said))
+        except TypeError:  # not an outcome's fields
             return CellOutcome(cell, "failed", error=error)
 
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import mlflow
 import pandas as pd
@@ -179,7 +180,7 @@ def study_loop(args: argparse.Namespace) -> dict[str, float]:
             for images, targets in val:
                 images, targets = images.to(device), targets.to(device)
                 hits += int((model(images).argmax(1) == targets).sum())
-        best = max(best, hits / len(val.dataset))
+        best = max(best, hits / len(cast(StudyFolder, val.dataset)))
         seconds.append(time.perf_counter() - start)
     return {
         "epoch_s": sum(seconds) / len(seconds),

@@ -149,8 +149,8 @@ def configs(overrides: list[str]) -> list[CellSpec]:
     choices = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
         if o.is_sweep_override()
-        else [o.input_line]
-        for o in parsed
+        else [line]  # as given (Hydra's input_line)
+        for o, line in zip(parsed, overrides, strict=True)
     ]
     register_configs()
     with initialize_config_dir(str(identity.PROJECT_DIR / "conf"), version_base="1.3"):

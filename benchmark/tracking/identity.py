@@ -20,6 +20,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, overload
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
@@ -210,6 +211,10 @@ def redact(text: str) -> str:
     return text
 
 
+@overload
+def redact_all(value: Mapping[str, Any], key: str = "") -> dict[str, Any]: ...
+@overload
+def redact_all(value: object, key: str = "") -> object: ...
 def redact_all(value: object, key: str = "") -> object:
     """`value` (a dict of params, a config) with every string in it through `redact`, and the
     value of every key named as a secret (is_secret_name) masked whole."""
