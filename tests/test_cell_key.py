@@ -19,8 +19,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 GRID = PROJECT / "results" / "grid" / "mlflow.db"
 DATA = "0" * 64  # a fixed data digest: these keys pin the config part alone
 
-# The strategies whose BatchNorm policy protocol v2 changed (bn=eval -> bn=frozen): their keys
-# before it are those of `strategy.bn=eval` now (the same config, the same computation).
+# lp_ft, whose BatchNorm policy protocol v2 changed (bn=eval -> bn=frozen): its keys before it
+# are those of `strategy.bn=eval` now (the same config, the same computation). For the others
+# the override is their default (the keys pinned before protocol v2 are unchanged).
 BN_BEFORE_V2 = "strategy.bn=eval"
 
 FAIR_BEFORE_V2 = ("tune.trials=8", "tune.budget_fraction=null")
@@ -28,8 +29,7 @@ FAIR_BEFORE_V2 = ("tune.trials=8", "tune.budget_fraction=null")
 # Config overrides -> the key `identity.cell_key(cfg, DATA)` gives (the older ones: as it gave
 # before the redesign of issue 22).
 PINNED = {
-    # protocol v2 (bn=frozen, tune=fair's budget in trial-epochs)
-    (): ("9b48ae3cca352fce9bc71bcf0c6cffe1367dfcc5fad2e216a0079b507a345ea2"),
+    # protocol v2 (lp_ft's bn=frozen, tune=fair's budget in trial-epochs)
     ("strategy=lp_ft", "tune=fair"): (
         "c2077a70ac4d818885ff5befc922806e8c102631af27cd79a8123006656c37e0"
     ),
@@ -115,7 +115,7 @@ def test_the_committed_grid_keys_are_what_a_relaunch_computes(
         if reuse is not None:  # the fair grid: make results' tune=fair tune.reuse_seed=0,
             # with tune=fair as it was before protocol v2's budget in trial-epochs
             ours += ["tune=fair", f"tune.reuse_seed={reuse}", *FAIR_BEFORE_V2]
-        if strategy in ("finetune", "lp_ft"):  # run before protocol v2's bn=frozen
+        if strategy == "lp_ft":  # run before protocol v2's bn=frozen
             ours.append(BN_BEFORE_V2)
         cfg = make_cfg(
             f"colour={colour}",

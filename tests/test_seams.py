@@ -18,12 +18,6 @@ from tests.stubs import quiet_trainer, stub_backbone, synthetic_data
 TRIAL = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
 
-# The stub's BatchNorm statistics were never learnt (mean 0, variance 1): kept frozen, as
-# strategy=finetune keeps a pretrained backbone's, they would not normalise its features, and it
-# would not learn in a few epochs; with batch statistics (bn=eval) it does.
-STUB_BN = "strategy.bn=eval"
-
-
 def model_for(spec):
     return make_model(spec.strategy, spec.head, spec.optim, stub_backbone(), 2)
 
@@ -102,8 +96,7 @@ def test_convergence_reports_the_last_epoch_and_the_best_one(make_cfg):
     convergence = Convergence()
     trainer = quiet_trainer(max_epochs=3, callbacks=[convergence])
     trainer.fit(
-        model_for(make_cfg("strategy=finetune", "strategy.lr=0.05", STUB_BN)),
-        datamodule=synthetic_data(),
+        model_for(make_cfg("strategy=finetune", "strategy.lr=0.05")), datamodule=synthetic_data()
     )
     metrics = convergence.metrics(trainer)
     assert metrics["epochs_run"] == 3 and 0 <= metrics["best_val_epoch"] <= 2
@@ -138,7 +131,6 @@ def test_the_pruner_stops_a_hopeless_trial_on_the_stub(make_cfg, monkeypatch):
     monkeypatch.setattr(tune.optuna, "create_study", seeded)
     spec = make_cfg(
         "strategy=finetune",
-        STUB_BN,
         "tune=fair",
         "tune.trials=3",
         "tune.epochs_fraction=0.5",

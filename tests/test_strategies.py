@@ -48,16 +48,20 @@ def batchnorm_modes(model: TransferClassifier) -> dict[int, set[bool]]:
     return modes
 
 
-def test_finetune_trains_every_parameter_and_keeps_batchnorm_statistics(lite0):
-    model = classifier(lite0, trainable_stages=None)  # bn=frozen, protocol v2's default
+def test_finetune_trains_every_parameter(lite0):
+    model = classifier(lite0, trainable_stages=None)  # bn=eval: batch statistics where it trains
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(modes == {True} for modes in batchnorm_modes(model).values())
+
+
+def test_frozen_batchnorm_keeps_imagenet_statistics_while_everything_trains(lite0):
+    model = classifier(lite0, trainable_stages=None, bn="frozen")  # lp_ft's
     assert all(p.requires_grad for p in model.parameters())
     assert all(modes == {False} for modes in batchnorm_modes(model).values())
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     before = [bn.running_mean.clone() for bn in bns]
     model(torch.randn(4, 3, 224, 224))
     assert all(torch.equal(a, bn.running_mean) for a, bn in zip(before, bns, strict=True))
-    with_batch_statistics = classifier(lite0, trainable_stages=None, bn="eval")
-    assert all(modes == {True} for modes in batchnorm_modes(with_batch_statistics).values())
 
 
 def test_freeze_trains_only_the_head_and_keeps_batchnorm_statistics(lite0):

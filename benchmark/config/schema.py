@@ -128,10 +128,11 @@ class StrategyConfig:
     # Backbone stages that train, counted from the top: None all (finetune), 0 none (freeze),
     # k the top k (partial). Stages are defined per backbone family by output stride.
     trainable_stages: int | None = None
-    # BatchNorm while training: `frozen` keeps ImageNet statistics everywhere; `eval` in the
-    # frozen parts only (the training stages normalise by batch and update their statistics);
-    # `train` lets every part drift with the new data, as the study's "freeze" did.
-    bn: BatchNorm = BatchNorm.frozen
+    # BatchNorm while training: `eval` keeps ImageNet statistics in the frozen parts (the
+    # training stages normalise by batch and update theirs); `frozen` keeps them everywhere
+    # (lp_ft: its head was fitted on those features); `train` lets every part drift with the
+    # new data, as the study's "freeze" did.
+    bn: BatchNorm = BatchNorm.eval
     lr: float = 1e-3
     # two_stage: at this epoch, unfreeze the top `unfreeze_stages` stages (None: all) and train
     # them at lr x unfreeze_lr_factor, the head going on at its own lr.

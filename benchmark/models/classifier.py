@@ -64,7 +64,7 @@ class TransferClassifier(L.LightningModule):
         num_features: int,
         num_classes: int,
         trainable_stages: int | None = None,
-        bn: BatchNorm = BatchNorm.frozen,
+        bn: BatchNorm = BatchNorm.eval,
         lr: float = 1e-3,
         optim: OptimConfig | None = None,
         head: HeadConfig | None = None,
