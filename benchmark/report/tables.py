@@ -180,15 +180,7 @@ def _variant_keys(first: pd.DataFrame, params: list[str]) -> list[str]:
     (`tune=fair`), never what tuning chose."""
     differ = [c for c in params if first[c].astype(str).nunique() > 1]
     differ = [c for c in differ if not c.removeprefix("params.").startswith(TUNE_OUTCOMES)]
-    if f"params.{TUNE_CHOICE}" in differ:
-        keep = {TUNE_CHOICE, *TUNE_OWN}
-        differ = [
-            c
-            for c in differ
-            if not c.startswith("params.tune.") or c.removeprefix("params.") in keep
-        ]
-    # In one order whatever order the store lists params in: the tune group first, as typed.
-    return sorted(differ, key=lambda c: (c != f"params.{TUNE_CHOICE}", c))
+    return _tune_keys(differ)
 
 
 def load_runs(
@@ -331,7 +323,9 @@ def variants(runs: pd.DataFrame) -> pd.Series:
 
 
 def _tune_keys(differ: list[str]) -> list[str]:
-    """`_variant_keys`' order and its tune group rule, on keys gathered from several rows."""
+    """A `tune` group's keys by its name, never what tuning chose; in one order whatever order
+    the store lists params in: the tune group first, as typed (also on keys gathered from
+    several rows)."""
     if f"params.{TUNE_CHOICE}" in differ:
         keep = {TUNE_CHOICE, *TUNE_OWN}
         differ = [
