@@ -343,7 +343,7 @@ def tuned_values(spec: CellSpec, inputs: FitInputs) -> tune.Tuned | None:
 
 
 @dataclass
-class Selection:
+class Chosen:
     """The checkpoint chosen on validation (the start when no epoch beat it) and the fit's
     convergence metrics."""
 
@@ -352,16 +352,19 @@ class Selection:
     convergence: dict[str, float]
 
 
-def select(checkpoint: ModelCheckpoint, start: StartCandidate, convergence: Convergence,
-           trainer: L.Trainer) -> Selection:  # fmt: skip
+def select(
+    checkpoint: ModelCheckpoint, start: StartCandidate, convergence: Convergence, trainer: L.Trainer
+) -> Chosen:
     """The best epoch's checkpoint, or the start's when it scored at least as well (ties: the
     start, the earlier candidate)."""
-    best = checkpoint.best_model_score
-    start_won = start.wins(None if best is None else float(best))
+    best = None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)
+    start_won = start.wins(best)
     converged = convergence.metrics(trainer, start_won) | start.scores
     if start_won:
-        return Selection(str(start.path), start.scores["start_val_acc"], converged)
-    return Selection(checkpoint.best_model_path, float(best), converged)  # type: ignore[arg-type]
+        return Chosen(str(start.path), start.scores["start_val_acc"], converged)
+    if best is None:
+        raise RuntimeError("no epoch was validated: nothing to choose a checkpoint from")
+    return Chosen(checkpoint.best_model_path, best, converged)
 
 
 def fit_and_test(
