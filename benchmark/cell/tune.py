@@ -196,6 +196,12 @@ def choice_key(row: dict[str, object]) -> tuple[float, int]:
     return cast(float, row["val_acc"]), -int(cast(SupportsInt, row["number"]))
 
 
+def epochs_spent(study: optuna.Study) -> int:
+    """Trial-epochs run so far: each trial reports once per epoch it validated (EpochsRun), the
+    last epoch of a pruned trial too."""
+    return sum(len(trial.intermediate_values) for trial in study.trials)
+
+
 def choose(
     spec: CellSpec,
     datamodule: L.LightningDataModule,
@@ -209,11 +215,11 @@ def choose(
     data = without_test(datamodule)
     space = search_space(spec)
     epochs, budget = trial_epochs(spec), budget_epochs(spec)
-    spent = [0]  # trial-epochs run so far
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in space.items()}
-        length = min(epochs, budget - spent[0])  # the last trial gets what the budget has left
+        # The last trial gets what the budget has left.
+        length = min(epochs, budget - epochs_spent(trial.study))
         trial_spec = compressed(with_values(spec, values), length)
         L.seed_everything(spec.seed, workers=True, verbose=False)
         best = BestValAcc()
@@ -232,15 +238,12 @@ def choose(
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        try:
-            trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
-        finally:
-            spent[0] += run.step  # epochs validated, the last one of a pruned trial too
+        trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
         log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)
         return best.value
 
     def stop_when_spent(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if spent[0] >= budget:
+        if epochs_spent(study) >= budget:
             study.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
