@@ -53,6 +53,7 @@ PINNED = {
         "dataset=simpsons",
         "dataset.classes=null",
         "dataset.official_test=null",  # before protocol v2's native test split (false)
+        "dataset.shift_test=null",  # before the shift split (simpsons.yaml: true)
         BN_BEFORE_V2,
     ): ("39f2180199e9f9f633c6a9562f96d81fc5474dd4be0407297dda9bf8299c2a03"),
 }

@@ -84,12 +84,17 @@ def test_simpsons_from_simpsons_dataset(shared_data):
 
 def test_simpsons_tests_on_native_frames_by_default(make_cfg, shared_data):
     """Composed as a cell is: the test split is carved from the native frames (validation's
-    distribution), maggie included; Kaggle's downscaled set is dataset.official_test=true."""
+    distribution), maggie included; Kaggle's downscaled set is only the `shift` split (a second
+    test), less its copies of native frames, or the test split with dataset.official_test=true."""
     cfg = make_cfg("dataset=simpsons", "dataset.classes=null")
-    assert cfg.dataset.official_test is False
+    assert cfg.dataset.official_test is False and cfg.dataset.shift_test
     built = build_manifest(cfg.dataset, shared_data, 0)
     assert built.test_split == "carved"
-    assert not built.frame.path.str.contains("kaggle_simpson_testset").any()
+    official = built.frame.path.str.contains("kaggle_simpson_testset")
+    assert (built.frame.split[official] == "shift").all()
+    assert 100 < official.sum() < 195  # some are near-duplicates of native frames: left out
+    left_out = built.skipped[built.skipped.path.str.contains("kaggle_simpson_testset")]
+    assert len(left_out) == 195 - official.sum() and left_out.reason.str.contains("pic_").all()
     test = built.frame[built.frame.split == "test"].label.value_counts()
     assert set(test.index) == {f"{c}_simpson" for c in ("bart", "homer", "lisa", "maggie", "marge")}
     assert abs(len(built.frame[built.frame.split == "test"]) - 0.2 * 1298) < 15  # whole groups

@@ -32,11 +32,12 @@ from mlflow.entities import Run, RunData, RunInfo, RunStatus
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from benchmark.config.spec import CellSpec
-from benchmark.data.manifest import Manifest
+from benchmark.data.manifest import SHIFT, Manifest
 from benchmark.tracking import identity, store
 from benchmark.tracking.result import CellResult
 
-SPLITS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's contexts
+# MLflow's contexts; `shift`: a second test split of another distribution (dataset.shift_test).
+SPLITS = {"train": "training", "val": "validation", "test": "testing", SHIFT: "testing (shift)"}
 
 
 class RankZeroOnly(Protocol):
@@ -147,6 +148,7 @@ def split_datasets(spec: CellSpec, manifest: Manifest) -> dict[str, mlflow.data.
             digest=manifest.sha256[:16],
         )
         for split in SPLITS
+        if split != SHIFT or (frames.split == split).any()
     }
 
 
@@ -168,6 +170,7 @@ def log_identity(spec: CellSpec, manifest: Manifest) -> None:
             # left out for being near-duplicates of an official split's
             "n_merged_groups": manifest.merged_groups,
             "n_removed_near_duplicates": manifest.removed_across_splits,
+            "n_shift": int(counts.get(SHIFT, 0)),
         }
     )
     mlflow.log_dict(_redacted(spec.as_dict()), "config.yaml")
@@ -244,6 +247,8 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
         mlflow.log_table(table, "probe_c_grid.json")
     if result.test_predictions is not None:  # the report's bootstrap over test images
         mlflow.log_table(result.test_predictions, "test_predictions.json")
+    if result.shift_predictions is not None:  # the same, for the shift test
+        mlflow.log_table(result.shift_predictions, "shift_predictions.json")
     mlflow.log_dict(
         {"classes": result.classes, "matrix": result.confusion}, "confusion_matrix.json"
     )

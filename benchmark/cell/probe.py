@@ -33,6 +33,10 @@ class ProbeResult:
     iterations: int  # the chosen model's L-BFGS iterations
     model: Pipeline  # the chosen model: standardisation, then the logistic regression
     test_predicted: list[int]  # the class predicted for each test image, in the split's order
+    # The same model on the second test split (dataset.shift_test): accuracy, loss, predictions.
+    shift_acc: float | None = None
+    shift_loss: float | None = None
+    shift_predicted: list[int] | None = None
 
 
 def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> ProbeResult:
@@ -49,24 +53,39 @@ def fit_probe(features: FeatureSet, c_grid: list[float], num_classes: int) -> Pr
     scores = {c: float(np.mean(m.predict(val_x) == val_y)) for c, m in models.items()}
     best = max(scores, key=lambda c: (scores[c], -c))
     val_loss = float(log_loss(val_y, models[best].predict_proba(val_x), labels=range(num_classes)))
-    test_x, test_y = features.test.numpy(), features.targets["test"].numpy()
-    probabilities = models[best].predict_proba(test_x)
-    predicted = probabilities.argmax(1)
+    test_acc, test_loss, predicted = _scored(models[best], features, "test", num_classes)
+    test_y = features.targets["test"].numpy()
     confusion = multiclass_confusion_matrix(
-        torch.from_numpy(predicted), torch.from_numpy(test_y), num_classes
+        torch.from_numpy(np.asarray(predicted)), torch.from_numpy(test_y), num_classes
     )
-    return ProbeResult(
+    result = ProbeResult(
         c=best,
         val_acc=scores[best],
         val_loss=val_loss,
-        test_acc=float(np.mean(predicted == test_y)),
-        test_loss=float(log_loss(test_y, probabilities, labels=range(num_classes))),
+        test_acc=test_acc,
+        test_loss=test_loss,
         val_acc_by_c=scores,
         confusion=confusion,
         iterations=int(models[best][-1].n_iter_.max()),
         model=models[best],
-        test_predicted=predicted.tolist(),
+        test_predicted=predicted,
     )
+    if features.shift is not None:  # the same model on the second test split
+        result.shift_acc, result.shift_loss, result.shift_predicted = _scored(
+            models[best], features, "shift", num_classes
+        )
+    return result
+
+
+def _scored(
+    model: Pipeline, features: FeatureSet, split: str, num_classes: int
+) -> tuple[float, float, list[int]]:
+    """Accuracy, log-loss and the predicted class of each image of a split."""
+    x, y = getattr(features, split).numpy(), features.targets[split].numpy()
+    probabilities = model.predict_proba(x)
+    predicted = probabilities.argmax(1)
+    loss = float(log_loss(y, probabilities, labels=range(num_classes)))
+    return float(np.mean(predicted == y)), loss, predicted.tolist()
 
 
 def linear_head(model: Pipeline, num_classes: int) -> dict[str, torch.Tensor]:

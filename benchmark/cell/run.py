@@ -25,8 +25,8 @@ from benchmark.cell.probe import ProbeResult, fit_probe, linear_head
 from benchmark.config.rules import check
 from benchmark.config.spec import CellSpec, InputKind
 from benchmark.data.cache import build_image_cache
-from benchmark.data.loading import ManifestDataModule, build_augmentation
-from benchmark.data.manifest import Manifest
+from benchmark.data.loading import ManifestDataModule, SplitLoaders, build_augmentation
+from benchmark.data.manifest import SHIFT, Manifest
 from benchmark.models import precision
 from benchmark.models.backbones import Backbone, create_backbone
 from benchmark.models.classifier import (
@@ -96,6 +96,7 @@ class Fitted:
     train_images_per_s: float | None = None
     checkpoint: str | None = None
     test_predicted: list[int] | None = None  # per test image, in the split's order
+    shift_predicted: list[int] | None = None  # the same for the shift split (dataset.shift_test)
     probe_val_acc: dict[float, float] | None = None
     probe_c: float | None = None
     tuned: tune.Tuned | None = None
@@ -156,15 +157,16 @@ def compute_cell(
         optimizer_steps=fitted.optimizer_steps,
         convergence=fitted.convergence,
         test_predictions=test_predictions(manifest, data.classes, fitted.test_predicted),
+        shift_predictions=test_predictions(manifest, data.classes, fitted.shift_predicted, SHIFT),
     )
 
 
 def test_predictions(
-    manifest: Manifest, classes: list[str], predicted: list[int] | None
+    manifest: Manifest, classes: list[str], predicted: list[int] | None, split: str = "test"
 ) -> dict[str, list[str]] | None:
     """Each test image's path (relative to the dataset's root), true and predicted class, in the
     test split's order (the order its loader and its cached features keep)."""
-    test = manifest.relative_frame()[manifest.frame.split == "test"]
+    test = manifest.relative_frame()[manifest.frame.split == split]
     if predicted is None or len(predicted) != len(test):
         return None
     return {
@@ -248,11 +250,15 @@ def cell_features(
 def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
     """strategy=linear_probe: scikit-learn on the CPU, in float64."""
     result = fit_probe(features, list(spec.strategy.probe_c), len(classes))
+    shift = {}
+    if result.shift_acc is not None and result.shift_loss is not None:
+        shift = {"shift_test_acc": result.shift_acc, "shift_test_loss": result.shift_loss}
     return Fitted(
         scores={
             "test_acc": result.test_acc,
             "test_loss": result.test_loss,
             "best_val_acc": result.val_acc,
+            **shift,
         },
         confusion=result.confusion,
         device="cpu",
@@ -261,6 +267,7 @@ def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
         probe_c=result.c,
         optimizer_steps=result.iterations,
         test_predicted=result.test_predicted,
+        shift_predicted=result.shift_predicted,
     )
 
 
@@ -429,6 +436,11 @@ def fit_and_test(
         raise RuntimeError(f"{spec.name}: the test pass left no confusion matrix.")
     # Logged to the progress bar and callbacks only (logger=False): the result logs them once.
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
+    confusion, predicted = model.test_confusion, predictions(model, trainer)
+    shift = None
+    if not spec.max_eval and (data.manifest.split == SHIFT).any():
+        shift = shift_test(trainer, fitted, model, inputs.datamodule, chosen.checkpoint)
+        scores |= shift[0]
     scores["best_val_acc"] = chosen.best_val_acc
     if lp is not None:  # the probe LP-FT started from, on the same validation split
         scores |= {"lp_val_acc": lp.val_acc, "lp_val_loss": lp.val_loss}
@@ -442,19 +454,45 @@ def fit_and_test(
         precision = f"{spec.trainer['precision']} (features), {precision} (head)"
     return Fitted(
         scores=scores,
-        confusion=model.test_confusion,
+        confusion=confusion,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         precision=precision,
         train_images_per_s=throughput.images_per_s,
         checkpoint=chosen.checkpoint or None,
-        test_predicted=(
-            torch.cat(model.test_predicted).tolist()
-            if model.test_predicted and trainer.world_size == 1
-            else None
-        ),
+        test_predicted=predicted,
+        shift_predicted=shift[1] if shift else None,
         tuned=tuned,
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,
         probe_c=lp.c if lp is not None else None,
         convergence=chosen.convergence,
     )
+
+
+def predictions(model: TransferClassifier, trainer: L.Trainer) -> list[int] | None:
+    """The last test pass's predicted class per image, in the split's order (None when it ran
+    on several devices: each saw a share)."""
+    if not model.test_predicted or trainer.world_size != 1:
+        return None
+    return torch.cat(model.test_predicted).tolist()
+
+
+def shift_test(
+    trainer: L.Trainer,
+    fitted: L.LightningModule,
+    model: TransferClassifier,
+    datamodule: L.LightningDataModule,
+    checkpoint: str,
+) -> tuple[dict[str, float], list[int] | None]:
+    """The chosen checkpoint tested again, on the `shift` split (dataset.shift_test): its
+    scores named shift_test_*, and its predictions. One more test pass, not another fit."""
+    loaders = cast(SplitLoaders, datamodule)
+    loaders.test_split = SHIFT
+    try:
+        trainer.test(fitted, datamodule=datamodule, ckpt_path=checkpoint)
+    finally:
+        loaders.test_split = "test"
+    scores = {
+        f"shift_{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")
+    }
+    return scores, predictions(model, trainer)

@@ -108,7 +108,10 @@ class ImageDataset(Dataset):
 
 
 class SplitLoaders(L.LightningDataModule):
-    """Lightning's three loader hooks, each the `_loader` of its split."""
+    """Lightning's three loader hooks, each the `_loader` of its split; the test hook's split is
+    `test_split` (`shift`: the second test, dataset.shift_test)."""
+
+    test_split = "test"
 
     def _loader(self, split: str) -> DataLoader:
         raise NotImplementedError
@@ -120,7 +123,7 @@ class SplitLoaders(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.test_split)
 
 
 class ManifestDataModule(SplitLoaders):

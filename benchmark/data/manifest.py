@@ -63,8 +63,9 @@ class Manifest:
     test_split: str = "carved"
     # Groups of more than one image (near-duplicates or copies) among the dataset's usable images.
     merged_groups: int = 0
-    # Training or validation images left out because their group holds an image of an official
-    # split that ranks higher (test, then val): they are in `skipped`, with the image named.
+    # Images left out as near-duplicates of a more protected split's: training or validation images
+    # whose group holds an image of an official split that ranks higher (test, then val), and shift
+    # images copying a native one. They are in `skipped`, with the image named.
     removed_across_splits: int = 0
 
     def relative_frame(self) -> pd.DataFrame:
@@ -97,7 +98,7 @@ class Manifest:
     def counts(self) -> pd.DataFrame:
         """Images per class and split, as the study printed them."""
         table = pd.crosstab(self.frame.label, self.frame.split, margins=True, margins_name="all")
-        return table[[c for c in ("train", "val", "test", "all") if c in table]]
+        return table[[c for c in ("train", "val", "test", SHIFT, "all") if c in table]]
 
 
 def _stratified(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> pd.Index:
@@ -168,6 +169,7 @@ def assign_splits(images: pd.DataFrame, cfg: DatasetConfig, seed: int) -> pd.Dat
 
 
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}  # where a duplicated image is kept
+SHIFT = "shift"  # a second test split, scored by the same model (dataset.shift_test)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:
@@ -262,6 +264,28 @@ def one_split_per_group(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     return frame[~moved].reset_index(drop=True), skipped.reset_index(drop=True)
 
 
+def apart_from(
+    shift: pd.DataFrame, native: pd.DataFrame, bits: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The shift split's images less those that copy a native image (the same bytes, or
+    perceptual hashes at most `bits` apart), which are left out with the image named. Each is
+    compared with the native images directly: shift images are never trained on, so chains
+    through their own near-duplicates (small downscaled frames of different characters come
+    close) group nothing."""
+    if shift.empty:
+        return shift, pd.DataFrame({"path": pd.Series(dtype=str), "reason": pd.Series(dtype=str)})
+    hashed = native[native.dhash.notna()] if "dhash" in native else native.iloc[:0]
+    near = np.zeros(len(shift), dtype=bool)
+    if len(hashed) and "dhash" in shift:
+        has = shift.dhash.notna().to_numpy()
+        distances = hash_distances(hash_words(shift.dhash[has]), hash_words(hashed.dhash))
+        near[has] = distances.min(1) <= bits
+    leaked = near | shift.sha256.isin(set(native.sha256)).to_numpy()
+    reasons = [_straddle_reason(row, native) for row in shift[leaked].itertuples()]
+    skipped = pd.DataFrame({"path": shift.path[leaked], "reason": reasons})
+    return shift[~leaked], skipped.reset_index(drop=True)
+
+
 def build_manifest(
     cfg: DatasetConfig, data_root: Path, seed: int, cache_dir: Path | None = None
 ) -> Manifest:
@@ -286,25 +310,32 @@ def build_manifest(
     images = source.scan.images.reset_index(drop=True)
     if "split" not in images:
         images["split"] = "train"
+    # The shift split is set apart first: the native splits are what they would be without it.
+    shifted = images.split == SHIFT
+    images, shift = images[~shifted].reset_index(drop=True), images[shifted]
     official = bool((images.split == "test").any())
     # A group is named by its smallest path as stored (relative): the same on every machine.
-    stored = images.path.map(_relative_to(source.root))
+    relative = _relative_to(source.root)
+    stored = images.path.map(relative)
     images["group"] = stored.groupby(near_duplicate_groups(images, bits)).transform("min")
     merged = int((images.group.value_counts() > 1).sum())
     kept, straddling = one_split_per_group(images)
+    shift, leaked = apart_from(shift.assign(group=shift.path.map(relative)), images, bits)
     manifest = Manifest(
-        assign_splits(kept, cfg, seed),
-        pd.concat([source.scan.skipped, straddling], ignore_index=True),
+        pd.concat([assign_splits(kept, cfg, seed), shift[kept.columns]], ignore_index=True)[
+            ["path", "label", "split", "sha256", "group"]
+        ],
+        pd.concat([source.scan.skipped, straddling, leaked], ignore_index=True),
         source.root,
         "official" if official else "carved",
         merged_groups=merged,
-        removed_across_splits=len(straddling),
+        removed_across_splits=len(straddling) + len(leaked),
     )
     if merged:
         log.info(
             "%s: %d groups of near-duplicate or identical images, each kept in one split "
-            "(dataset.near_duplicate_bits=%s); %d training/validation image(s) left out as "
-            "near-duplicates of images of an official split",
+            "(dataset.near_duplicate_bits=%s); %d image(s) left out as near-duplicates of "
+            "images of a more protected split (test, val, train, then shift)",
             cfg.name,
             merged,
             bits,

@@ -157,8 +157,12 @@ def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
     scan = scan_class_folders(folder, classes=wanted)
     scan = Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True))
     testset = folder.parent / SIMPSONS_TESTSET
-    if cfg.official_test is False or not testset.is_dir():
+    if not testset.is_dir():
         return Source(scan, folder)
+    if cfg.official_test is False:
+        if not cfg.shift_test:
+            return Source(scan, folder)
+        return Source(with_shift_test(scan, testset), folder.parent)
     return Source(with_official_test(scan, testset), folder.parent)
 
 
@@ -166,10 +170,9 @@ SIMPSONS_TESTSET = "kaggle_simpson_testset"
 SIMPSONS_TEST_NAME = re.compile(r"^(?P<label>.+)_\d+$")  # bart_simpson_12.jpg: bart_simpson
 
 
-def with_official_test(train: Scan, testset: Path) -> Scan:
-    """Kaggle's flat test set (`<character>_N.jpg`) as the test split of the characters it
-    covers; characters of training without a test image are left out of every split (one line
-    names them), test images of characters not trained on are left out too."""
+def official_testset(train: Scan, testset: Path) -> Scan:
+    """Kaggle's flat test set (`<character>_N.jpg`): its checked images of the characters
+    trained on, and what it left out (stray files, characters not trained on, unusable files)."""
     entries = sorted(testset.iterdir())
     files = pd.DataFrame({"path": [str(p) for p in entries if p.is_file()]})
     files["label"] = files.path.map(lambda p: SIMPSONS_TEST_NAME.match(Path(p).stem))
@@ -186,6 +189,24 @@ def with_official_test(train: Scan, testset: Path) -> Scan:
     untrained = excluded(
         files.path[named & ~files.label.isin(trained)], "character not in the training classes"
     )
+    return Scan(test.images, pd.concat([stray, untrained, test.skipped], ignore_index=True))
+
+
+def with_shift_test(train: Scan, testset: Path) -> Scan:
+    """The native frames as they are (their test split is carved from them), and Kaggle's test
+    set as the `shift` split: a second test of the same model at the x0.357 resolution."""
+    shift = official_testset(train, testset)
+    native = train.images.assign(split="train")
+    images = pd.concat([native, shift.images.assign(split="shift")], ignore_index=True)
+    return Scan(images, pd.concat([train.skipped, shift.skipped], ignore_index=True))
+
+
+def with_official_test(train: Scan, testset: Path) -> Scan:
+    """Kaggle's test set as the test split of the characters it covers; characters of training
+    without a test image are left out of every split (one line names them), test images of
+    characters not trained on are left out too."""
+    test = official_testset(train, testset)
+    trained = set(train.images.label)
     untested = sorted(trained - set(test.images.label))
     if untested:
         log.warning(
@@ -199,8 +220,7 @@ def with_official_test(train: Scan, testset: Path) -> Scan:
     kept = train.images[~untested_rows].assign(split="train")
     left_out = excluded(train.images.path[untested_rows], f"no test images in {SIMPSONS_TESTSET}")
     images = pd.concat([kept, test.images.assign(split="test")], ignore_index=True)
-    skipped = [train.skipped, left_out, stray, untrained, test.skipped]
-    return Scan(images, pd.concat(skipped, ignore_index=True))
+    return Scan(images, pd.concat([train.skipped, left_out, test.skipped], ignore_index=True))
 
 
 # ---------------------------------------------------------------- Caltech-256

@@ -64,6 +64,7 @@ class FeatureSet:
     test: torch.Tensor
     targets: dict[str, torch.Tensor]
     build_s: float  # seconds spent extracting in this run (0 when all came from the cache)
+    shift: torch.Tensor | None = None  # the second test split's (dataset.shift_test), if any
 
     @property
     def num_features(self) -> int:
@@ -172,7 +173,8 @@ def feature_set(
         inputs,
     )
     row = {path: i for i, path in enumerate(paths)}
-    split = {s: frame[frame.split == s].path.tolist() for s in ("train", "val", "test")}
+    named = ("train", "val", "test", *(["shift"] if (frame.split == "shift").any() else []))
+    split = {s: frame[frame.split == s].path.tolist() for s in named}
     by_split = {s: plain[[row[p] for p in split[s]]] for s in split}
     train = by_split["train"].unsqueeze(0)
     if data.augmentation and views:
@@ -195,7 +197,8 @@ def feature_set(
         train, views_s = _cached(folder / f"{train_key}.views.npy", draw, augmented)
         build_s += views_s
     targets = {s: torch.tensor(data.split(s).targets) for s in split}
-    return FeatureSet(train, by_split["val"], by_split["test"], targets, build_s)
+    shift = by_split.get("shift")
+    return FeatureSet(train, by_split["val"], by_split["test"], targets, build_s, shift)
 
 
 class RandomView(Dataset):
@@ -230,7 +233,10 @@ class FeatureDataModule(SplitLoaders):
         if split == "train":
             dataset: Dataset = RandomView(self.features.train, targets, self.seed)
         else:
-            dataset = TensorDataset(getattr(self.features, split), targets)
+            features = getattr(self.features, split)
+            if features is None:
+                raise ValueError(f"the cached features have no {split} split")
+            dataset = TensorDataset(features, targets)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -42,6 +42,9 @@ class CellResult:
     # Each test image (its path relative to the dataset's root, true and predicted class), for
     # the report's bootstrap over test images; None where the test pass ran on several devices.
     test_predictions: dict[str, list[str]] | None = None
+    # The same for the `shift` split (dataset.shift_test), scored by the same model: its scores
+    # are shift_test_acc and shift_test_loss.
+    shift_predictions: dict[str, list[str]] | None = None
     # Optimizer steps the fit took (Lightning's global_step at its end; linear_probe: the chosen
     # model's L-BFGS iterations).
     optimizer_steps: int | None = None
