@@ -127,7 +127,8 @@ def test_the_shift_test_is_a_second_split_beside_the_native_splits(simpsons_root
 
 
 def test_a_shift_image_that_copies_a_native_frame_is_left_out_of_the_shift_split(simpsons_root):
-    frame_of_bart = simpsons_root / "simpsons" / "simpsons_dataset" / "bart_simpson" / "pic_0000.jpg"
+    bart = simpsons_root / "simpsons" / "simpsons_dataset" / "bart_simpson"
+    frame_of_bart = bart / "pic_0000.jpg"
     testset = simpsons_root / "simpsons" / "kaggle_simpson_testset"
     shutil.copy(frame_of_bart, testset / "bart_simpson_7.jpg")
     native = manifest(simpsons_root, official_test=False)
