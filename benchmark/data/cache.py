@@ -2,11 +2,12 @@
 backbone's resize size, stored as uint8 in one memory-mapped file under `paths.cache_dir`.
 
 Built once (with a progress bar) and reused by every cell, colour mode and seed that needs the
-same images at the same size: the key is the image files (path, size, mtime) and the geometry,
-not the split. The evaluation crop of a cached image is the same pixels as the uncached path's
-(resize then centre crop); training augmentation sees the stored square, i.e. the central crop
-of each photo, not its full width. Pages come from the file on demand, so resident memory does
-not grow with the dataset, and DataLoader workers share them.
+same images at the same size: the key is the image files (path, size, mtime, ctime and inode:
+content replaced under the same size and mtime is a new key) and the geometry, not the split. The
+evaluation crop of a cached image is the same pixels as the uncached path's (resize then centre
+crop); training augmentation sees the stored square, i.e. the central crop of each photo, not its
+full width. Pages come from the file on demand, so resident memory does not grow with the
+dataset, and DataLoader workers share them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from torchvision.transforms import v2 as T
 
 from benchmark.data.images import Preprocess, load_rgb
 from benchmark.data.scan import DatasetError
-from benchmark.runtime.files import commit, open_aside, partials, read_json, write_text_aside
+from benchmark.runtime.files import (
+    commit,
+    make_folder,
+    open_aside,
+    partials,
+    read_json,
+    write_text_aside,
+    writing_in,
+)
 from benchmark.runtime.progress import progress
 
 log = logging.getLogger("benchmark")
@@ -91,11 +100,14 @@ def stored_size(preprocess: Preprocess) -> int:
 
 
 def files_key(paths: list[str], *extra: object) -> str:
-    """Which files, in which state, and how they were stored: a changed file changes the key."""
+    """Which files, in which state, and how they were stored: a changed file changes the key,
+    even one whose content was replaced under its old size and mtime (its ctime, or its inode
+    when another file was renamed over it, is new)."""
     digest = hashlib.sha256(json.dumps([str(e) for e in extra]).encode())
     for path in sorted(paths):
         stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        state = f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+        digest.update(f"{path}\0{state}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -139,12 +151,17 @@ def build_image_cache(
     size = stored_size(preprocess)
     key = files_key(paths, size, preprocess.interpolation)
     folder = cache_dir / "images"
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)  # a read-only or full folder: one line naming it
     file = folder / f"{key}.u8"
-    with FileLock(str(file) + ".lock"):
+    lock = FileLock(str(file) + ".lock")
+    with writing_in(folder):  # the lock file is the first write there
+        lock.acquire()
+    try:
         if reusable(file, "Decoded-image cache"):
             return ImageCache.open(file), 0.0
         return _build(sorted(paths), size, preprocess.interpolation, file, threads)
+    finally:
+        lock.release()
 
 
 def allocate(handle: IO[bytes], file: Path, size: int) -> None:

@@ -29,9 +29,15 @@ import numpy as np
 import pandas as pd
 
 from benchmark.config.schema import DatasetConfig
-from benchmark.data.scan import HASH_BITS, VERDICTS_FILE, DatasetError, remembered_verdicts
+from benchmark.data.scan import (
+    HASH_BITS,
+    VERDICTS_FILE,
+    DatasetError,
+    cache_folder,
+    remembered_verdicts,
+)
 from benchmark.data.sources import PREPARERS
-from benchmark.runtime.files import write_text_aside
+from benchmark.runtime.files import make_folder, write_text_aside
 
 # dataset.near_duplicate_bits=null: perceptual hashes at most this many of HASH_BITS apart are
 # one group (Kaggle's downscaled Simpsons test images are within 16 of their training frames).
@@ -299,7 +305,7 @@ def build_manifest(
             f"perceptual hash), or null for the default {NEAR_DUPLICATE_BITS}."
         )
     verdicts = cache_dir / VERDICTS_FILE if cache_dir else None
-    with remembered_verdicts(verdicts):
+    with cache_folder(cache_dir), remembered_verdicts(verdicts):
         source = PREPARERS[cfg.name](cfg, data_root.expanduser().resolve())
     classes = source.scan.images.label.nunique()
     if classes < 2:
@@ -343,6 +349,6 @@ def build_manifest(
         )
     if cache_dir is not None:
         saved = cache_dir / "manifests" / f"{cfg.name}-{manifest.sha256[:12]}.csv"
-        saved.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(saved.parent)  # a read-only or full folder: one line naming it
         write_text_aside(saved, manifest.csv)  # aside, then renamed: no link followed
     return manifest

@@ -8,12 +8,15 @@ The same decode gives each image its perceptual hash, which groups near-duplicat
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,8 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from benchmark.data.images import to_rgb
-from benchmark.runtime.files import write_aside
+from benchmark.runtime.files import DatasetError as DatasetError  # defined below data: see there
+from benchmark.runtime.files import make_folder, write_aside
 from benchmark.runtime.progress import progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -33,8 +37,10 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 # 256 x 3,072,000 px, 2.4 GB of RGB). A panorama is about 4:1; 20:1 is no photograph.
 MAX_ASPECT_RATIO = 20
 # Verdicts remembered in the cache (`remembered_verdicts`): the version changes with the rules, so
-# a file accepted by older rules is checked again (v3: with each image's perceptual hash).
-VERDICTS_FILE = "verified_files.v3.csv"
+# a file accepted by older rules is checked again (v3: with each image's perceptual hash; v4: each
+# file known by its ctime and inode too, so content replaced under the same size and mtime is
+# checked again).
+VERDICTS_FILE = "verified_files.v4.csv"
 # The perceptual hash: imagehash's difference hash of a 17x16 grey thumbnail, 16 x 16 = 256 bits.
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE
@@ -49,10 +55,12 @@ HASH_SOURCE_PX = 128
 FLAT_SPREAD = 8
 # Folders that archivers add beside the data (macOS zips carry `__MACOSX/`): never a class.
 SYSTEM_FOLDERS = {"__macosx": "macOS archive metadata (__MACOSX), not a class"}
+NOT_UTF8 = (
+    "name is not valid UTF-8 (shown with its undecodable bytes as \\xNN): rename it in UTF-8 "
+    "(e.g. convmv -f latin1 -t utf8 --notest) to use it"
+)
 
-
-class DatasetError(RuntimeError):
-    """The data is missing or unusable; the message says where and how to fix it."""
+log = logging.getLogger("benchmark")
 
 
 @dataclass
@@ -116,6 +124,22 @@ def inspect_image(content: bytes) -> tuple[str | None, str | None]:
         return f"corrupt or truncated image ({error})", None
 
 
+def undecodable(path: Path | str) -> str | None:
+    """None for a path that is valid text; for one whose name holds bytes that are not UTF-8
+    (a file named under another encoding, e.g. Latin-1 `bad\\xff.jpg`), the path as safe text
+    with those bytes as `\\xNN`: Python keeps them as lone surrogates, which no table, CSV or
+    log line can hold, so such a file is skipped under this name."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is no escaped byte
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return None
+
+
 def _candidate(path: Path, placeholders: set[str]) -> str | None:
     """Reason to skip a file without opening it, or None if it should be decoded."""
     name = path.name.lower()
@@ -128,40 +152,126 @@ def _candidate(path: Path, placeholders: set[str]) -> str | None:
     return None
 
 
-# Verdicts of files already decoded, their content digests and perceptual hashes, by (path, size,
-# mtime): a dataset is decoded and hashed once, not per run. Filled from and saved to a CSV by
-# `remembered_verdicts`, with the columns VERDICT_COLUMNS + [PERCEPTUAL_COLUMN] (empty: no hash).
-_VERDICTS: dict[tuple[str, int, int], tuple[str | None, str, str | None]] = {}
+# Verdicts of files already decoded, their content digests and perceptual hashes, by path with
+# the file's state (size, mtime, ctime and inode): a dataset is decoded and hashed once, not per
+# run, and a file whose content was replaced (even under its old size and mtime: a new ctime, or
+# a new inode when renamed over) is checked again. Filled from and saved to a CSV by
+# `remembered_verdicts`, with the columns CACHE_COLUMNS: VERDICT_COLUMNS (as in v3), the
+# PERCEPTUAL_COLUMN (empty: no hash), then the file's ctime and inode (v4).
+FileState = tuple[int, int, int, int]  # st_size, st_mtime_ns, st_ctime_ns, st_ino
+Verdict = tuple[str | None, str, str | None]  # reason (None: usable), sha256, perceptual hash
+_VERDICTS: dict[str, tuple[FileState, Verdict]] = {}
+_CHECKED: set[str] = set()  # paths checked (decoded) since the verdicts were read
 VERDICT_COLUMNS = ["path", "size", "mtime_ns", "reason", "sha256"]
 PERCEPTUAL_COLUMN = "dhash"
+CACHE_COLUMNS = [*VERDICT_COLUMNS, PERCEPTUAL_COLUMN, "ctime_ns", "inode"]
+_NUMBER = re.compile(r"-?[0-9]+")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _remembered(row: list[str]) -> tuple[str, FileState, Verdict] | None:
+    """One line of the verdicts file, or None when it is not one this version wrote."""
+    if len(row) != len(CACHE_COLUMNS):
+        return None
+    path, size, mtime, reason, digest, phash, ctime, inode = row
+    numbers = (size, mtime, ctime, inode)
+    if not path or not all(_NUMBER.fullmatch(n) for n in numbers) or not _DIGEST.fullmatch(digest):
+        return None
+    if (phash and not _DIGEST.fullmatch(phash)) or undecodable(path) or undecodable(reason):
+        return None  # (bytes that were not UTF-8 are read as surrogates)
+    state = (int(size), int(mtime), int(ctime), int(inode))
+    return path, state, (reason or None, digest, phash or None)
+
+
+def _read_verdicts(file: Path) -> bool:
+    """Fill _VERDICTS from `file`; whether it must be rewritten. The cache is a convenience,
+    never a reason to stop: a file that cannot be read, or lines that are not verdicts (edited,
+    damaged on disk), are dropped with one warning naming the file and the first such line, and
+    what they were for is checked again. An older version's file (another header) is just a
+    miss, silently: its files are checked again by today's rules."""
+    bad: list[int] = []
+    try:
+        with file.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            # Line by line: a damaged line (an unclosed quote) cannot swallow the lines after it.
+            lines = enumerate(handle, start=1)
+            header = next(csv.reader([next(lines, (1, ""))[1]]), [])
+            if header != CACHE_COLUMNS:
+                if header and set(header) <= set(CACHE_COLUMNS):
+                    return True  # an older version's verdicts: not trusted, not damaged
+                log.warning(
+                    "%s: the image-check cache's first line is not its header %s: dropped; "
+                    "every file is checked again and the cache is rewritten.",
+                    file,
+                    ",".join(CACHE_COLUMNS),
+                )
+                return True
+            for number, line in lines:
+                try:
+                    row = next(csv.reader([line]), [])
+                except csv.Error:
+                    row = []
+                if (remembered := _remembered(row)) is None:
+                    bad.append(number)
+                else:
+                    path, state, verdict = remembered
+                    _VERDICTS[path] = (state, verdict)
+    except OSError as error:
+        log.warning(
+            "%s: the image-check cache cannot be read (%s): ignored; every file is checked "
+            "again and the cache is rewritten.",
+            file,
+            error.strerror or error,
+        )
+        return True
+    if bad:
+        log.warning(
+            "%s: %d line(s) of the image-check cache are unreadable (line %d first): dropped; "
+            "the files they were for are checked again and the cache is rewritten without them.",
+            file,
+            len(bad),
+            bad[0],
+        )
+    return bool(bad)
+
+
+def _save_verdicts(file: Path) -> None:
+    """The verdicts written to `file`, aside then renamed: cells of a parallel sweep never read
+    a half-written file, and no link planted in the cache folder is followed. A folder that
+    refuses the write is one DatasetError naming it (runtime.files.writing_in)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CACHE_COLUMNS)
+    for path, ((size, mtime, ctime, inode), (reason, digest, phash)) in sorted(_VERDICTS.items()):
+        writer.writerow([path, size, mtime, reason or "", digest, phash or "", ctime, inode])
+    make_folder(file.parent)
+    write_aside(file, lambda handle: handle.write(text.getvalue().encode()))
 
 
 @contextmanager
 def remembered_verdicts(file: Path | None) -> Iterator[None]:
-    """Reuse and extend the verdicts stored in `file` (no file: decode everything)."""
-    columns = [*VERDICT_COLUMNS, PERCEPTUAL_COLUMN]
-    if file is not None and file.is_file():
-        text = {"reason": object, "sha256": object, PERCEPTUAL_COLUMN: object}
-        table = pd.read_csv(file, dtype=text, keep_default_na=False)
-        if set(columns) <= set(table.columns):  # older caches lack digests or hashes: redo them
-            _VERDICTS.update(
-                ((p, int(s), int(m)), (r or None, d, h or None))
-                for p, s, m, r, d, h in table[columns].itertuples(index=False)
-            )
+    """Reuse and extend the verdicts stored in `file` (no file: decode everything). The file
+    is rewritten when a file was checked or a line dropped; when the body fails, what was
+    checked is still kept if the folder allows, and the body's error is the one said."""
+    _VERDICTS.clear()
+    _CHECKED.clear()
+    rewrite = file is not None and file.is_file() and _read_verdicts(file)
     try:
         yield
+    except BaseException:
+        if file is not None and (rewrite or _CHECKED):
+            with suppress(DatasetError):
+                _save_verdicts(file)
+        raise
+    else:
+        if file is not None and (rewrite or _CHECKED):
+            _save_verdicts(file)
     finally:
-        if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            rows = [
-                (*key, reason or "", digest, phash or "")
-                for key, (reason, digest, phash) in _VERDICTS.items()
-            ]
-            # Written aside then renamed: cells of a parallel sweep never read a half-written
-            # file, and no link planted in the cache folder is followed.
-            table = pd.DataFrame(rows, columns=columns)
-            write_aside(file, lambda handle: table.to_csv(handle, index=False))
         _VERDICTS.clear()
+        _CHECKED.clear()
+
+
+def _state(stat: os.stat_result) -> FileState:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def _verdict(path: Path) -> tuple[str | None, str | None, str | None]:
@@ -169,13 +279,19 @@ def _verdict(path: Path) -> tuple[str | None, str | None, str | None]:
     perceptual hash. A file that cannot be read now (dangling or looping symlink, no permission)
     is skipped with the reason but not remembered: once fixed, it is checked again."""
     try:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in _VERDICTS:
-            content = path.read_bytes()  # read once: decoded and hashed
-            reason, phash = inspect_image(content)
-            _VERDICTS[key] = (reason, hashlib.sha256(content).hexdigest(), phash)
-        return _VERDICTS[key]
+        known = _VERDICTS.get(str(path))
+        if known is not None and known[0] == _state(path.stat()):
+            return known[1]
+        with open(path, "rb") as handle:
+            state = _state(os.fstat(handle.fileno()))  # the state of the very file read
+            content = handle.read()  # read once: decoded and hashed
+        reason, phash = inspect_image(content)
+        if reason is not None:  # one line in the cache, the stats output and the logs
+            reason = " ".join(reason.split())
+        verdict = (reason, hashlib.sha256(content).hexdigest(), phash)
+        _VERDICTS[str(path)] = (state, verdict)
+        _CHECKED.add(str(path))
+        return verdict
     except OSError as error:
         return f"unreadable ({error.strerror or error}; fix it and rerun)", None, None
 
@@ -205,13 +321,96 @@ def verify(files: pd.DataFrame, placeholders: Iterable[str] = (), desc: str = ""
     )
 
 
+# The cache folder (paths.cache_dir) of the manifest being built, by real path: set while its
+# dataset is scanned (`cache_folder`), so that a cache kept inside the dataset folder is never a
+# class (its images/ and manifests/ appear after the first cell: the classes would move).
+_CACHE_FOLDERS: set[str] = set()
+_SAID: set[str] = set()
+
+
+@contextmanager
+def cache_folder(folder: Path | None) -> Iterator[None]:
+    """While the body scans a dataset, `folder` (its cache) is not taken for a class folder."""
+    if folder is not None:
+        _CACHE_FOLDERS.add(os.path.realpath(folder))
+    try:
+        yield
+    finally:
+        _CACHE_FOLDERS.clear()
+        _SAID.clear()
+
+
+def _holds_images(folder: Path) -> bool:
+    with suppress(OSError):
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    return False
+
+
+def _current_cache(folder: Path) -> bool:
+    return bool(_CACHE_FOLDERS) and os.path.realpath(folder) in _CACHE_FOLDERS
+
+
+def harness_cache(folder: Path) -> bool:
+    """Whether `folder` is the cache folder of the manifest being built (see `cache_folder`),
+    or another one of the harness's (it holds an image-check cache and no image: a cache folder
+    that was set inside the data before, then moved). The cache folder set to a class folder
+    that holds images is refused: skipped, a class would be lost; scanned, the cache's files
+    would be among its images."""
+    if _current_cache(folder):
+        if _holds_images(folder):
+            raise DatasetError(
+                f"paths.cache_dir is {folder}, a class folder of the dataset (it holds images): "
+                "set paths.cache_dir (BENCHMARK_CACHE_DIR) to a folder outside the data."
+            )
+        return True
+    return (folder / VERDICTS_FILE).is_file() and not _holds_images(folder)
+
+
+def _skip_cache(folder: Path, root: Path) -> None:
+    """A cache folder found among the class folders: skipped, said once in one line. Not
+    listed with the skipped files: it is not the dataset's, and the first cell (before the
+    cache existed) and the next must leave out the same files."""
+    if str(folder) in _SAID:
+        return
+    _SAID.add(str(folder))
+    current = _current_cache(folder)
+    log.warning(
+        "%s is %s, inside the dataset folder %s: skipped, not a class; %s",
+        folder,
+        "the harness's cache folder (paths.cache_dir)"
+        if current
+        else f"a cache folder of the harness (it holds {VERDICTS_FILE})",
+        root,
+        "better set paths.cache_dir (BENCHMARK_CACHE_DIR) to a folder outside the data."
+        if current
+        else "remove it, and keep paths.cache_dir (BENCHMARK_CACHE_DIR) outside the data.",
+    )
+
+
 def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
     """Class names, and files under `root/<class>/` labelled by folder; nested folders and loose
-    files at the top are not classes and are reported, never silently merged."""
+    files at the top are not classes and are reported, never silently merged. A name that is
+    not UTF-8 is reported under a safe spelling (`undecodable`), and the harness's own cache
+    folder is skipped (`cache_folder`)."""
     if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder of class sub-folders.")
+        raise DatasetError(f"{undecodable(root) or root} is not a folder of class sub-folders.")
+    if (safe := undecodable(root)) is not None:
+        raise DatasetError(
+            f"the dataset folder's path {safe} is not valid UTF-8 (its undecodable bytes shown "
+            "as \\xNN): rename it in UTF-8, or move the data to a folder whose path is."
+        )
+    if _current_cache(root):
+        raise DatasetError(
+            f"paths.cache_dir is the dataset folder {root} itself: the harness's cache "
+            "(manifests/, images/, features/) would be read as class folders; set "
+            "paths.cache_dir (BENCHMARK_CACHE_DIR) to a folder outside the data."
+        )
     classes, rows, stray = [], [], []
     for entry in sorted(root.iterdir()):
+        if (safe := undecodable(entry)) is not None:
+            kind = "folder" if entry.is_dir() else "file"
+            stray.append((safe, f"{kind} {NOT_UTF8}"))
+            continue
         if entry.is_file():
             stray.append((str(entry), "file outside any class folder"))
             continue
@@ -224,6 +423,9 @@ def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFram
         if entry.name.lower() in SYSTEM_FOLDERS:
             stray.append((str(entry), SYSTEM_FOLDERS[entry.name.lower()]))
             continue
+        if harness_cache(entry):
+            _skip_cache(entry, root)
+            continue
         classes.append(entry.name)
         try:
             items = sorted(entry.iterdir())
@@ -232,12 +434,29 @@ def class_folder_files(root: Path) -> tuple[list[str], pd.DataFrame, pd.DataFram
                 f"class folder {entry} cannot be listed ({error.strerror}): fix its permissions."
             ) from None
         for item in items:
-            if item.is_dir():
-                stray.append((str(item), "nested folder inside a class folder, ignored"))
+            if (safe := undecodable(item)) is not None:
+                stray.append((safe, f"{'folder' if item.is_dir() else 'file'} {NOT_UTF8}"))
+            elif item.is_dir():
+                if harness_cache(item):
+                    _skip_cache(item, root)
+                else:
+                    stray.append((str(item), "nested folder inside a class folder, ignored"))
             else:
                 rows.append((str(item), entry.name))
     files = pd.DataFrame(rows, columns=["path", "label"])
     return classes, files, pd.DataFrame(stray, columns=["path", "reason"])
+
+
+def flat_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:
+    """The files of a flat folder (Kaggle's `train/cat.N.jpg`), and those skipped because their
+    name is not UTF-8 (`undecodable`)."""
+    found, skipped = [], []
+    for entry in sorted(folder.iterdir()):
+        if (safe := undecodable(entry)) is not None:
+            skipped.append((safe, f"{'folder' if entry.is_dir() else 'file'} {NOT_UTF8}"))
+        else:
+            found.append(entry)
+    return found, pd.DataFrame(skipped, columns=["path", "reason"])
 
 
 def excluded(paths: pd.Series, reason: str) -> pd.DataFrame:

@@ -24,8 +24,11 @@ from benchmark.data.scan import (
     Scan,
     class_folder_files,
     excluded,
+    flat_files,
+    harness_cache,
     scan_class_folders,
     select_classes,
+    undecodable,
     verify,
 )
 
@@ -117,13 +120,15 @@ def dogs_vs_cats(cfg: DatasetConfig, data_root: Path) -> Source:
             raise DatasetError(f"Dogs vs. Cats not found at {kaggle}. {fix}")
         fetch = acquire.from_kaggle(KAGGLE_DOGS_VS_CATS, True, _dogs_vs_cats_layout)
         acquire.install(fetch, data_root, "dogs-vs-cats", fix)
-    files = pd.DataFrame({"path": sorted(str(p) for p in kaggle.iterdir() if p.is_file())})
+    found, not_utf8 = flat_files(kaggle)
+    files = pd.DataFrame({"path": [str(p) for p in found if p.is_file()]})
     files["label"] = files.path.map(lambda p: Path(p).name.split(".")[0].lower())
     named = files.label.isin(["cat", "dog"])
     unnamed = excluded(files.path[~named], "file name has no cat./dog. prefix")
     files, left_out = select_classes(files[named], ["cat", "dog"], cfg.classes, kaggle)
     scan = verify(files, desc="checking dogs-vs-cats")
-    return Source(Scan(scan.images, pd.concat([unnamed, left_out, scan.skipped])), kaggle)
+    skipped = [unnamed, left_out, scan.skipped, *([not_utf8] if len(not_utf8) else [])]
+    return Source(Scan(scan.images, pd.concat(skipped)), kaggle)
 
 
 # ---------------------------------------------------------------- The Simpsons
@@ -151,8 +156,12 @@ def simpsons(cfg: DatasetConfig, data_root: Path) -> Source:
     nested = folder / "simpsons_dataset"
     wanted, skipped = cfg.classes, excluded(pd.Series(dtype=str), "")
     if nested.is_dir():  # the duplicate copy must not be taken for a character
-        if wanted is None:
-            wanted = [p.name for p in folder.iterdir() if p.is_dir() and p != nested]
+        if wanted is None:  # (a name that is not UTF-8, or the cache, is no character)
+            wanted = [
+                p.name
+                for p in folder.iterdir()
+                if p.is_dir() and p != nested and not undecodable(p) and not harness_cache(p)
+            ]
         skipped = excluded(pd.Series([str(nested)]), "duplicate copy nested in the Kaggle archive")
     scan = scan_class_folders(folder, classes=wanted)
     scan = Scan(scan.images, pd.concat([skipped, scan.skipped], ignore_index=True))
@@ -173,7 +182,7 @@ SIMPSONS_TEST_NAME = re.compile(r"^(?P<label>.+)_\d+$")  # bart_simpson_12.jpg: 
 def official_testset(train: Scan, testset: Path) -> Scan:
     """Kaggle's flat test set (`<character>_N.jpg`): its checked images of the characters
     trained on, and what it left out (stray files, characters not trained on, unusable files)."""
-    entries = sorted(testset.iterdir())
+    entries, not_utf8 = flat_files(testset)
     files = pd.DataFrame({"path": [str(p) for p in entries if p.is_file()]})
     files["label"] = files.path.map(lambda p: SIMPSONS_TEST_NAME.match(Path(p).stem))
     named = files.label.notna()
@@ -182,6 +191,7 @@ def official_testset(train: Scan, testset: Path) -> Scan:
         [
             excluded(files.path[~named], "file name is not <character>_N"),
             excluded(pd.Series([str(p) for p in entries if not p.is_file()], dtype=str), "folder"),
+            *([not_utf8] if len(not_utf8) else []),
         ]
     )
     trained = set(train.images.label)
@@ -299,8 +309,9 @@ def imagefolder(cfg: DatasetConfig, data_root: Path) -> Source:
 
 @register_dataset("csv")
 def csv(cfg: DatasetConfig, data_root: Path) -> Source:
-    """A CSV with columns `path,label` (and optionally `split`: train/val/test); relative paths
-    are relative to the CSV's folder."""
+    """A CSV with columns `path,label` (and optionally `split`: train/val/test, in any case);
+    relative paths are relative to the CSV's folder. Every value is text: a label `None` or `NA`
+    is a label, only an empty cell is missing."""
     if not cfg.file:
         raise DatasetError("dataset=csv needs dataset.file=/path/to/labels.csv (path,label).")
     file = Path(cfg.file).expanduser().resolve()
@@ -308,7 +319,20 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
         raise DatasetError(f"dataset.file={cfg.file}: no such file ({file}).")
     try:
         separator = csv_separator(file)
-        table = pd.read_csv(file, sep=separator, dtype=str, skipinitialspace=True)
+        table = pd.read_csv(
+            file,
+            sep=separator,
+            dtype=str,
+            skipinitialspace=True,
+            keep_default_na=False,  # pandas' NA words (None, NA, null, n/a...) are labels here
+            na_values=[""],
+        )
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{file} is not UTF-8 text (it holds the byte "
+            f"{error.object[error.start : error.start + 1]!r}): save it as UTF-8 (in a "
+            "spreadsheet: CSV UTF-8)."
+        ) from None
     except pd.errors.EmptyDataError:
         raise DatasetError(
             f"{file} is empty: it needs a header path,label and a row per image."
@@ -332,9 +356,8 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
             f"{file}: line(s) {lines} have an empty path or label: fill them in or remove them."
         )
     table["label"] = _stripped_labels(table.label, file)
-    if "split" in table and not table.split.isin(OFFICIAL_SPLITS).all():
-        bad = sorted(set(table.split) - set(OFFICIAL_SPLITS))
-        raise DatasetError(f"{file}: split values {bad} are not train/val/test.")
+    if "split" in table:
+        table = _official_splits(table, file)
     table["path"] = [str((file.parent / p).resolve()) for p in table.path]
     labels = table.groupby("path").label.nunique()
     if (conflicting := labels[labels > 1]).any():
@@ -352,6 +375,36 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
     scan = verify(files.reset_index(drop=True), desc=f"checking {file.name}")
     skipped = pd.concat([twice, absent, left_out, scan.skipped], ignore_index=True)
     return Source(Scan(scan.images, skipped), file.parent)
+
+
+def _official_splits(table: pd.DataFrame, file: Path) -> pd.DataFrame:
+    """The `split` column as train/val/test whatever its case and spaces (`Train `: train). A
+    column empty in every row gives no split (dropped: the splits are carved, as without it);
+    some rows empty is refused naming them (a row without a split would be trained on, or
+    carved into test, by no rule the user wrote)."""
+    split = table.split.fillna("").str.strip().str.lower()
+    blank = split.eq("")
+    if blank.all():
+        log.warning(
+            "%s: the split column is empty in every row: read as no split given (test and "
+            "validation are carved, dataset.test_fraction and dataset.val_fraction).",
+            file,
+        )
+        return table.drop(columns="split")
+    if blank.any():
+        lines = ", ".join(str(i + 2) for i in table.index[blank][:10])  # 1-based, after the header
+        raise DatasetError(
+            f"{file}: line(s) {lines} have an empty split: give each row train, val or test, "
+            "or drop the split column to have test and validation carved."
+        )
+    if not (known := split.isin(OFFICIAL_SPLITS)).all():
+        bad = sorted(set(table.split[~known]))
+        lines = ", ".join(str(i + 2) for i in table.index[~known][:10])
+        raise DatasetError(
+            f"{file}: split values {bad} (line(s) {lines}) are not train, val or test: correct "
+            "them, or drop the split column to have test and validation carved."
+        )
+    return table.assign(split=split)
 
 
 def _stripped_labels(labels: pd.Series, file: Path) -> pd.Series:
