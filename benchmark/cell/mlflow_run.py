@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
-import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from typing import Any, Protocol, SupportsInt, cast
 
 import hydra
@@ -28,13 +28,16 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import Run, RunData, RunInfo, RunStatus
+from mlflow.entities import LifecycleStage, Run, RunData, RunInfo, RunStatus
+from mlflow.tracking import fluent
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import SHIFT, Manifest
-from benchmark.tracking import identity, store
+from benchmark.tracking import identity, server, store
 from benchmark.tracking.result import CellResult
+
+log = logging.getLogger("benchmark")
 
 # MLflow's contexts; `shift`: a second test split of another distribution (dataset.shift_test).
 SPLITS = {"train": "training", "val": "validation", "test": "testing", SHIFT: "testing (shift)"}
@@ -64,14 +67,20 @@ def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
     }
     if sweep := os.environ.get(identity.SWEEP_ENV):
         tags["sweep"] = sweep
+    if look := os.environ.get(identity.LOOK_ENV):  # added by benchmark.tools.seeds
+        tags[identity.LOOK_TAG] = look
     return tags
 
 
 @contextmanager
 def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     """The cell's run, nested under its sweep's run when there is one: FINISHED when the block
-    completes, FAILED (the error as the tag `error`, the traceback as `error.txt`) when anything
-    inside raises. A heartbeat says the process is alive while the block runs."""
+    completes, FAILED (the error in one line as the tag `error`, the traceback as `error.txt`)
+    when anything inside raises. A heartbeat says the process is alive while the block runs.
+
+    A run deleted while the cell runs (the MLflow UI's Delete) ends FAILED all the same, and
+    stays deleted; the cell stops with a StoreError saying so. A SQLite store that stays locked
+    by another process past its busy timeout is a StoreError too (server.store_locked)."""
     if cast(RankZeroOnly, rank_zero_only).rank != 0:
         mlflow.set_tracking_uri(identity.tracking_uri(spec))  # for its Lightning logger
         yield _other_rank_run()
@@ -80,45 +89,114 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     exp_id = store.experiment_id(uri, spec.tracking.experiment)
     mlflow.set_system_metrics_sampling_interval(10)  # seconds: few writes to a shared store
     mlflow.set_system_metrics_samples_before_logging(1)
-    with mlflow.start_run(
-        experiment_id=exp_id,
-        run_name=spec.name.replace("/", "-"),
-        tags=cell_tags(spec, key),
-        parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
-        log_system_metrics=spec.tracking.system_metrics,
-    ) as run:
+    with store.said_if_locked(uri):
+        run = mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=spec.name.replace("/", "-"),
+            tags=cell_tags(spec, key),
+            parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
+            log_system_metrics=spec.tracking.system_metrics,
+        )
+    run_id = run.info.run_id
+    stop_heartbeat = store.keep_beating(uri, run_id)
+    try:
         output = spec.output_dir
         output.mkdir(parents=True, exist_ok=True)
-        started = {"run_id": run.info.run_id, "tracking_uri": uri}
+        started = {"run_id": run_id, "tracking_uri": uri}
         (output / identity.RUN_FILE).write_text(json.dumps(started))
-        os.environ[identity.RUN_ID_ENV] = run.info.run_id
-        stop_heartbeat = _heartbeat(uri, run.info.run_id)
-        try:
-            log_identity(spec, manifest)
-            yield run
-        except BaseException as error:
-            mlflow.set_tag("error", identity.redact(f"{type(error).__name__}: {error}")[:5000])
-            mlflow.log_text(identity.redact(traceback.format_exc()), "error.txt")
-            raise
-        finally:
-            stop_heartbeat()
-            os.environ.pop(identity.RUN_ID_ENV, None)
+        os.environ[identity.RUN_ID_ENV] = run_id
+        log_identity(spec, manifest)
+        yield run
+    except BaseException as error:
+        stop_heartbeat()
+        said = _failed(uri, run_id, error)
+        if said is not None:
+            raise said from error
+        raise
+    else:
+        stop_heartbeat()
+        _end_run(run_id, RunStatus.FINISHED)
+    finally:
+        os.environ.pop(identity.RUN_ID_ENV, None)
 
 
-def _heartbeat(uri: str, run_id: str) -> Callable[[], None]:
-    """A daemon thread that tags the run as alive every store.HEARTBEAT_S; returns its stop."""
-    stop = threading.Event()
+def _failed(uri: str, run_id: str, error: BaseException) -> store.StoreError | None:
+    """The run of a cell that raised `error`, ended FAILED: the error in one line as its tag
+    `error` and the traceback as `error.txt`. The StoreError the cell raises instead of `error`
+    when the store is the cause: the run was deleted under it (restored for as long as it takes
+    to end it, then deleted again), or a SQLite store stayed locked (the run is tagged and ended
+    if the store lets it within its busy timeout; else the launcher or a relaunch ends it, with
+    the error the cell leaves in its outcome file)."""
     client = mlflow.MlflowClient(uri)
+    locked = server.store_locked(error, uri)
+    deleted = None if locked is not None else _deleted(client, run_id, error)
+    said = locked or deleted
+    if deleted is not None:
+        with suppress(Exception):
+            client.restore_run(run_id)  # a deleted run can be neither tagged nor ended
+    try:
+        client.set_tag(
+            run_id, "error", store.error_tag(f"{type(said or error).__name__}: {said or error}")
+        )
+        mlflow.log_text(identity.redact(traceback.format_exc()), "error.txt")
+    except Exception as unrecorded:  # the store failed too: the cell's own error is the news
+        log.warning(
+            "Could not record the error in run %s: %s", run_id, store.error_tag(str(unrecorded))
+        )
+    _end_run(run_id, RunStatus.FAILED, quiet=True)
+    if deleted is not None:
+        with suppress(Exception):
+            client.delete_run(run_id)  # as the user left it
+    return said
 
-    def beat() -> None:
-        while not stop.wait(store.HEARTBEAT_S):
-            try:
-                store.beat(client, run_id)
-            except Exception:  # an unreachable store must not kill the cell: the next try
-                continue
 
-    threading.Thread(target=beat, daemon=True, name="benchmark-heartbeat").start()
-    return stop.set
+def _deleted(
+    client: mlflow.MlflowClient, run_id: str, error: BaseException
+) -> store.StoreError | None:
+    """The StoreError to raise when `error` came from the cell's run being deleted under it
+    (MLflow: the run "must be in the 'active' state", or does not exist once purged), else
+    None."""
+    refused = [
+        e
+        for e in server.causes(error)
+        if isinstance(e, mlflow.MlflowException)
+        and ("'active' state" in str(e) or e.error_code == "RESOURCE_DOES_NOT_EXIST")
+    ]
+    if not refused:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except mlflow.MlflowException:
+        return store.StoreError(
+            f"the cell's run {run_id} was deleted and purged from the tracking store while "
+            "the cell ran: the cell stopped; relaunch the same command to run it again."
+        )
+    if run.info.lifecycle_stage != LifecycleStage.DELETED:
+        return None
+    return store.StoreError(
+        f"the cell's run {run_id} was deleted from the tracking store while the cell ran: the "
+        "cell stopped, its run ended FAILED and stays deleted (`mlflow runs restore --run-id "
+        f"{run_id}` brings it back); relaunch the same command to run the cell again."
+    )
+
+
+def _end_run(run_id: str, status: int, quiet: bool = False) -> None:
+    """mlflow.end_run for the cell's run, if it is the active one: ended `status`, its
+    system-metrics monitor stopped even when the store refuses the end (quiet: said as a
+    warning, not raised)."""
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:  # ended inside the block
+        return
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except Exception as error:
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+        if not quiet:
+            raise
+        said = store.error_tag(str(error))
+        log.warning("Could not end run %s %s: %s", run_id, RunStatus.to_string(status), said)
 
 
 def _other_rank_run() -> Run:

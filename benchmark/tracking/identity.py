@@ -60,6 +60,11 @@ RUN_ID_ENV = "BENCHMARK_RUN_ID"
 # The sweep folder and its parent run, for cells that run in processes of their own.
 SWEEP_ENV = "BENCHMARK_SWEEP"
 PARENT_RUN_ENV = "BENCHMARK_PARENT_RUN_ID"
+# A run added by a second look (benchmark.tools.seeds: more seeds where a verdict is undecided)
+# carries the tag LOOK_TAG with the look's number, from LOOK_ENV in its process; the report then
+# splits its alpha between the looks (report/verdicts.py, `looks`).
+LOOK_ENV = "BENCHMARK_LOOK"
+LOOK_TAG = "benchmark.look"
 # Params a cell logs beside its config's (run_params): what its data and path turned out to be.
 # The report reads these names and the config's own keys (tests/test_boundary.py checks that every
 # `params.<key>` it reads is one of them, so a renamed key breaks a test, not a report's column).
@@ -86,6 +91,7 @@ VOLATILE_KEYS = (
     "paths",
     "tracking",
     "rerun",
+    "plan",
     "logger",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",

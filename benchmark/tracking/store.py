@@ -5,25 +5,37 @@ Every run of a cell carries a heartbeat (host, pid, the process's start time, an
 its last sign of life). A RUNNING run whose process no longer exists on this host, or whose
 heartbeat is older than `STALE_AFTER_S` on another host, is ended FAILED ("killed") by whoever
 looks next: a relaunch deciding what to skip, a launcher, or the report. All of them call
-`end_stale_runs`, so they agree.
+`end_stale_runs`, so they agree. A heartbeat further in the future than CLOCK_SKEW_S (a host
+whose clock is wrong) is no sign of life: such a run is stale too. A sweep's parent run beats as
+long as its sweep runs (`start_sweep_run`).
+
+A SQLite store locked by another process (a sweep writing, a `sqlite3` shell, a backup) is
+waited on for up to `server.SQLITE_BUSY_S` by every statement, in place of MLflow's 20 s.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sqlite3
+import threading
 import time
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import psutil
 from filelock import FileLock
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import LifecycleStage, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from benchmark.tracking import server
 from benchmark.tracking.identity import (
@@ -36,22 +48,63 @@ from benchmark.tracking.identity import (
     read_outcome,
     redact,
 )
+from benchmark.tracking.server import StoreError as StoreError
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
 BEAT_TAG = "heartbeat.last"
 HEARTBEAT_S = 30.0  # how often a running cell says it is alive
 STALE_AFTER_S = 600.0  # silence after which a run on another host counts as dead
+CLOCK_SKEW_S = 300.0  # how far in the future a heartbeat may be (another host's clock) and count
 # The MLflow UI opens an experiment of this kind on its runs (not on the GenAI overview).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+ERROR_TAG_CHARS = 5000  # a run's `error` tag: one line, at most this long
 
 
-class StoreError(RuntimeError):
-    """The tracking store cannot be used as given: the message names it and the fix."""
+# ---------------------------------------------------------------- a SQLite store another holds
+
+# MLflow's SQL store sets SQLite's busy timeout to 20 s at the start of every session: a store
+# locked longer by another process (a `sqlite3` shell's open transaction, a backup, a sweep's
+# burst of writes) failed the cell, with a traceback for every statement that gave up.
+_MLFLOW_BUSY = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=\s*\d+\s*;?\s*", re.IGNORECASE)
+
+
+def _busy_ms() -> int:
+    return int(server.SQLITE_BUSY_S * 1000)
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_waits(connection: Any, record: Any) -> None:
+    """Every SQLite connection that SQLAlchemy opens (MLflow's store) waits SQLITE_BUSY_S for a
+    lock another process holds."""
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute(f"PRAGMA busy_timeout = {_busy_ms()}")
+
+
+@event.listens_for(Engine, "before_cursor_execute", retval=True)
+def _longer_than_mlflows(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    """MLflow's own `PRAGMA busy_timeout = 20000` at each session, made SQLITE_BUSY_S."""
+    if _MLFLOW_BUSY.fullmatch(statement):
+        statement = f"PRAGMA busy_timeout = {_busy_ms()};"
+    return statement, parameters
+
+
+class _LockedSaidOnce(logging.Filter):
+    """MLflow logs the traceback of every statement that gave up on a locked SQLite store; the
+    harness says it in one line instead (server.store_locked), where the error surfaces."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_LockedSaidOnce())
 
 
 def check_sqlite(uri: str, write: bool = True) -> None:
     """A SQLite store must be MLflow's (or a new file), and writable when cells write to it;
-    nothing is created or migrated in someone else's database."""
+    nothing is created or migrated in someone else's database. One locked by another process
+    is waited on for up to SQLITE_BUSY_S, then said as such."""
     if not uri.startswith("sqlite:///"):
         return
     file = Path(uri.removeprefix("sqlite:///"))
@@ -66,9 +119,18 @@ def check_sqlite(uri: str, write: bool = True) -> None:
             raise StoreError(f"cannot create the tracking store {file}: {folder} is read-only.")
         return
     try:
-        with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True)) as db:
+        with closing(
+            sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True, timeout=server.SQLITE_BUSY_S)
+        ) as db:
             tables = {row[0] for row in db.execute("select name from sqlite_master")}
     except sqlite3.DatabaseError as error:
+        if "locked" in str(error):  # busy for SQLITE_BUSY_S: another process holds it
+            raise StoreError(
+                f"the tracking store {file} is locked by another process (still locked after "
+                f"{server.SQLITE_BUSY_S:g} s): wait for that process to finish (a sweep "
+                "writing to it, a sqlite3 shell or an `mlflow` command holding a transaction, "
+                "a copy or a backup), then relaunch the same command."
+            ) from None
         raise StoreError(
             f"{file} is not a SQLite database ({error}): point the store elsewhere."
         ) from None
@@ -91,16 +153,33 @@ def experiment_id(uri: str, name: str) -> str:
     Processes that open a fresh SQLite store at the same moment race through MLflow's schema
     migrations ("table ... already exists", alembic version errors) and to create the experiment:
     a file lock beside the store lets one of them create both while the others wait.
+
+    A misspelt URI or a missing database driver, a server that is down or answers errors, a
+    store locked by another process for longer than SQLITE_BUSY_S, an experiment of that name
+    in MLflow's trash: StoreError or TrackingUnreachable, in one line naming the fix.
     """
     server.check_reachable(uri)  # a server that is down: one line at once, not minutes
     check_sqlite(uri)  # someone else's database, or a read-only file: one line, nothing written
     mlflow.set_tracking_uri(uri)
-    if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
-        return _get_or_create_experiment(name, None)
-    store = Path(uri.removeprefix("sqlite:///"))
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{store}.lock", timeout=600):
-        return _get_or_create_experiment(name, (store.parent / "mlartifacts").as_uri())
+    with said_if_locked(uri):
+        if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
+            return _get_or_create_experiment(uri, name, None)
+        store = Path(uri.removeprefix("sqlite:///"))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{store}.lock", timeout=600):
+            return _get_or_create_experiment(uri, name, (store.parent / "mlartifacts").as_uri())
+
+
+@contextmanager
+def said_if_locked(uri: str) -> Iterator[None]:
+    """An error of MLflow's because a SQLite store stayed locked by another process longer than
+    SQLITE_BUSY_S becomes server.store_locked's one line (the cause kept)."""
+    try:
+        yield
+    except MlflowException as error:
+        if (locked := server.store_locked(error, uri)) is not None:
+            raise locked from error
+        raise
 
 
 def artifact_file(uri: str, run_id: str, artifact_uri: str, path: str) -> Path | None:
@@ -119,8 +198,10 @@ def artifact_file(uri: str, run_id: str, artifact_uri: str, path: str) -> Path |
     return None
 
 
-def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
+def _get_or_create_experiment(uri: str, name: str, artifacts: str | None) -> str:
     if (experiment := mlflow.get_experiment_by_name(name)) is not None:
+        if experiment.lifecycle_stage == LifecycleStage.DELETED:
+            raise StoreError(deleted_experiment(uri, name, experiment.experiment_id))
         return experiment.experiment_id
     try:
         return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
@@ -133,18 +214,30 @@ def _get_or_create_experiment(name: str, artifacts: str | None) -> str:
         return created.experiment_id
 
 
+def deleted_experiment(uri: str, name: str, exp_id: str) -> str:
+    """What to do with an experiment in MLflow's trash (deleted in the UI, not yet purged by
+    `mlflow gc`): no run can be added to it or changed in it, and its name is taken."""
+    return (
+        f"the experiment '{name}' (id {exp_id}) in {redact(uri)} is deleted (in MLflow's "
+        "trash): restore it with `MLFLOW_TRACKING_URI="
+        f"{redact(uri)} mlflow experiments restore --experiment-id {exp_id}`, or set "
+        "tracking.experiment to another name."
+    )
+
+
 def finished_run(uri: str, experiment: str, key: str) -> Run | None:
     """The latest FINISHED run of the cell with this key, if any (stale runs ended first)."""
     exp_id = experiment_id(uri, experiment)
-    end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
-    settle_abandoned_runs(exp_id, key)  # runs a failed cell could not end (server down)
-    runs = mlflow.search_runs(
-        [exp_id],
-        f"tags.{CELL_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
+    with said_if_locked(uri):
+        end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
+        settle_abandoned_runs(exp_id, key)  # runs a failed cell could not end (server down)
+        runs = mlflow.search_runs(
+            [exp_id],
+            f"tags.{CELL_KEY_TAG} = '{key}' and attributes.status = 'FINISHED'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+            output_format="list",
+        )
     return runs[0] if runs else None
 
 
@@ -166,8 +259,28 @@ def beat(client: mlflow.MlflowClient, run_id: str) -> None:
     client.set_tag(run_id, BEAT_TAG, f"{time.time():.0f}")
 
 
+def keep_beating(uri: str, run_id: str) -> Callable[[], None]:
+    """A daemon thread that tags the run as alive every HEARTBEAT_S; returns its stop. It dies
+    with the process, whose run then goes stale."""
+    stop = threading.Event()
+    client = mlflow.MlflowClient(uri)
+
+    def beating() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                beat(client, run_id)
+            except Exception:  # an unreachable store must not kill the run: the next try
+                continue
+
+    threading.Thread(target=beating, daemon=True, name="benchmark-heartbeat").start()
+    return stop.set
+
+
 def gone_reason(tags: dict[str, str], now: float | None = None) -> str | None:
-    """Why the process behind a RUNNING run is gone, or None while it may still be alive."""
+    """Why the process behind a RUNNING run is gone, or None while it may still be alive. On
+    another host: its heartbeat is older than STALE_AFTER_S, or further ahead of this host's
+    clock than CLOCK_SKEW_S (a wrong clock: no sign of life, or a dead run would never go
+    stale)."""
     if PID_TAG not in tags:
         return None  # not one of ours, or from before heartbeats: left alone
     now = time.time() if now is None else now
@@ -178,10 +291,37 @@ def gone_reason(tags: dict[str, str], now: float | None = None) -> str | None:
         except psutil.Error:
             alive = False
         return None if alive else f"{GONE_PREFIX}its process {pid} on this host is gone"
-    silent = now - float(tags.get(BEAT_TAG, 0))
+    try:
+        silent = now - float(tags.get(BEAT_TAG, 0))
+    except ValueError:  # not a time: no sign of life
+        silent = now
     if silent > STALE_AFTER_S:
         return f"{GONE_PREFIX}no heartbeat from {tags.get(HOST_TAG)} for {silent:.0f}s"
+    if -silent > CLOCK_SKEW_S:
+        return (
+            f"{GONE_PREFIX}the heartbeat from {tags.get(HOST_TAG)} is {-silent:.0f}s in the "
+            "future (a clock set wrong there): not a sign of life"
+        )
     return None
+
+
+def error_tag(text: str) -> str:
+    """A run's `error` tag: one line, its secrets masked. An error whose message holds a
+    traceback (a DataLoader worker's: "Caught FileNotFoundError in DataLoader worker process
+    0. Original Traceback ...") is its last line, the original error, which names the file;
+    any other message has its lines joined. The whole traceback belongs in the run's
+    `error.txt` and the cell's log."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in text and len(lines) > 1:
+        head = lines[0].split(":", 1)[0]  # the type the error was raised as
+        last = lines[-1]
+        where = re.search(r"in (DataLoader worker process \d+)", text)
+        text = last + (f" (in {where.group(1)})" if where else "")
+        if not last.startswith(head) and re.fullmatch(r"\w+", head):
+            text = f"{head}: {text}"
+    else:
+        text = " ".join(lines)
+    return redact(text)[:ERROR_TAG_CHARS]
 
 
 # How gone_reason's guesses begin: an onlooker's inference that a launcher which saw the
@@ -200,7 +340,7 @@ def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> li
     for run in running:
         if (reason := gone_reason(run.data.tags)) is not None:
             reason = _said_error(run.data.tags) or reason
-            client.set_tag(run.info.run_id, "error", redact(reason))
+            client.set_tag(run.info.run_id, "error", error_tag(reason))
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
             ended.append(run.info.run_id)
     return ended
@@ -237,7 +377,7 @@ def settle_failed_run(run_file: Path, reason: str) -> str | None:
     if not (running or (failed and guessed)):
         return None
     if guessed:
-        client.set_tag(run_id, "error", redact(reason)[:5000])
+        client.set_tag(run_id, "error", error_tag(reason))
     if running:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
     return run_id
@@ -286,11 +426,20 @@ def start_sweep_run(uri: str, experiment: str, sweep_dir: str) -> str:
             **heartbeat_tags(),
         },
     )
+    _sweep_beats[run.info.run_id] = keep_beating(uri, run.info.run_id)
     return run.info.run_id
 
 
+# The heartbeats of the sweeps' parent runs that this process started, by run id: a sweep runs
+# for hours, and a report on another host would otherwise end its silent parent FAILED.
+_sweep_beats: dict[str, Callable[[], None]] = {}
+
+
 def end_sweep_run(uri: str, run_id: str, outcomes: dict[str, int]) -> None:
-    """FINISHED, or FAILED when a cell failed; the counts of each outcome as metrics."""
+    """FINISHED, or FAILED when a cell failed; the counts of each outcome as metrics. Its
+    heartbeat stops."""
+    if (stop := _sweep_beats.pop(run_id, None)) is not None:
+        stop()
     client = mlflow.MlflowClient(uri)
     for state, count in outcomes.items():
         client.log_metric(run_id, f"cells_{state}", count)
