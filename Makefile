@@ -8,7 +8,7 @@ TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # 8 (each holds torch and a model); one torch/OpenMP thread each, not one per core per worker.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n + 1 : 8 )))
 
-.PHONY: install test test-slow run grid ui ui-check report report-check data-stats bench \
+.PHONY: install test test-slow run grid plan ui ui-check report report-check more-seeds data-stats bench \
 	results results-grid backbones \
 	gpu-pack gpu-check clean
 
@@ -31,6 +31,17 @@ run:  ## one cell with the defaults
 grid:  ## the 4-cell Hymenoptera grid of the README
 	$(BIN)/python -m benchmark -m colour=rgb,gray strategy=finetune,freeze
 
+# The plan of a sweep before it runs (plan=true; nothing trains, no run opens): each cell, done
+# or to run in the store, its images and estimated time, timed from the FINISHED runs of
+# PLAN_HISTORY (default: the committed grid's store, where it is; empty: the sweep's own store).
+# Any sweep, with its cell settings (tracking.uri: the store it would skip the done cells of):
+# make plan PLAN_SWEEP='seed=0,1,2 dataset=simpsons,hymenoptera tune=fair paths.data_root=../shared/data'
+PLAN_SWEEP ?= colour=rgb,gray strategy=finetune,freeze
+PLAN_HISTORY ?= $(if $(wildcard results/grid/mlflow.db),sqlite:///$(CURDIR)/results/grid/mlflow.db)
+plan:  ## the plan of a sweep, nothing run: make plan PLAN_SWEEP='seed=0,1,2 strategy=finetune,freeze'
+	$(BIN)/python -m benchmark -m $(PLAN_SWEEP) plan=true \
+	  $(if $(PLAN_HISTORY),tracking.history=$(PLAN_HISTORY))
+
 ui:  ## MLflow's UI on the project's store
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI)
 
@@ -38,6 +49,12 @@ ui:  ## MLflow's UI on the project's store
 REPORT_DIR ?= reports
 report:  ## $(REPORT_DIR)/report.{md,csv,tex,html} (default reports/, git-ignored) from the runs in MLflow
 	$(BIN)/python -m benchmark.report --tracking-uri $(TRACKING_URI) --out $(REPORT_DIR)
+
+# More seeds where a verdict is undecided (README, Report): the plan alone, then with
+# SEEDS_ARGS="--run paths.data_root=..." its cells, tagged as the second look of two.
+SEEDS_ARGS ?=
+more-seeds:  ## plan (SEEDS_ARGS=--run: launch) seeds for the contrasts still undecided, at most --cap
+	$(BIN)/python -m benchmark.tools.seeds --tracking-uri $(TRACKING_URI) $(SEEDS_ARGS)
 
 CHROMIUM ?= chromium
 # Renders the report `make report` wrote (REPORT_DIR=results: the one `make results` wrote): it
@@ -83,23 +100,24 @@ RESULTS_CELL := tracking.uri=$(RESULTS_STORE) tracking.log_model=false tracking.
 	paths.data_root=$(RESULTS_DATA) paths.cache_dir=$(CURDIR)/.cache/benchmark \
 	trainer.enable_progress_bar=false
 RESULTS_DATASETS := hymenoptera,simpsons,dogs_vs_cats,caltech256
-# The fair fight (issue 21): every strategy that trains tuned with the same budget (tune=fair),
-# once per cell on seed 0's validation split, its values reused by seeds 1 and 2
-# (tune.reuse_seed=0: a sweep runs every seed 0 cell first). Order: the tuned Simpsons and
-# Hymenoptera cells, then the untuned default recipes (their own columns: what tuning changed)
-# and linear_probe (its C grid is its tuning), then the tuned Dogs vs. Cats cells (the most
-# expensive, every strategy near 0.99 there), then protocol=study.
-RESULTS_FAIR := tune=fair tune.reuse_seed=0 strategy=freeze,finetune,lp_ft
+# The grid (issue 34, protocol v2): every strategy that trains tuned per seed on its own
+# validation split (tune=fair: the same space and trial-epoch budget for each), linear_probe (its
+# C grid is its tuning), 5 seeds of each dataset x colour, seeds slowest (every seed 0 cell first:
+# the earliest complete comparison), Hymenoptera first (the cheapest), then Simpsons (its native
+# test, and Kaggle's x0.357 set as the shift test of the same models), then Dogs vs. Cats; then
+# protocol=study on Hymenoptera (the study's recipe and its maximum over epochs, a column of its
+# own). No untuned columns: no declared contrast needs them. Before anything runs, the plan.
+RESULTS_SEEDS ?= 0,1,2,3,4
+RESULTS_TUNED := tune=fair strategy=linear_probe,freeze,lp_ft,finetune dataset.classes=null \
+	colour=rgb,gray
 results-grid:  ## the grid's cells (Caltech-256 is not in ../shared: its rows say "not run")
-	-$(BIN)/python -m benchmark -m seed=0,1,2 dataset=simpsons,hymenoptera dataset.classes=null \
-	  colour=rgb,gray $(RESULTS_FAIR) $(RESULTS_CELL) hydra.sweep.dir=multirun/results/fair
-	-$(BIN)/python -m benchmark -m seed=0,1,2 dataset=simpsons,hymenoptera,dogs_vs_cats \
-	  dataset.classes=null colour=rgb,gray strategy=finetune,freeze,linear_probe,lp_ft $(RESULTS_CELL) \
-	  hydra.sweep.dir=multirun/results/ours
-	-$(BIN)/python -m benchmark -m seed=0,1,2 dataset=dogs_vs_cats dataset.classes=null \
-	  colour=rgb,gray $(RESULTS_FAIR) $(RESULTS_CELL) hydra.sweep.dir=multirun/results/fair-dogs
-	-$(BIN)/python -m benchmark -m seed=0,1,2 protocol=study dataset=hymenoptera colour=rgb,gray \
-	  strategy=finetune,freeze $(RESULTS_CELL) hydra.sweep.dir=multirun/results/study
+	$(BIN)/python -m benchmark -m seed=$(RESULTS_SEEDS) dataset=hymenoptera,simpsons,dogs_vs_cats \
+	  $(RESULTS_TUNED) $(RESULTS_CELL) plan=true
+	-for dataset in hymenoptera simpsons dogs_vs_cats; do \
+	  $(BIN)/python -m benchmark -m seed=$(RESULTS_SEEDS) dataset=$$dataset $(RESULTS_TUNED) \
+	    $(RESULTS_CELL) hydra.sweep.dir=multirun/results/$$dataset; done
+	-$(BIN)/python -m benchmark -m seed=$(RESULTS_SEEDS) protocol=study dataset=hymenoptera \
+	  colour=rgb,gray strategy=finetune,freeze $(RESULTS_CELL) hydra.sweep.dir=multirun/results/study
 
 results: results-grid  ## the grid, then results/report.* from its store (slimmed first)
 	$(BIN)/python -m benchmark.tools.slim --tracking-uri $(RESULTS_STORE)

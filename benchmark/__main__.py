@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from benchmark.config.rules import problems
 from benchmark.config.schema import register_configs
-from benchmark.config.spec import from_config
+from benchmark.config.spec import CellSpec, from_config
 from benchmark.orchestration.sweep import CellOutcome
 from benchmark.runtime import interrupt
 from benchmark.tracking.identity import redact
@@ -31,6 +31,34 @@ def terminated(name: str, folder: Path, reason: str) -> NoReturn:
     log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
     CellOutcome(name, "failed", error=reason).save(folder)
     raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def plan(spec: CellSpec, multirun: bool) -> CellOutcome:
+    """`plan=true` on one cell: its plan printed (benchmark.orchestration.plan), then exit."""
+    from benchmark.orchestration.plan import plan_cell, say
+    from benchmark.tracking.server import TrackingUnreachable
+    from benchmark.tracking.store import StoreError
+
+    try:
+        code = say(plan_cell(spec))
+    except (TrackingUnreachable, StoreError) as error:
+        log.error("%s", redact(str(error)))
+        code = 1
+    if multirun:  # a sweep without SweepSummary: each of its cells says its own plan
+        return CellOutcome(spec.name, "failed" if code else "skipped")
+    raise SystemExit(code)
+
+
+def uri_problems(spec: CellSpec) -> list[str]:
+    """The cell's tracking URI checked by its form alone (scheme, driver): [] or the one line."""
+    from benchmark.tracking.identity import tracking_uri
+    from benchmark.tracking.server import BadTrackingUri, check_uri
+
+    try:
+        check_uri(tracking_uri(spec))
+    except BadTrackingUri as error:
+        return [redact(str(error))]
+    return []
 
 
 register_configs()
@@ -50,7 +78,11 @@ def main(cfg: DictConfig) -> CellOutcome:
     hydra_cfg = HydraConfig.get()
     spec = from_config(cfg)  # the boundary: typed from here on
     folder, name = Path(hydra_cfg.runtime.output_dir), spec.name
-    if found := problems(spec):  # out of range: said before torch and Lightning are imported
+    if spec.plan:  # the cell's plan, nothing run (a sweep's is said once, by SweepSummary)
+        return plan(spec, hydra_cfg.mode == RunMode.MULTIRUN)
+    # Out of range, or a tracking URI no store answers to: said before torch and Lightning are
+    # imported (a misspelt scheme would otherwise be found half a minute later, in tracebacks).
+    if found := problems(spec) or uri_problems(spec):
         log.error("%s", " ".join(found))
         outcome = CellOutcome(name, "failed", error=f"ConfigError: {' '.join(found)}")
         outcome.save(folder)

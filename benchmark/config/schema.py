@@ -302,6 +302,9 @@ class TrackingConfig:
     log_model: bool = True
     # MLflow's system metrics (CPU, memory, GPU) sampled while the cell runs.
     system_metrics: bool = True
+    # plan=true: the store whose FINISHED runs time the cells of the plan (null: `uri` itself).
+    # Only read, never written.
+    history: str | None = None
 
 
 @dataclass
@@ -326,6 +329,10 @@ class Config:
     seed: int = 0
     # Run the cell even if the tracking store already has it FINISHED (same config hash).
     rerun: bool = False
+    # Print the plan instead: every cell of the sweep (or the one cell), whether the store has
+    # it FINISHED already, its images and its estimated time; nothing trains and no run opens
+    # (benchmark.orchestration.plan).
+    plan: bool = False
 
 
 def register_configs() -> None:

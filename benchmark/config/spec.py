@@ -74,6 +74,7 @@ class CellSpec:
     tracking: TrackingConfig
     seed: int = 0
     rerun: bool = False
+    plan: bool = False
 
     # ------------------------------------------------------------ decisions, defined once
 

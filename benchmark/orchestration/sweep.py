@@ -4,26 +4,39 @@ Every cell leaves an `outcome.json` in its output folder (finished, skipped beca
 launch finished it, or failed with the error), whichever launcher ran it: the done-marker that a
 subprocess launcher reads back. A failed cell does not stop the others; the sweep exits non-zero
 at the end if any failed.
+
+With `plan=true` the sweep's cells are planned instead, before any launcher starts one
+(`plan_sweep`, benchmark.orchestration.plan), and the command exits.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
+from benchmark.config.spec import CellSpec, from_config
 from benchmark.runtime import interrupt
 from benchmark.runtime.progress import SweepProgress, duration, sweep_size
 from benchmark.tracking import identity
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+
+    from benchmark.orchestration.plan import Plan
 
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = identity.OUTCOME_FILE
@@ -77,6 +90,115 @@ class CellOutcome:
             return CellOutcome(cell, "failed", error=error)
 
 
+# ---------------------------------------------------------------- plan=true: the sweep's cells
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of each job of the `-m` sweep, in the order the sweeper launches them
+    (Hydra's basic sweeper: its `params`, then the command line's)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(config.hydra.sweeper.get("_target_", ""))
+    if not target.endswith("BasicSweeper"):
+        raise ValueError(
+            f"plan=true expands a sweep as Hydra's basic sweeper does; hydra/sweeper is {target}."
+        )
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += [str(override) for override in config.hydra.overrides.task]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return batch
+
+
+@contextmanager
+def as_current(config: DictConfig) -> Iterator[None]:
+    """`config` as Hydra's current config while its cell is read (`${hydra:...}`)."""
+    instance = HydraConfig.instance()
+    saved = instance.cfg
+    instance.set_config(config)
+    try:
+        yield
+    finally:
+        instance.cfg = saved
+
+
+class JobConfigs:
+    """Each job's config as the launcher loads it (`load_sweep_config`), composed once per set
+    of config-group choices: a job's plain values (seed=3, dataset.classes=null) are then set
+    on a copy as Hydra sets them after composing (a sweep of 90 cells composes 18 times)."""
+
+    def __init__(self, config: DictConfig) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self.config = config
+        self.loader = GlobalHydra.instance().config_loader()
+        self.parser = OverridesParser.create(config_loader=self.loader)
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def is_group(self, override: Override) -> bool:
+        repository = getattr(self.loader, "repository", None)
+        if override.package is not None or repository is None:
+            return True
+        return bool(repository.group_exists(override.key_or_group))
+
+    def load(self, overrides: list[str]) -> DictConfig:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        parsed = self.parser.parse_overrides(overrides)
+        groups = tuple(str(o.input_line) for o in parsed if self.is_group(o))
+        values = [o for o in parsed if not self.is_group(o)]
+        if groups not in self.composed:
+            self.composed[groups] = self.loader.load_sweep_config(self.config, list(groups))
+        job = copy.deepcopy(self.composed[groups])
+        ConfigLoaderImpl._apply_overrides_to_config(values, job)
+        return job
+
+    def spec(self, overrides: list[str], index: int) -> CellSpec:
+        """The cell of one job of the sweep, as the launcher would prepare it (its folder
+        named, not created)."""
+        job = self.load(overrides)
+        with open_dict(job):
+            job.hydra.job.id = job.hydra.job.num = index
+            folder = Path(str(job.hydra.sweep.dir)).resolve() / str(job.hydra.sweep.subdir)
+            job.hydra.runtime.output_dir = str(folder)
+        with as_current(job):
+            return from_config(job)
+
+
+def plan_sweep(config: DictConfig) -> Plan:
+    """The plan of the `-m` sweep whose (multirun) config this is: each job's cell, typed, then
+    planned (benchmark.orchestration.plan)."""
+    from benchmark.orchestration.plan import Planner, labels_of  # mlflow, torch: only here
+
+    jobs, configs = sweep_jobs(config), JobConfigs(config)
+    specs: list[CellSpec | Exception] = []
+    for index, job in enumerate(jobs):
+        try:
+            specs.append(configs.spec(job, index))
+        except Exception as error:  # composition or typing: said in its row
+            specs.append(error)
+    return Planner().plan(specs, labels_of(specs, jobs))
+
+
+def planned(config: DictConfig) -> NoReturn:
+    """`plan=true`: the plan of the whole sweep, printed (benchmark.orchestration.plan), then the
+    command exits: no cell starts, no run opens (the sweep's parent run included)."""
+    from benchmark.orchestration.plan import say
+    from benchmark.tracking.server import TrackingUnreachable
+    from benchmark.tracking.store import StoreError
+
+    try:
+        code = say(plan_sweep(config))
+    except (TrackingUnreachable, StoreError, ValueError) as error:  # one line, no traceback
+        log.error("%s", identity.redact(str(error)))
+        code = 1
+    raise SystemExit(code)
+
+
 class SweepSummary(Callback):
     """A Hydra callback: opens the sweep's parent MLflow run (the cells are its children, in this
     process or in others), counts each cell's outcome as it ends, summarises at the sweep's end
@@ -90,6 +212,8 @@ class SweepSummary(Callback):
         self.here: dict[str, float] = {}  # cells started in this process: their start time
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("plan"):  # the sweep's plan instead, before any launcher starts a cell
+            planned(config)
         from benchmark.tracking import store
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
