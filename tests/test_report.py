@@ -17,6 +17,7 @@ from benchmark.report.__main__ import main as report
 from benchmark.tracking.identity import (
     CELL_GROUP_TAG,
     DEBUG_TAG,
+    GIT_COMMIT_TAG,
     HARNESS_TAG,
     KIND_TAG,
     SCHEMA_TAG,
@@ -223,21 +224,33 @@ def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_co
     assert sorted(table.variant) == ["tune=fair, tune.reuse_seed=0", "tune=none"]
     header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
     columns = [name.strip() for name in header.strip("|").split("|")]
+    # One short label per setting; the legend under the table says each in full.
     assert [c for c in columns if not c.startswith("study:")] == [
         "dataset",
         "colour",
-        "finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)",
-        "finetune · tune=none",
+        "finetune (tuned)",
+        "finetune",
     ]
+    assert "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)" in (
+        markdown
+    )
+    assert "- **finetune**: finetune · tune=none" in markdown
     untuned = table[table.variant == "tune=none"].iloc[0]
     assert untuned.n == 2 and untuned.test_acc_mean == pytest.approx(0.45)  # 0.7 superseded
     # The cost table names its rows as the accuracy table's columns, with the tuning's time.
     cost = markdown.split("## Cost per cell")[1]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in cost.splitlines()[2:]]
-    fair_row = next(row for row in rows if row and "tune=fair" in row[2])
-    untuned_row = next(row for row in rows if row and "tune=none" in row[2])
+    fair_row = next(row for row in rows if row and row[2] == "finetune (tuned)")
+    untuned_row = next(row for row in rows if row and row[2] == "finetune")
     assert fair_row[4:6] == ["106.5", "300"]  # wall: mean of 106 and 107; the tuning: seed 0's
     assert untuned_row[4:6] == ["104.5", "—"]  # no tuning
+
+
+def pair_of(line: str) -> set[str]:
+    """The two columns of an exploratory line ("- row: a vs b: ..." / "a better than b by")."""
+    said = re.match(r"- [^:]+: (.+?) (?:vs|better than) (.+?)(?::| by) ", line)
+    assert said, line
+    return {said[1], said[2]}
 
 
 def test_pairs_are_compared_within_a_setting_or_a_strategy_and_holm_counts_them(
@@ -266,14 +279,13 @@ def test_pairs_are_compared_within_a_setting_or_a_strategy_and_holm_counts_them(
             client.set_tag(run_id, CELL_GROUP_TAG, f"{strategy}-{tuning}")
     _, markdown = report_of(uri, tmp_path / "out")
     lines = [line for line in markdown.splitlines() if line.startswith("- hymenoptera / rgb")]
-    tuned, untuned = "· tune=fair · tuned (8 trials)", "· tune=none"
-    assert any(f"finetune {tuned} better than freeze {tuned}" in line for line in lines)
-    assert any(f"finetune {tuned} better than finetune {untuned}" in line for line in lines)
-    assert any("linear_probe" in line and f"freeze {untuned}" in line for line in lines)
-    crossed = [
-        line for line in lines if f"finetune {untuned}" in line and f"freeze {tuned}" in line
-    ]
-    assert not crossed, crossed  # a tuned freeze against an untuned finetune: not a question
+    # Short labels: "finetune (tuned)" (tune=fair, 8 trials) and "finetune" (tune=none).
+    pairs = [pair_of(line) for line in lines]
+    assert {"finetune (tuned)", "freeze (tuned)"} in pairs
+    assert {"finetune (tuned)", "finetune"} in pairs
+    assert {"linear_probe", "freeze"} in pairs
+    crossed = {"finetune", "freeze (tuned)"}
+    assert crossed not in pairs, lines  # a tuned freeze against an untuned finetune: no question
     # 2 settings x 1 pair + 2 strategies across settings + linear_probe against 4 columns.
     assert len(lines) == 8 and "8 tests in all" in markdown
     significant = [line for line in lines if "better than" in line]
@@ -304,16 +316,31 @@ def test_study_protocol_runs_have_their_own_column_and_the_delta_uses_them(store
     assert finetune.study_protocol_n == 3
     assert finetune.study_protocol_mean == pytest.approx(0.96)
     assert finetune.delta_vs_study_protocol == pytest.approx(-0.04)
-    column = "finetune: protocol=study, same backbone, max val; ours minus it"
-    assert column in markdown and "0.960 ± 0.010 [0.935, 0.985] (n=3); -0.040" in markdown
+    legend = "- **finetune (protocol=study)**: protocol=study, the study's recipe on our backbone"
+    assert legend in markdown
+    assert "0.960 ± 0.010 [0.935, 0.985] (n=3); ours minus it: -0.040 finetune" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
+    assert header.count("(protocol=study)") == 1  # one column, however many variants
 
 
-def test_expected_datasets_without_runs_are_rows_that_say_not_run(store, tmp_path):
+def test_a_dataset_never_run_is_one_line_and_a_column_never_run_is_hidden(store, tmp_path):
+    """caltech256 named by --datasets, no run of it: one line, no rows of "not run"; a partial
+    column whose only run was KILLED: "not run" in every row, so not a column of the table. The
+    CSV keeps every cell."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("benchmark").experiment_id
+    log_run(client, experiment, ("hymenoptera", "rgb", "partial", 0), "KILLED", None, 60)
     table, markdown = report_of(store, tmp_path / "out", "--datasets", "caltech256,hymenoptera")
     caltech = table[table.dataset == "caltech256"]
     assert len(caltech) > 0 and set(caltech.state) == {"not run"}
     assert set(caltech.colour) == {"rgb", "gray"}
-    assert "| caltech256" in markdown and "0.674" in markdown  # the study's number, still shown
+    assert set(table[table.strategy == "partial"].state) == {"not run"}
+    assert "| caltech256" not in markdown and "not run: caltech256 (rgb, gray)." in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
+    assert "partial" not in header and "| finetune " in header
+    assert "| dogs_vs_cats | gray     | not run" in markdown  # a row of a dataset that ran: kept
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "not run: caltech256 (rgb, gray)." in page and "<td>caltech256</td>" not in page
 
 
 def test_a_moved_store_still_shows_its_confusion_matrices(tmp_path, empty_store):
@@ -382,19 +409,20 @@ def test_tables_match_the_golden_file(store, tmp_path):
 def test_html_page_is_self_contained_with_its_pictures(store, tmp_path):
     assert report(["--tracking-uri", store, "--out", str(tmp_path / "out")]) == 0
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("<svg") == 4  # bars, cost vs accuracy, curves, confusion small multiples
+    # a dot figure per dataset run (2), cost vs accuracy, curves, confusion small multiples
+    assert page.count("<svg") == 5
     assert not re.search(r"""(src|href)=["']https?:""", page)  # nothing fetched from elsewhere
     assert "0.920 ± 0.020" in page
-    failed = page.split("<h2>Failed runs</h2>")[1].split("</ul>")[0]
+    failed = page.split("<summary>Failed runs (3)</summary>")[1].split("</ul>")[0]
     lines = {line.split(":")[0]: line for line in failed.split("<li>")[1:]}
     assert set(lines) == {  # the latest failure of each cell and seed
-        "hymenoptera / gray / finetune / efficientnet_lite0 / 0",
-        "hymenoptera / gray / freeze / efficientnet_lite0 / 0",
-        "hymenoptera / rgb / finetune / efficientnet_lite0 / 2",
+        "hymenoptera / gray / finetune / seed 0",
+        "hymenoptera / gray / freeze / seed 0",
+        "hymenoptera / rgb / finetune / seed 2",
     }
     # Seed 2 of rgb finetune FINISHED before its failed retry: the list says which one counts.
-    assert RERUN_NOTE in lines["hymenoptera / rgb / finetune / efficientnet_lite0 / 2"]
-    assert RERUN_NOTE not in lines["hymenoptera / gray / finetune / efficientnet_lite0 / 0"]
+    assert RERUN_NOTE in lines["hymenoptera / rgb / finetune / seed 2"]
+    assert RERUN_NOTE not in lines["hymenoptera / gray / finetune / seed 0"]
 
 
 def test_missing_experiment_and_a_misspelt_store_are_clear_errors(store, tmp_path, capsys):
@@ -449,3 +477,199 @@ def test_the_studys_number_names_its_data_where_ours_differ(tmp_path, empty_stor
     assert "0.925 (study: 20 classes, 19,548 images; here 5, 350)" in markdown
     hymenoptera = next(line for line in markdown.splitlines() if line.startswith("| hymenoptera"))
     assert re.search(r"0\.954\s+\|", hymenoptera) and "study:" not in hymenoptera  # same data
+
+
+def svg_texts(page: str) -> list[str]:
+    """The text of every <text> element of the page's figures (matplotlib's SVG keeps text)."""
+    return re.findall(r"<text[^>]*>([^<]*)</text>", page)
+
+
+def test_one_short_label_per_setting_everywhere_and_a_legend_in_full(tmp_path, empty_store):
+    """As the grid's columns: finetune and lp_ft under tune=fair (8 trials, tuned once on seed
+    0) and untuned, linear_probe under tune=fair and untuned (its C grid is its fit: never
+    "tuned"). Each column has one short label in the table, the verdicts, the contrasts, the
+    diagnoses and the figures; the legend under the table says each in full."""
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    fair = {"tune.name": "fair", "tune.trials": "8", "tune.reuse_seed": "0"}
+    rising = {"final_train_acc": 0.98, "best_val_epoch": 9, "epochs_run": 10, "final_val_acc": 0.9}
+    accuracies = {  # seeds 0, 1, 2
+        ("finetune", "fair"): [0.90, 0.92, 0.91],
+        ("finetune", "none"): [0.70, 0.75, 0.72],
+        ("lp_ft", "fair"): [0.80, 0.81, 0.79],
+        ("lp_ft", "none"): [0.78, 0.79, 0.76],
+        ("linear_probe", "fair"): [0.85, 0.84, 0.86],
+        ("linear_probe", "none"): [0.83, 0.84, 0.85],
+    }
+    order = iter(range(100))
+    for (strategy, tuning), values in accuracies.items():
+        for seed, accuracy in enumerate(values):
+            settings = fair if tuning == "fair" else {}
+            run_id = log_run(
+                client, experiment, ("hymenoptera", "rgb", strategy, seed), "FINISHED",
+                accuracy, next(order), settings,
+            )  # fmt: skip
+            client.set_tag(run_id, CELL_GROUP_TAG, f"{strategy}-{tuning}")
+            if (strategy, tuning) == ("finetune", "fair"):  # still rising: †
+                for name, value in rising.items():
+                    client.log_metric(run_id, name, value)
+    _, markdown = report_of(uri, tmp_path / "out")
+    header = next(line for line in markdown.splitlines() if line.startswith("| dataset"))
+    columns = [c.strip() for c in header.strip("|").split("|") if not c.strip().startswith("study")]
+    assert columns == [
+        "dataset",
+        "colour",
+        "finetune (tuned)",
+        "finetune",
+        "linear_probe (tune=fair, tune.reuse_seed=0)",  # two linear_probe settings, no trials
+        "linear_probe (tune=none)",
+        "lp_ft (tuned)",
+        "lp_ft",
+    ], columns
+    legend = markdown.split("Columns, each by the settings it stands for:")[1].split("\n\n")[1]
+    assert legend.splitlines()[:3] == [
+        "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)",
+        "- **finetune**: finetune · tune=none",
+        "- **linear_probe (tune=fair, tune.reuse_seed=0)**: linear_probe · tune=fair, "
+        "tune.reuse_seed=0 (its C grid is its fit: no trials)",
+    ]
+    assert "linear_probe · tune=fair, tune.reuse_seed=0 · tuned" not in markdown
+    # The verdict, the contrasts, the exploratory lines and the diagnoses: the short labels.
+    verdicts = markdown.split("**Verdicts**")[1].split("\n\n")[1]
+    assert "finetune (tuned) vs linear_probe (tune=fair" in verdicts, verdicts
+    assert "finetune (tuned): †" in verdicts
+    undertrained = next(line for line in markdown.splitlines() if line.startswith("† May be"))
+    assert "hymenoptera / rgb / finetune (tuned) (seed 0:" in undertrained
+    contrasts = markdown.split("## Primary contrasts")[1].split("## ")[0]
+    assert re.search(r"lp_ft \(tuned\) (vs|better than) lp_ft[: ]", contrasts)
+    for section in (verdicts, contrasts, undertrained, markdown.split("## Exploratory")[1]):
+        assert "tuned (8 trials)" not in section and "tune=none" not in section.replace(
+            "linear_probe (tune=none)", ""
+        )
+    page = (tmp_path / "out" / "report.html").read_text()
+    texts = svg_texts(page)
+    assert "finetune (tuned)" in texts and "lp_ft" in texts  # the figures' labels
+    assert not [t for t in texts if "·" in t or "trials" in t]
+
+
+def test_the_report_opens_with_the_verdicts_then_a_figure_per_dataset_then_the_table(
+    store, tmp_path
+):
+    """report.md and report.html: the verdict table, one dot-and-interval figure per dataset
+    run (on one x range, said in the caption), the full table with its legend, then the
+    details: in report.html each folded in a <details>."""
+    _, markdown = report_of(store, tmp_path / "out")
+    order = [
+        "**Verdicts**",
+        "**Test accuracy per dataset**",
+        "![hymenoptera: test accuracy per column](accuracy-1-hymenoptera.svg)",
+        "![dogs_vs_cats: test accuracy per column](accuracy-2-dogs_vs_cats.svg)",
+        "**Test accuracy per cell**",
+        "\n| dataset",
+        "Columns, each by the settings it stands for:",
+        "## Notes on the table",
+        "## Primary contrasts",
+        "## Exploratory",
+        "## Cost per cell",
+    ]
+    at = [markdown.find(s) for s in order]
+    assert -1 not in at and at == sorted(at), dict(zip(order, at, strict=True))
+    assert "x axis runs from" in markdown and "to 1.00 in every dataset's figure" in markdown
+    for name in ("accuracy-1-hymenoptera.svg", "accuracy-2-dogs_vs_cats.svg"):
+        assert (tmp_path / "out" / name).read_text().startswith("<svg")
+    page = (tmp_path / "out" / "report.html").read_text()
+    body = page.split("<body>")[1]
+    order = [
+        "<h2>Verdicts</h2>",
+        "<h2>Test accuracy per dataset</h2>",
+        '<figure aria-label="hymenoptera"><svg',
+        '<figure aria-label="dogs_vs_cats"><svg',
+        "<h2>Test accuracy per cell</h2>",
+        '<ul class="legend">',
+        "<h2>Details</h2>",
+    ]
+    at = [body.find(s) for s in order]
+    assert -1 not in at and at == sorted(at), dict(zip(order, at, strict=True))
+    details = body.split("<h2>Details</h2>")[1]
+    assert "<h2>" not in details and "<table" not in re.sub(
+        r"<details>.*?</details>", "", details, flags=re.S
+    )  # every table and picture below is folded
+    summaries = re.findall(r"<summary>([^<]*)</summary>", details)
+    assert [s.split(" (")[0] for s in summaries] == [
+        "Notes on the table",
+        "Primary contrasts",
+        "Exploratory: every comparable pair",
+        "Average rank across rows",
+        "Cost per cell",
+        "Failed runs",
+        "Learning curves",
+        "Confusion matrices",
+    ]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_the_page_reads_at_1280_px_without_scrolling_sideways(tmp_path, empty_store):
+    """The grid's seven columns with long settings, every <details> opened: Chromium lays the
+    page out 1280 px wide and nothing reaches past the window's right edge."""
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    fair = {"tune.name": "fair", "tune.trials": "8", "tune.reuse_seed": "0"}
+    order = iter(range(1000))
+    for dataset in ("hymenoptera", "dogs_vs_cats"):
+        for colour in ("rgb", "gray"):
+            for strategy in ("finetune", "freeze", "lp_ft", "linear_probe"):
+                for tuning in ("fair", "none") if strategy != "linear_probe" else ("none",):
+                    for seed in range(3):
+                        run_id = log_run(
+                            client, experiment, (dataset, colour, strategy, seed), "FINISHED",
+                            0.9 + 0.01 * seed, next(order), fair if tuning == "fair" else {},
+                        )  # fmt: skip
+                        client.set_tag(run_id, CELL_GROUP_TAG, f"{strategy}-{tuning}")
+    report_of(uri, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text().replace("<details>", "<details open>")
+    probe = (
+        "<script>var d = document.documentElement, wide = [];"
+        "document.querySelectorAll('body *').forEach(function (e) {"
+        " if (e.getBoundingClientRect().right > d.clientWidth + 1) wide.push(e.tagName); });"
+        "document.title = 'client=' + d.clientWidth + ' scroll=' + d.scrollWidth"
+        " + ' wide=' + wide.length;</script></body>"
+    )
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.replace("</body>", probe))
+    done = subprocess.run(
+        [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000", "--dump-dom",
+            measured.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    said = re.search(r"<title>client=(\d+) scroll=(\d+) wide=(\d+)</title>", done.stdout)
+    assert said, done.stderr[-2000:]
+    client_width, scroll_width, wide = map(int, said.groups())
+    assert 1200 < client_width <= 1280
+    assert scroll_width <= client_width and wide == 0, said.group(0)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_report_tex_compiles_however_long_its_notes(tmp_path, empty_store):
+    """48 cells whose two seeds ran on different commits: the ‡ note lists each (a caption of
+    that length is more than LaTeX can measure on one line: the notes are text under the
+    table), with the legend and the rules."""
+    client, uri, experiment = new_store(tmp_path, empty_store)
+    order = iter(range(1000))
+    for dataset in ("hymenoptera", "simpsons", "dogs_vs_cats", "caltech256"):
+        for colour in ("rgb", "gray"):
+            for strategy in ("finetune", "freeze", "lp_ft", "linear_probe", "partial", "two_stage"):
+                for seed, commit in enumerate(("a" * 40, "b" * 40)):
+                    run_id = log_run(client, experiment, (dataset, colour, strategy, seed),
+                                     "FINISHED", 0.9, next(order))  # fmt: skip
+                    client.set_tag(run_id, GIT_COMMIT_TAG, commit)
+    _, markdown = report_of(uri, tmp_path / "out")
+    mixed = next(line for line in markdown.splitlines() if line.startswith("‡ Seeds"))
+    assert mixed.count("seed 1: bbbbbbbbbb") == 48
+    done = subprocess.run(
+        ["pdflatex", "-halt-on-error", "-interaction=nonstopmode", "report.tex"],
+        cwd=tmp_path / "out", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    tex = (tmp_path / "out" / "report.tex").read_text()
+    assert r"\ddag{} Seeds ran on different code commits" in tex

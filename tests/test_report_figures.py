@@ -4,6 +4,7 @@ its matplotlib artists (Agg backend, nothing shown)."""
 from __future__ import annotations
 
 import base64
+from itertools import combinations
 
 import matplotlib
 
@@ -13,7 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.container import ErrorbarContainer
+from matplotlib.transforms import Bbox
 
 from benchmark.report import figures
 
@@ -73,26 +75,98 @@ def test_png_data_uri_and_svg_markup_close_the_figure():
     assert not plt.fignum_exists(figure.number)
 
 
-def test_accuracy_bars_one_panel_per_dataset_with_a_close_y_range_and_sd_bars():
+def drawn_texts(figure) -> list[tuple[str, Bbox]]:
+    """Every piece of text the figure draws (titles, axis labels, the tick labels inside the
+    axes' view, texts, legends) with its box on the canvas, in pixels."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [t for legend in figure.legends for t in [legend.get_title(), *legend.get_texts()]]
+    for axes in figure.axes:
+        texts += [axes.title, axes.xaxis.label, axes.yaxis.label, *axes.texts]
+        if axes.get_legend() is not None:
+            texts += [axes.get_legend().get_title(), *axes.get_legend().get_texts()]
+        for axis in (axes.xaxis, axes.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                if low - 1e-9 <= tick.get_loc() <= high + 1e-9 and tick.label1.get_visible():
+                    texts.append(tick.label1)
+    return [
+        (t.get_text(), t.get_window_extent(renderer))
+        for t in texts
+        if t.get_visible() and t.get_text().strip()
+    ]
+
+
+def overlapping(figure) -> list[tuple[str, str]]:
+    """The pairs of drawn texts whose boxes overlap by more than a pixel."""
+    out = []
+    for (a, box_a), (b, box_b) in combinations(drawn_texts(figure), 2):
+        shrunk_a, shrunk_b = box_a.padded(-1), box_b.padded(-1)
+        if shrunk_a.width > 0 and shrunk_b.width > 0 and shrunk_a.overlaps(shrunk_b):
+            out.append((a, b))
+    return out
+
+
+def test_accuracy_dots_one_figure_per_dataset_on_one_range_with_each_interval():
+    """A dot per colour at the mean, a line across the interval (the bootstrap's where the cell
+    has one, else the t interval), one y line per column in the given order; the same x range
+    for every dataset, holding every interval, up to 1; a failed cell says so."""
     table = summary()
-    figure = figures.accuracy_bars(table)
-    assert [axes.get_title() for axes in figure.axes] == ["hymenoptera", "dogs_vs_cats"]
-    for axes, (_, cells) in zip(figure.axes, table.groupby("dataset", sort=False), strict=True):
-        low, high = axes.get_ylim()
-        assert 0.8 < low < (cells.test_acc_mean - cells.test_acc_sd).min()  # not from 0
-        assert (cells.test_acc_mean + cells.test_acc_sd).max() < high <= 1.0
-        bars = [c for c in axes.containers if isinstance(c, BarContainer)]
-        assert [b.get_label() for b in bars] == STRATEGIES
-        heights = [p.get_height() for b in bars for p in b.patches]
-        expected = cells.set_index(["strategy", "colour"]).test_acc_mean
-        assert heights == pytest.approx(
-            [expected[s, c] for s in STRATEGIES for c in ["rgb", "gray"]], nan_ok=True
-        )
-        # The error bars are ± sd: each segment spans 2 sd.
-        errors = bars[2].errorbar.lines[2][0].get_segments()
-        assert [s[1, 1] - s[0, 1] for s in errors] == pytest.approx([2 * 0.014] * 2)
-    assert "failed" in [t.get_text().strip() for t in figure.axes[0].texts]
-    assert figures.accuracy_bars(table.drop(columns=["study_val_acc", "state"])).axes
+    table = table.assign(
+        test_acc_ci_low=table.test_acc_mean - 0.05, test_acc_ci_high=table.test_acc_mean + 0.03
+    )
+    booted = table.dataset.eq("dogs_vs_cats")  # these have a bootstrap interval
+    table["boot_low"] = (table.test_acc_mean - 0.01).where(booted)
+    table["boot_high"] = (table.test_acc_mean + 0.02).where(booted)
+    limits = figures.accuracy_range(table)
+    lowest = (table.test_acc_mean - 0.05).min()
+    assert limits[1] == 1.0 and limits[0] <= lowest - 0.02 and limits[0] > lowest - 0.08
+    assert round(limits[0] * 20, 9) == int(round(limits[0] * 20, 9))  # a multiple of 0.05
+    for dataset in BASE:
+        figure = figures.accuracy_dots(table, dataset, limits, STRATEGIES)
+        (axes,) = figure.axes
+        assert axes.get_title() == dataset and axes.get_xlim() == limits
+        assert [t.get_text() for t in axes.get_yticklabels()] == STRATEGIES
+        bars = [c for c in axes.containers if isinstance(c, ErrorbarContainer)]
+        assert [b.get_label() for b in bars] == ["rgb", "gray"]
+        mine = table[table.dataset == dataset].set_index(["colour", "strategy"])
+        for bar, colour in zip(bars, ["rgb", "gray"], strict=True):
+            means = bar.lines[0].get_xdata()
+            expected = mine.loc[colour].reindex(STRATEGIES).test_acc_mean.to_numpy()
+            assert means == pytest.approx(expected, nan_ok=True)
+            (segments,) = bar.lines[2]
+            low, high = (-0.01, 0.02) if dataset == "dogs_vs_cats" else (-0.05, 0.03)
+            for segment, mean in zip(segments.get_segments(), expected, strict=True):
+                if np.isfinite(mean):  # a failed cell: no line
+                    (a, _), (b, _) = segment
+                    assert (a - mean, b - mean) == pytest.approx((low, high))
+        assert not overlapping(figure), overlapping(figure)
+    failed = figures.accuracy_dots(table, "hymenoptera", limits, STRATEGIES)
+    assert "gray: failed" in [t.get_text().strip() for t in failed.axes[0].texts]
+    assert figures.accuracy_dots(table.drop(columns=["state"]), "hymenoptera").axes
+
+
+def test_no_figure_draws_text_over_text():
+    """Long column labels and titles, times within less than a decade and over four: every
+    label, tick label, title and legend entry clear of the others (measured on the canvas)."""
+    table = summary().assign(
+        strategy=lambda t: t.strategy + " · tune=fair, tune.reuse_seed=0 · tuned (8 trials)"
+    )
+    for times in ((30.0, 55.0), (0.7, 1400.0)):
+        cost = table.assign(wall_time_s=np.linspace(*times, len(table)))
+        figure = figures.cost_vs_accuracy(cost)
+        assert not overlapping(figure), (times, overlapping(figure))
+        # Plain numbers: mathtext ($10^{2}$) goes into the page's SVG glyph by glyph, each at a
+        # position measured in matplotlib's font, and runs together in the browser's.
+        ticks = [t.get_text() for t in figure.axes[0].get_xticklabels() if t.get_text()]
+        assert ticks and not [t for t in ticks if "$" in t], ticks
+    long_titles = [
+        (f"hymenoptera / rgb\nfinetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials), seed {i}",
+         ["ants", "bees"], [[8, 2], [1, 9]])
+        for i in range(4)
+    ]  # fmt: skip
+    grid = figures.confusion_grid(long_titles)
+    assert not overlapping(grid), overlapping(grid)
 
 
 def test_cost_vs_accuracy_log_time_marker_per_strategy_colour_per_dataset():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import mlflow
 import pandas as pd
 
 from benchmark.report import figures
+from benchmark.report.latex import escape as latex_escape
 from benchmark.report.latex import latex_document, to_latex
 from benchmark.report.markdown import escape, escape_names
 from benchmark.report.stats import (
@@ -26,20 +29,24 @@ from benchmark.report.stats import (
     rank_agreement,
 )
 from benchmark.report.tables import (
-    CELL,
     GROUP,
     RULES,
     accuracy_table,
+    column_legend,
     column_names,
     cost_table,
     latest_per_seed,
     load_predictions,
     load_ranks,
     load_runs,
+    native,
+    never_run,
+    not_run_note,
     split_note,
     split_protocols,
     summarise,
     trust_notes,
+    with_shift_tests,
 )
 from benchmark.report.trust import (
     DEFAULT_RULE,
@@ -57,6 +64,8 @@ from benchmark.report.verdicts import (
     TRAINS_VS_FROZEN,
     VerdictRule,
     cell_intervals,
+    looks_note,
+    with_looks,
 )
 from benchmark.report.verdicts import (
     verdicts as decide,
@@ -73,12 +82,14 @@ RERUN_NOTE = " (another run of this cell and seed FINISHED: that one counts)"
 def val_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch validation accuracy of each counted FINISHED run."""
     client = mlflow.MlflowClient()
+    runs = native(runs).assign(column=column_names(native(runs)))  # each fit once
+    keys = [*GROUP, "column", "seed", "run_id"]
     rows = [
-        {**run[[*GROUP, "seed", "run_id"]].to_dict(), "epoch": m.step, "val_acc": m.value}
+        {**run[keys].to_dict(), "epoch": m.step, "val_acc": m.value}
         for _, run in progress(list(runs.iterrows()), "reading learning curves")
         for m in client.get_metric_history(run.run_id, "val_acc")
     ]
-    return pd.DataFrame(rows, columns=[*GROUP, "seed", "run_id", "epoch", "val_acc"])
+    return pd.DataFrame(rows, columns=[*keys, "epoch", "val_acc"])
 
 
 def best_confusions(
@@ -88,6 +99,8 @@ def best_confusions(
     confusion matrix of its run with the best validation accuracy (selected like everything
     else: on validation)."""
     out = []
+    runs, table = native(runs), native(table)  # the native test's matrices: each fit once
+    runs = runs.assign(column=column_names(runs))
     ranked = runs.sort_values("best_val_acc", ascending=False, na_position="last")
     cells = dict(list(ranked.groupby(GROUP, sort=False)))
     order = [tuple(row) for row in table[GROUP].itertuples(index=False) if tuple(row) in cells]
@@ -101,8 +114,8 @@ def best_confusions(
                 )
             else:
                 matrix = json.loads(file.read_text())
-                where, what = "/".join(cell[:2]), "/".join(str(c) for c in cell[2:] if c)
-                title = f"{where}\n{what} seed {run.seed}"  # two short lines per small panel
+                # Two short lines per small panel: the row, the column's short label and seed.
+                title = f"{cell[0]} / {cell[1]}\n{run.column}, seed {run.seed}"
                 out.append((title, matrix["classes"], matrix["matrix"]))
                 break
     if missing:
@@ -200,6 +213,9 @@ def _rests_on(columns: dict[Diagnosis, list[str]]) -> str:
 
 
 def ranks(table: pd.DataFrame) -> pd.DataFrame:
+    """Each column's average rank over the rows of the native tests (a shift test's row is not
+    another dataset)."""
+    table = native(table)
     done = table[table.n > 0].assign(column=column_names(table[table.n > 0]))
     if done.empty:
         return pd.DataFrame(columns=["average_rank", "rows"])
@@ -229,6 +245,7 @@ def ranking_before_training(table: pd.DataFrame, uri: str, experiment: str) -> p
     scores = load_ranks(uri, experiment)
     if scores.empty:
         return pd.DataFrame()
+    table = native(table)
     measured = table[(table.n > 0) & table.variant.fillna("").eq("")]
     present = tuple(c for c in RANK_SCORES if scores[c].notna().any())
     agreement = rank_agreement(measured, scores, present)
@@ -245,7 +262,7 @@ class Decided:
     rule: VerdictRule
 
     def note(self) -> str:
-        return verdict_note(self.rule)
+        return f"{verdict_note(self.rule)} {looks_note(self.rule)}"
 
     def details(self) -> pd.DataFrame:
         """Every primary contrast, one line each: the verdicts' family."""
@@ -343,6 +360,13 @@ def headline(contrasts: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     columns = ["recommendation", "dataset", "colour", "backbone", "a (trains) vs b (frozen)"]
     columns += ["difference a - b, interval", "seeds", "diagnoses"]
     out = pd.DataFrame(rows, columns=columns)
+    rows_in_order = dict.fromkeys(zip(table.dataset, table.colour, strict=True))
+    place = {row: i for i, row in enumerate(rows_in_order)}
+    out = out.iloc[  # in the tables' order of rows
+        sorted(
+            range(len(out)), key=lambda i: place.get((out.dataset[i], out.colour[i]), len(place))
+        )
+    ].reset_index(drop=True)
     if out.backbone.nunique() <= 1:
         out = out.drop(columns="backbone")
     return out
@@ -355,11 +379,59 @@ def decided(
     interval (`boot_low`, `boot_high`, `boot_source`)."""
     counted = counted.assign(column=column_names(counted))
     predictions = load_predictions(counted, uri)
-    contrasts = decide(counted, predictions, rule)
+    contrasts = decide(native(counted), predictions, rule)  # a shift test: exploratory only
     contrasts = contrasts.assign(margin=rule.margin)
     intervals = cell_intervals(counted, predictions, GROUP, rule)
     table = table.merge(intervals, on=GROUP, how="left")
     return Decided(contrasts, headline(contrasts, table), rule), table
+
+
+TITLE = "Transfer learning: which strategy, per dataset"
+
+
+@dataclass(frozen=True)
+class Dots:
+    """The dot-and-interval figure of each dataset shown (`figures.accuracy_dots`), as SVG
+    markup, on one x range for all (`limits`)."""
+
+    limits: tuple[float, float]
+    svgs: list[tuple[str, str]]  # (dataset, markup)
+
+    def caption(self) -> str:
+        low, high = self.limits
+        return (
+            "Each column's test accuracy: a dot at its mean over seeds, a line across its 95 % "
+            "interval (the bootstrap's over seeds and test images; a cell of one seed: its test "
+            "images alone), one marker per colour. The x axis runs from "
+            f"{low:.2f} to {high:.2f} in every dataset's figure: it holds every interval with "
+            "at least 0.02 to spare, and is never narrowed to one dataset's values, so no figure "
+            "magnifies small differences."
+        )
+
+    def files(self) -> list[str]:
+        """A file name per figure, for report.md (`accuracy-1-hymenoptera.svg`)."""
+        return [
+            f"accuracy-{i}-{re.sub(r'[^A-Za-z0-9_.]+', '-', d).strip('-.') or 'dataset'}.svg"
+            for i, (d, _) in enumerate(self.svgs, start=1)
+        ]
+
+
+def dot_figures(table: pd.DataFrame) -> Dots:
+    """Per dataset with a run (the shift test's row, `simpsons · x0.357 shift`, its own), its
+    columns' accuracy, the columns the accuracy table shows in its order, one x range for all."""
+    shown = table[~table.dataset.isin(list(never_run(table)))]
+    if shown.empty:
+        return Dots((0.0, 1.0), [])
+    visible = set(accuracy_table(table).columns)
+    columns = [c for c in dict.fromkeys(column_names(shown)) if c in visible]
+    limits = figures.accuracy_range(shown)
+    return Dots(
+        limits,
+        [
+            (d, figures.svg_markup(figures.accuracy_dots(shown, d, limits, columns)))
+            for d in dict.fromkeys(shown.dataset)
+        ],
+    )
 
 
 def _verdicts_markdown(decided: Decided, names: tuple[str, ...]) -> str:
@@ -371,6 +443,7 @@ def _verdicts_markdown(decided: Decided, names: tuple[str, ...]) -> str:
             "one that does not, each with FINISHED seeds).\n\n"
         )
     shown = escape_names(decided.headline, (*names, "recommendation", "a (trains) vs b (frozen)"))
+    shown = shown.assign(diagnoses=decided.headline.diagnoses.map(escape))
     return f"**Verdicts**\n\n{shown.to_markdown(index=False)}\n\n{decided.note()}\n\n"
 
 
@@ -385,12 +458,34 @@ def _contrasts_markdown(decided: Decided, names: tuple[str, ...]) -> str:
     )
 
 
+def _legend_markdown(legend: list[tuple[str, str]]) -> str:
+    if not legend:
+        return ""
+    lines = "\n".join(f"- **{escape(short)}**: {escape(full)}" for short, full in legend)
+    return f"Columns, each by the settings it stands for:\n\n{lines}\n\n"
+
+
+def _dots_markdown(dots: Dots) -> str:
+    if not dots.svgs:
+        return ""
+    images = "\n".join(
+        f"![{escape(d)}: test accuracy per column]({name})"
+        for (d, _), name in zip(dots.svgs, dots.files(), strict=True)
+    )
+    return f"**Test accuracy per dataset**: {dots.caption()}\n\n{images}\n\n"
+
+
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
     footnote: str, predicted: pd.DataFrame | None = None, notes: Sequence[str] = (),
-    decided: Decided | None = None,
+    decided: Decided | None = None, dots: Dots | None = None,
 ) -> list[Path]:  # fmt: skip
+    """report.md (the verdicts, a dot figure per dataset, the table and its legend, then the
+    details in sections), report.csv (every cell, shown or not), report.tex (the tables) and the
+    figures report.md shows (`Dots.files`)."""
     accuracy, cost = accuracy_table(table), cost_table(table)
+    legend = column_legend(table, list(accuracy.columns[2:]))
+    idle = not_run_note(table)
     bold = bold_best(table, accuracy)
     shown = accuracy.copy()
     for column in accuracy.columns:
@@ -410,11 +505,23 @@ def write_tables(
     ranked = ranking.reset_index().rename(columns={"index": "column", "rows": "rows ranked"})
     ranked, cost_shown = escape_names(ranked, names), escape_names(cost, names)
     predicted = None if predicted is None else escape_names(predicted, names)
+    idle_line = f"{escape(idle)}.\n\n" if idle else ""
+    dots = dots or Dots((0.0, 1.0), [])
+    for (_, svg), name in zip(dots.svgs, dots.files(), strict=True):
+        (out / name).write_text(svg)
+    paths += [out / name for name in dots.files()]
     paths[0].write_text(
-        "# Transfer learning: test accuracy per cell\n\n"
+        f"# {TITLE}\n\n"
         f"Source: `{source}`.\n\n"
         + (_verdicts_markdown(decided, names) if decided is not None else "")
-        + f"{RULES}\n\n{shown.to_markdown(**markdown)}\n\n"
+        + idle_line
+        + _dots_markdown(dots)
+        + "**Test accuracy per cell**\n\n"
+        + f"{shown.to_markdown(**markdown)}\n\n"
+        + idle_line
+        + _legend_markdown(legend)
+        + f"{RULES}\n\n"
+        + "## Notes on the table (diagnoses, code, splits)\n\n"
         + "".join(f"{escape(note)}\n\n" for note in notes)
         + (f"{footnote}\n\n" if footnote else "")
         + (_contrasts_markdown(decided, names) if decided is not None else "")
@@ -434,15 +541,21 @@ def write_tables(
         + f"## Cost per cell (mean over finished seeds)\n\n{cost_shown.to_markdown(**markdown)}\n"
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
+    said = "; ".join(f"{short}: {full}" for short, full in legend)
+    below = [*([f"{idle}."] if idle else []), *([f"Columns: {said}."] if said else [])]
     paths[2].write_text(
         latex_document(
             [
                 to_latex(
                     accuracy,
-                    " ".join(["Test accuracy per cell.", RULES, *notes]),
+                    "Test accuracy per cell (what each column stands for, the rules and the "
+                    "diagnoses: under the table).",
                     "tab:accuracy",
                     bold=bold,
                 ),
+                # Text, not the caption: LaTeX sets a caption on one line first, and the notes of
+                # a large grid are longer than the longest line it can measure.
+                "\n\n".join(latex_escape(text) for text in [*below, RULES, *notes]),
                 to_latex(cost, "Cost per cell.", "tab:cost"),
             ]
         )
@@ -450,38 +563,111 @@ def write_tables(
     return paths
 
 
+# The most columns a table keeps a number and its interval each on one line in (`_UNBROKEN`):
+# at 1280 px, 11 columns of "[0.886, 0.983]" and a dataset's name fill the page's width.
+UNBROKEN_COLUMNS = 13
+
+
+def _table_html(frame: pd.DataFrame, bold: pd.DataFrame | None = None, css: str = "") -> str:
+    """`frame` as an HTML table, every header and cell escaped, the `bold` cells in <strong>; in
+    a table narrow enough, a number and its interval each on one line (`_UNBROKEN`)."""
+    together = len(frame.columns) <= UNBROKEN_COLUMNS
+    shown = frame.astype(object).where(frame.notna(), "").map(lambda v: _html_cell(v, together))
+    if bold is not None:
+        flags = bold.reindex(index=frame.index, columns=frame.columns).fillna(False)
+        shown = shown.where(~flags.astype(bool), "<strong>" + shown + "</strong>")
+    shown = shown.rename(columns=lambda c: html.escape(str(c)))
+    return shown.to_html(index=False, border=0, escape=False, classes=css or None)
+
+
+# The parts of an accuracy cell that read as one: "0.935 ± 0.020" and "[0.886, 0.983]" (a cell
+# wraps between them, not inside them).
+_UNBROKEN = re.compile(r"[-+]?\d\.\d+ ± \d\.\d+|\[[-+]?\d\.\d+, [-+]?\d\.\d+\]")
+
+
+def _html_cell(value: object, together: bool = True) -> str:
+    """A table cell's text, escaped: a float with at most 3 decimals; `together`: a number and
+    its interval each kept on one line."""
+    if isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
+    else:
+        text = str(value)
+    text = html.escape(text)
+    if not together:
+        return text
+    return _UNBROKEN.sub(lambda m: f'<span class="nowrap">{m.group(0)}</span>', text)
+
+
+def _details(summary: str, body: str, open_: bool = False) -> str:
+    return (
+        f"<details{' open' if open_ else ''}><summary>{html.escape(summary)}</summary>"
+        f"{body}</details>\n"
+    )
+
+
 def _verdicts_html(decided: Decided | None) -> str:
     if decided is None:
         return ""
     if decided.headline.empty:
-        return "<p><strong>Verdicts</strong>: none yet.</p>"
+        return "<h2>Verdicts</h2><p>None yet: no row has both a strategy that trains the " \
+            "backbone and one that does not, each with FINISHED seeds.</p>"  # fmt: skip
     return (
         "<h2>Verdicts</h2>"
-        + decided.headline.to_html(index=False, border=0)
-        + f"<p>{html.escape(decided.note())}</p>"
+        + _table_html(decided.headline, css="verdicts")
+        + _details("How a verdict is decided", f"<p>{html.escape(decided.note())}</p>")
     )
 
 
 def _contrasts_html(decided: Decided | None) -> str:
     if decided is None or decided.contrasts.empty:
         return ""
-    return (
-        "<details><summary>Primary contrasts (the verdicts' family; Holm per row)</summary>"
-        + decided.details().to_html(index=False, border=0)
-        + "</details>"
+    return _details(
+        "Primary contrasts (the verdicts' family; Holm per row)", _table_html(decided.details())
     )
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #222; line-height: 1.35; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; }
+code { overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.75rem; width: 100%; }
+th, td { border-bottom: 1px solid #ccc; padding: 0.2rem 0.3rem; text-align: left;
+         vertical-align: top; overflow-wrap: break-word; }
+.nowrap { white-space: nowrap; }
+th { background: #f3f3f3; }
+table.verdicts { font-size: 0.85rem; }
+table.verdicts td:first-child { font-weight: 600; }
+.small, figcaption { color: #555; font-size: 0.82rem; }
+ul.legend { font-size: 0.82rem; padding-left: 1.2rem; }
+details { margin: 0.4rem 0; } summary { cursor: pointer; font-weight: 600; }
+details > :not(summary) { margin-left: 1rem; }
+.dots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr));
+        gap: 0.5rem 1.5rem; }
+figure { margin: 0.8rem 0; } svg { max-width: 100%; height: auto; }
+"""
 
 
 def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
     footnote: str, uri: str, notes: Sequence[str] = (), decided: Decided | None = None,
+    ranking: pd.DataFrame | None = None, predicted: pd.DataFrame | None = None,
+    dots: Dots | None = None,
 ) -> Path:  # fmt: skip
+    """report.html: the verdicts, a dot figure per dataset, the table and its legend, then every
+    detail folded (<details>): notes, contrasts, ranks, cost, failed runs, curves, matrices."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     curves = val_curves(counted)
+    accuracy = accuracy_table(table)
+    legend = column_legend(table, list(accuracy.columns[2:]))
+    idle = not_run_note(table)
+    dots = dots or Dots((0.0, 1.0), [])
     pictures = [
-        ("Test accuracy per cell (mean ± sd over seeds)", figures.accuracy_bars(table)),
-        ("Cost against accuracy (wall time per cell, log scale)", figures.cost_vs_accuracy(table)),
+        (
+            "Cost against accuracy (wall time per cell, log scale)",
+            figures.cost_vs_accuracy(native(table)),
+        )
     ]
     if not curves.empty:
         pictures.append(("Learning curves (validation accuracy)", figures.learning_curves(curves)))
@@ -492,51 +678,81 @@ def write_html(
                 figures.confusion_grid(matrices),
             )
         )
-    sections = "\n".join(
-        f"<figure>{figures.svg_markup(figure)}<figcaption>{html.escape(title)}</figcaption></figure>"
-        for title, figure in pictures
-    )
-    failures = runs[runs.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
+    figured = [(title, figures.svg_markup(figure)) for title, figure in pictures]
+    failures = native(runs)
+    failures = failures[failures.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
     finished = set(counted[[*GROUP, "seed"]].itertuples(index=False))  # counted: FINISHED ones
+    failures = failures.assign(column=column_names(failures))  # the cell as the tables name it
     failed = "".join(
-        f"<li>{html.escape(' / '.join(str(r[c]) for c in [*CELL, 'seed']))}: "
+        f"<li>{html.escape(f'{r.dataset} / {r.colour} / {r.column} / seed {r.seed}')}: "
         f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}"
         f"{RERUN_NOTE if tuple(r[[*GROUP, 'seed']]) in finished else ''}</li>"
         for _, r in failures.iterrows()
     )
     verdict_list = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts.verdict)
+    idle_html = f'<p class="small">{html.escape(idle)}.</p>' if idle else ""
+    dot_html = "".join(  # each figure's title names its dataset
+        f'<figure aria-label="{html.escape(d)}">{svg}</figure>' for d, svg in dots.svgs
+    )
+    legend_html = "".join(
+        f"<li><strong>{html.escape(short)}</strong>: {html.escape(full)}</li>"
+        for short, full in legend
+    )
+    ranked = (ranking if ranking is not None else pd.DataFrame()).reset_index()
+    ranked = ranked.rename(columns={"index": "column", "rows": "rows ranked"})
+    details = [
+        _details(
+            "Notes on the table (diagnoses, code, splits)",
+            "".join(f"<p>{html.escape(note)}</p>" for note in [*notes, footnote] if note),
+        ),
+        _contrasts_html(decided),
+        _details(
+            "Exploratory: every comparable pair (paired t-tests, not in the verdicts)",
+            f"<p>{html.escape(pairs_note(verdicts))}</p><ul>{verdict_list}</ul>",
+        ),
+        _details("Average rank across rows (1 = best)", _table_html(ranked))
+        if not ranked.empty
+        else "",
+        _details(
+            "Ranking before training (python -m benchmark.tools.rank)",
+            "<p>Kendall's tau between each score, computed on frozen features before any "
+            "training, and the measured test accuracy, over the backbones of each row (p: "
+            "two-sided).</p>" + _table_html(predicted),
+        )
+        if predicted is not None and not predicted.empty
+        else "",
+        _details(
+            "Cost per cell (mean over finished seeds)",
+            _table_html(cost_table(table))
+            + f"<figure>{figured[0][1]}<figcaption>{html.escape(figured[0][0])}</figcaption>"
+            "</figure>",
+        ),
+        _details(f"Failed runs ({failed.count('<li>')})", f"<ul>{failed}</ul>") if failed else "",
+        *(_details(title, f"<figure>{svg}</figure>") for title, svg in figured[1:]),
+    ]
+    dots_section = (
+        "<h2>Test accuracy per dataset</h2>"
+        f'<p class="small">{html.escape(dots.caption())}</p><div class="dots">{dot_html}</div>'
+        if dots.svgs
+        else ""
+    )
     page = out / "report.html"
     page.write_text(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>benchmark report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
-th, td {{ border-bottom: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: left; }}
-th {{ background: #f3f3f3; }}
-figure {{ margin: 2rem 0; }} svg {{ max-width: 100%; height: auto; }}
-figcaption {{ color: #555; font-size: 0.9rem; }}
-</style></head><body>
-<h1>Transfer learning: test accuracy per cell</h1>
-<p>Source: <code>{html.escape(source)}</code></p>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{STYLE}</style></head><body>
+<h1>{html.escape(TITLE)}</h1>
+<p class="small">Source: <code>{html.escape(source)}</code></p>
 {_verdicts_html(decided)}
+{idle_html}
+{dots_section}
 <h2>Test accuracy per cell</h2>
-<p>{html.escape(RULES)}</p>
-{accuracy_table(table).to_html(index=False, border=0)}
-<details><summary>Notes on the table (diagnoses, code, splits)</summary>
-{"".join(f"<p>{html.escape(note)}</p>" for note in notes)}
-<p>{html.escape(footnote)}</p>
-</details>
-{_contrasts_html(decided)}
-<details><summary>Exploratory: every comparable pair (paired t-tests, not in the verdicts)
-</summary>
-<p>{html.escape(pairs_note(verdicts))}</p>
-<ul>{verdict_list}</ul>
-</details>
-<h2>Cost per cell</h2>
-{cost_table(table).to_html(index=False, border=0, na_rep="")}
-{f"<h2>Failed runs</h2><ul>{failed}</ul>" if failed else ""}
-<h2>Pictures</h2>
-{sections}
+{_table_html(accuracy, bold_best(table, accuracy))}
+{idle_html}
+{f'<ul class="legend">{legend_html}</ul>' if legend_html else ""}
+<p class="small">{html.escape(RULES)}</p>
+<h2>Details</h2>
+{"".join(details)}
 </body></html>
 """)
     return page
@@ -639,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     runs, study_runs = split_protocols(loaded.frame)
+    runs = with_shift_tests(runs)  # a second test of the same fits: rows of their own
     if loaded.frame.empty and loaded.starting:
         print(loaded.nothing_yet)
         return 0
@@ -656,19 +873,24 @@ def main(argv: list[str] | None = None) -> int:
     footnote = " ".join(note for note in (footnote, split_note(runs)) if note)
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
-    notes = [*trust_notes(table, rule), code_summary(counted)]
+    notes = [*trust_notes(table, rule), code_summary(native(counted))]
     notes = [note for note in notes if note]
-    verdicts_, table = decided(counted, table, uri, verdict_rule)
+    verdicts_, table = decided(counted, table, uri, with_looks(verdict_rule, loaded.frame))
     source = f"{uri}, experiment {args.experiment}" + (
         f", sweep {args.sweep}" if args.sweep else ""
     )
     predicted = ranking_before_training(table, uri, args.experiment)
+    dots = dot_figures(table)
     written = [
         *write_tables(
-            table, verdicts, ranking, args.out, source, footnote, predicted, notes, verdicts_
+            table, verdicts, ranking, args.out, source, footnote, predicted, notes, verdicts_,
+            dots,
         ),
-        write_html(table, runs, verdicts, args.out, source, footnote, uri, notes, verdicts_),
-    ]
+        write_html(
+            table, runs, verdicts, args.out, source, footnote, uri, notes, verdicts_, ranking,
+            predicted, dots,
+        ),
+    ]  # fmt: skip
     for path in written:
         print(f"wrote {path}")
     print(accuracy_table(table).to_markdown(index=False))

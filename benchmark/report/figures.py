@@ -1,5 +1,6 @@
-"""The pictures of the report: accuracy per cell, cost against accuracy, learning curves,
-confusion matrices; as inline PNG or SVG for a page that is one self-contained file.
+"""The pictures of the report: accuracy per dataset (dots and intervals), cost against accuracy,
+learning curves, confusion matrices; as inline PNG or SVG for a page that is one self-contained
+file.
 
 Matplotlib only (no torch, no tracking store), so that the report starts quickly.
 """
@@ -9,16 +10,16 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from benchmark.report.tables import column_names
 
@@ -45,68 +46,85 @@ def svg_markup(figure: Figure) -> str:
     return markup[markup.index("<svg") :]
 
 
-def accuracy_bars(table: pd.DataFrame) -> Figure:
-    """Test accuracy (mean, sd error bars) per cell: one panel per dataset, its colours along x,
-    one bar per strategy (/ backbone); the study's number as a black tick. Each panel's y-axis
-    spans its own values (it does not start at 0); a cell without a finished seed shows its
-    state ("failed", "not run"...) where its bar would be.
+# The interval a dot of `accuracy_dots` is drawn with: the bootstrap's over seeds and test images
+# where the report computed it (`verdicts.cell_intervals`), else the t interval over seeds.
+INTERVALS = (("boot_low", "boot_high"), ("test_acc_ci_low", "test_acc_ci_high"))
+PAD = 0.02  # the least room `accuracy_range` leaves below the lowest interval
 
-    Columns: dataset, colour, strategy, backbone, test_acc_mean, test_acc_sd; optionally
-    study_val_acc and state.
-    """
+
+def accuracy_range(table: pd.DataFrame) -> tuple[float, float]:
+    """One x range for every dataset's `accuracy_dots`: from the lowest interval (or mean) less
+    at least `PAD`, down to a multiple of 0.05, to 1. The same in every figure and never
+    narrowed to one dataset's values, so a figure does not magnify small differences."""
+    values = [table[c] for pair in INTERVALS for c in pair if c in table]
+    values = pd.concat([table.test_acc_mean, *values]).astype(float).dropna()
+    if values.empty:
+        return 0.0, 1.0
+    low = math.floor((values.min() - PAD) * 20) / 20
+    return max(0.0, low), 1.0
+
+
+def _interval(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's interval (`INTERVALS`: the first the cell has), NaN where it has none."""
+    low = pd.Series(np.nan, index=cells.index)
+    high = pd.Series(np.nan, index=cells.index)
+    for a, b in INTERVALS:
+        if a in cells and b in cells:
+            low = low.fillna(cells[a].astype(float))
+            high = high.fillna(cells[b].astype(float))
+    return low.to_numpy(float), high.to_numpy(float)
+
+
+def accuracy_dots(
+    table: pd.DataFrame,
+    dataset: str,
+    limits: tuple[float, float] | None = None,
+    columns: list[str] | None = None,
+) -> Figure:
+    """One dataset's test accuracy per column: a dot at each colour's mean over seeds and a line
+    across its 95 % interval (`INTERVALS`), one line of the y axis per column (`columns`, default
+    every column of `table`, in its order: the same in every dataset's figure), on the x range
+    `limits` (default `accuracy_range(table)`: one for all). A cell without a finished seed says
+    its state ("failed", "not run"...) at the left.
+
+    Columns: dataset, colour, strategy, backbone, test_acc_mean; optionally boot_low, boot_high
+    or test_acc_ci_low, test_acc_ci_high, state, column (the short label)."""
     table = table.assign(column=column_names(table))
-    datasets = list(dict.fromkeys(table.dataset))
-    columns = list(dict.fromkeys(table.column))
-    width = 0.8 / len(columns)
-    colours_per_panel = max(table.groupby("dataset").colour.nunique())
-    panel_width = max(3.2, 0.8 + 0.45 * colours_per_panel * len(columns))
-    figure, panels = plt.subplots(
-        1,
-        len(datasets),
-        figsize=(panel_width * len(datasets), 4.2),
-        squeeze=False,
-        layout="constrained",
-    )
-    for axes, dataset in zip(panels[0], datasets, strict=True):
-        mine = table[table.dataset == dataset]
-        colours = list(dict.fromkeys(mine.colour))
-        limits = _accuracy_limits(mine)
-        for i, column in enumerate(columns):
-            cells = mine[mine.column == column].set_index("colour").reindex(colours)
-            x = np.arange(len(colours)) + (i - (len(columns) - 1) / 2) * width
-            mean = cells.test_acc_mean.to_numpy(float)
-            sd = cells.test_acc_sd.to_numpy(float)
-            axes.bar(x, mean, width, yerr=sd, capsize=3, color=f"C{i}", label=column)
-            if "study_val_acc" in cells:
-                axes.scatter(
-                    x,
-                    cells.study_val_acc.to_numpy(float),
-                    marker="_",
-                    s=300,
-                    color="black",
-                    zorder=3,
-                    label="study (max val)",
-                )
-            if "state" in cells:
-                for where, state, value in zip(x, cells.state, mean, strict=True):
-                    if np.isnan(value) and isinstance(state, str):
-                        axes.text(
-                            where,
-                            limits[0],
-                            f" {state}",
-                            rotation=90,
-                            ha="center",
-                            va="bottom",
-                            fontsize="small",
-                            color="0.4",
-                        )
-        axes.set_xticks(np.arange(len(colours)), colours)
-        axes.set_xlim(-0.5, len(colours) - 0.5)
-        axes.set_ylim(*limits)
-        axes.set_title(dataset)
-        axes.grid(axis="y", alpha=0.3)
-    panels[0][0].set_ylabel("test accuracy (mean ± sd over seeds)")
-    _figure_legend(figure, panels[0])
+    columns = columns or list(dict.fromkeys(table.column))
+    mine = table[table.dataset == dataset]
+    colours = list(dict.fromkeys(mine.colour))
+    limits = limits or accuracy_range(table)
+    height = 1.1 + 0.3 * len(columns) * max(1.0, len(colours) / 2)
+    figure, axes = plt.subplots(figsize=(6.4, height), layout="constrained")
+    step = 0.6 / max(len(colours), 1)
+    for k, colour in enumerate(colours):
+        cells = mine[mine.colour == colour].drop_duplicates("column").set_index("column")
+        cells = cells.reindex(columns)
+        y = -np.arange(len(columns)) + (k - (len(colours) - 1) / 2) * -step
+        mean = cells.test_acc_mean.to_numpy(float)
+        low, high = _interval(cells)
+        spread = np.vstack([mean - low, high - mean])
+        spread = np.where(np.isnan(spread), 0.0, spread)
+        axes.errorbar(
+            mean, y, xerr=spread, fmt=MARKERS[k % len(MARKERS)], color=f"C{k}", capsize=3,
+            markersize=6, label=colour, linestyle="none",
+        )  # fmt: skip
+        states = cells.state if "state" in cells else pd.Series(None, index=cells.index)
+        for where, state, value in zip(y, states, mean, strict=True):
+            if np.isnan(value) and isinstance(state, str):
+                axes.text(
+                    limits[0], where, f" {colour}: {state}", va="center", ha="left",
+                    fontsize="small", color="0.4",
+                )  # fmt: skip
+    axes.set_yticks(-np.arange(len(columns)), columns)
+    axes.set_ylim(-len(columns) + 0.5, 0.5)
+    axes.set_xlim(*limits)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))
+    axes.set_xlabel("test accuracy: mean over seeds, 95 % interval")
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_title(dataset)
+    if len(colours) > 1:
+        figure.legend(loc="outside lower center", ncols=len(colours), fontsize="small")
     return figure
 
 
@@ -159,6 +177,14 @@ def cost_vs_accuracy(table: pd.DataFrame) -> Figure:
             transform=axes.transAxes,
         )
     axes.set_xscale("log")
+    # A label at each power of ten only, written out (1, 10, 100, 1000): no minor labels, which
+    # crowd into each other when the times span less than a decade or two.
+    axes.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    axes.xaxis.set_minor_locator(
+        LogLocator(base=10, subs=[k / 10 for k in range(2, 10)], numticks=8)
+    )
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("wall time per cell (s, log scale)")
     axes.set_ylabel("test accuracy (mean ± sd over seeds)")
     axes.grid(alpha=0.3, which="both")
@@ -181,25 +207,27 @@ def cost_vs_accuracy(table: pd.DataFrame) -> Figure:
 
 def learning_curves(curves: pd.DataFrame) -> Figure:
     """Validation accuracy per epoch: one panel per dataset x colour (all on the same y scale),
-    one line per run, one colour per strategy (/ backbone)."""
+    one line per run, one colour per column (its short label); one legend above the panels."""
     curves = curves.assign(column=column_names(curves), row=curves.dataset + " / " + curves.colour)
     rows = list(dict.fromkeys(curves.row))
     colours = {c: f"C{i % 10}" for i, c in enumerate(dict.fromkeys(curves.column))}
-    figure, panels = _panels(len(rows), width=4.5, height=3.6, sharey=True)
+    figure, panels = _panels(len(rows), width=4.2, height=3.2, sharey=True, columns=3)
     for axes, row in zip(panels, rows, strict=True):
         for (column, _run), run in curves[curves.row == row].groupby(["column", "run_id"]):
             axes.plot(
                 run.epoch, run.val_acc, color=colours[column], alpha=0.8, marker=".", label=column
             )
-        handles, labels = axes.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        axes.legend(unique.values(), unique.keys(), fontsize="small", loc="lower right")
         axes.set_title(row)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    for axes in panels[:: min(4, len(rows))]:
+    for axes in panels[:: min(3, len(rows))]:
         axes.set_ylabel("validation accuracy")
+    handles = [Line2D([], [], color=colour, marker=".") for colour in colours.values()]
+    figure.legend(
+        handles, list(colours), loc="outside upper center", ncols=min(len(colours), 4),
+        fontsize="small",
+    )  # fmt: skip
     return figure
 
 
@@ -227,8 +255,12 @@ def confusion_grid(matrices: list[tuple[str, list[str], list[list[int]]]]) -> Fi
         totals = counts.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             fractions = np.where(totals > 0, counts / totals, np.nan)
-        image = _draw_confusion(axes, fractions, classes, title, fraction=True)
-    figure.colorbar(image, ax=panels, shrink=0.6, label="fraction of the true class")
+        wrapped = _wrap(title, int(size * 10))  # ~10 characters of small text an inch
+        image = _draw_confusion(axes, fractions, classes, wrapped, fraction=True)
+        axes.title.set_fontsize("small")
+    figure.colorbar(
+        image, ax=panels, location="top", shrink=0.5, aspect=40, label="fraction of the true class"
+    )
     return figure
 
 
@@ -287,24 +319,10 @@ def _square(matrix: list[list[int]], classes: list[str], title: str) -> np.ndarr
     return counts
 
 
-def _accuracy_limits(cells: pd.DataFrame) -> tuple[float, float]:
-    """A y range around the panel's means ± sd and study numbers, within [0, 1]."""
-    mean, sd = cells.test_acc_mean.astype(float), cells.test_acc_sd.astype(float).fillna(0)
-    values = pd.concat([mean - sd, mean + sd, cells.get("study_val_acc", pd.Series(dtype=float))])
-    values = values.astype(float).dropna()
-    if values.empty:
-        return 0.0, 1.0
-    low, high = values.min(), values.max()
-    pad = max(0.02, 0.15 * (high - low))
-    return max(0.0, low - pad), min(1.0, high + pad)
-
-
-def _figure_legend(figure: Figure, panels: list[Axes]) -> None:
-    """One legend for all panels, right of them, each label once."""
-    unique: dict[str, Artist] = {}
-    for axes in panels:
-        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
-            unique.setdefault(label, handle)
-    figure.legend(
-        list(unique.values()), list(unique.keys()), loc="outside right upper", fontsize="small"
+def _wrap(title: str, width: int) -> str:
+    """`title` with each of its lines wrapped at `width` characters (at spaces, else anywhere):
+    a small panel's title never runs into its neighbour's."""
+    return "\n".join(
+        textwrap.fill(line, max(width, 8), break_long_words=True, break_on_hyphens=False)
+        for line in title.split("\n")
     )

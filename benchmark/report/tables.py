@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 
 from benchmark.report.stats import seed_summary
@@ -42,6 +43,7 @@ from benchmark.tracking.identity import (
     HARNESS_TAG,
     KIND_TAG,
     LOGGED_PARAMS,
+    LOOK_TAG,
     RANK_SCORES,
     SCHEMA_TAG,
     content_labels,
@@ -55,9 +57,11 @@ RULES = (
     "Each cell: held-out test accuracy of the checkpoint selected on validation accuracy, "
     "mean ± sd over seeds (n = FINISHED seeds). Of each (cell, seed) the latest FINISHED run "
     "counts (as for a relaunch, which skips it), else the latest run; failed, running and "
-    "never-run cells are marked, never averaged in. Runs that differ in anything but the seed "
-    "are separate columns, labelled by what differs. [a, b]: 95 % t interval of the mean, "
-    "clipped to [0, 1]. "
+    "never-run cells are marked, never averaged in (a column with no run in any row is left "
+    "out, and so is a dataset with no run at all: one line names it). Runs that differ in "
+    "anything but the seed are separate columns, each under one short label in every row (the "
+    "legend under the table says the settings it stands for). [a, b]: 95 % t interval of the "
+    "mean, clipped to [0, 1]. "
     "The study's numbers (ResNet-18, 15 epochs, maximum validation accuracy over epochs) are "
     "another backbone and protocol: shown beside ours, not subtracted. Where protocol=study "
     "ran (the study's recipe on our backbone, its maximum validation accuracy over epochs read "
@@ -130,9 +134,19 @@ class Runs:
 def split_note(runs: pd.DataFrame) -> str:
     """Which test split each dataset's FINISHED runs used (the `test_split` param; runs from
     before it was logged say nothing), e.g. "Test split: simpsons official; ..."."""
+    shifted = sorted(set(runs.dataset[runs["shift"].astype(bool)])) if "shift" in runs else []
+    runs = native(runs)
     done = runs[(runs.status == "FINISHED") & runs.test_split.notna()]
+    shift = (
+        f" {', '.join(shifted)}: a second test of the same trained models on another "
+        "distribution (dataset.shift_test; Kaggle's Simpsons test set, its frames downscaled "
+        "x0.357), a row of its own, never pooled with the native test; its comparisons are "
+        "exploratory, in no verdict."
+        if shifted
+        else ""
+    )
     if done.empty:
-        return ""
+        return shift.strip()
     counts = done.groupby("dataset").test_split.value_counts()
     per = [
         f"{dataset} "
@@ -146,13 +160,16 @@ def split_note(runs: pd.DataFrame) -> str:
         f"Test split: {'; '.join(per)} (official: the dataset's own test set, e.g. Hymenoptera's "
         "val/ or Kaggle's Simpsons test set; carved: held out from its images by "
         "dataset.test_split)."
-    )
+    ) + shift
 
 
 # What varies between runs without being an experiment of its own: never labels a row. Besides
 # these, what a cell logs of its data (LOGGED_PARAMS) and where it writes or logs (VOLATILE_KEYS:
 # paths, tracking, logger...), which its cell_group leaves out too.
-NOT_A_VARIANT = {"seed", "probe_c_chosen", *LOGGED_PARAMS}
+# dataset.shift_test adds a second test of the same model (its native splits are what they would
+# be without it): a cell with it is the same column as one without, its shift test a row of its
+# own (`with_shift_tests`).
+NOT_A_VARIANT = {"seed", "probe_c_chosen", *LOGGED_PARAMS, "dataset.shift_test", "n_shift"}
 
 
 def _is_setting(key: str) -> bool:
@@ -221,12 +238,14 @@ def load_runs(
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
     wanted |= {"params.tune.trials": "tune_trials", "params.tune.reuse_seed": "tune_reuse_seed"}
     wanted |= {"params.tune.name": "tune_name"}
-    wanted |= {f"params.n_{split}": f"n_{split}" for split in ("train", "val", "test")}
+    wanted |= {f"params.n_{split}": f"n_{split}" for split in (*SPLITS, SHIFT)}
+    wanted |= {"params.dataset.shift_test": "shift_test", f"metrics.{SHIFT_METRIC}": SHIFT_METRIC}
     wanted |= {"metrics.best_val_acc": "best_val_acc", "tags.device": "device"}
     wanted |= {"tags.error": "error", "params.test_split": "test_split"}
     wanted |= {f"metrics.{m}": m for m in CONVERGENCE_METRICS}
     wanted |= {"params.strategy.head_init": "head_init"}  # probe: it starts from a fitted head
     wanted |= {f"tags.{GIT_COMMIT_TAG}": "git_commit", f"tags.{GIT_DIRTY_TAG}": "git_dirty"}
+    wanted |= {f"tags.{LOOK_TAG}": "look"}  # added by a second look (benchmark.tools.seeds)
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA
@@ -239,8 +258,9 @@ def load_runs(
         tune_trials=pd.to_numeric(runs.tune_trials, errors="coerce"),  # "None": untuned
         tune_reuse_seed=pd.to_numeric(runs.tune_reuse_seed, errors="coerce"),
     )
+    runs = runs.assign(**column_labels(runs))  # once, over every run: one label per setting
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
-    columns += ["variant", "n_images"]
+    columns += ["variant", "n_images", "column", "column_full"]
     return Runs(runs[columns].reset_index(drop=True), foreign, left_out, int(starting.sum()))
 
 
@@ -249,21 +269,68 @@ _PARAMS = {f"params.{p}" for p in (*CELL, "seed")}
 
 
 PREDICTIONS = "test_predictions.json"  # the cell's per-image test predictions (mlflow.log_table)
+# The second test of the same model (dataset.shift_test): its accuracy, its predictions (the same
+# format), the suffix of its row's run_id (`with_shift_tests`) and what its row is called.
+SHIFT, SHIFT_METRIC, SHIFT_PREDICTIONS, SHIFT_RUN = (
+    "shift", "shift_test_acc", "shift_predictions.json", "#shift"
+)  # fmt: skip
+SHIFT_NAMES = {"simpsons": "x0.357 shift"}  # Kaggle's test set: frames downscaled x0.357
+SHIFT_LABEL = " · "  # between a dataset and its shift's name: "simpsons · x0.357 shift"
+SHIFT_DEFAULT = "shift test"  # another dataset's
+
+
+def shift_label(dataset: str) -> str:
+    """The row of `dataset`'s shift test: "simpsons · x0.357 shift"."""
+    return f"{dataset}{SHIFT_LABEL}{SHIFT_NAMES.get(dataset, SHIFT_DEFAULT)}"
+
+
+def with_shift_tests(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` (`shift` False) and, for each run made with dataset.shift_test (or that logged
+    shift_test_acc), its second test as a run of its own (`shift` True): the same cell, seed,
+    status and diagnoses, in the dataset row `shift_label` (never pooled with the native test),
+    its test_acc the shift's, its n_test n_shift, its run_id suffixed `SHIFT_RUN` (its
+    predictions: `SHIFT_PREDICTIONS`)."""
+    runs = runs.assign(shift=False)
+    flag = runs.get("shift_test", pd.Series(pd.NA, index=runs.index)).astype(str).str.lower()
+    accuracy = pd.to_numeric(runs.get(SHIFT_METRIC, pd.Series(np.nan, index=runs.index)))
+    shifted = runs[flag.eq("true") | accuracy.notna()]
+    if shifted.empty:
+        return runs
+    copies = shifted.assign(
+        dataset=shifted.dataset.map(shift_label),
+        test_acc=accuracy[shifted.index],
+        n_test=shifted.get("n_shift", pd.Series(pd.NA, index=shifted.index)),
+        run_id=shifted.run_id.astype(str) + SHIFT_RUN,
+        test_split=SHIFT,
+        shift=True,
+    )
+    return pd.concat([runs, copies], ignore_index=True)
+
+
+def native(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` less its shift-test rows (`with_shift_tests`): what the verdicts, the ranks, the
+    cost and the learning curves read, each fit once."""
+    if "shift" not in frame:
+        return frame
+    return frame[~frame["shift"].fillna(False).astype(bool)]
 
 
 def load_predictions(runs: pd.DataFrame, uri: str) -> dict[str, pd.DataFrame]:
     """Per run that logged `test_predictions.json` (columns path, label, predicted), its test
-    images and whether each was predicted right: run_id -> frame (`path`, `correct`). Runs from
+    images and whether each was predicted right: run_id -> frame (`path`, `correct`); a shift
+    test's row (run_id ending `SHIFT_RUN`): its run's `shift_predictions.json`. Runs from
     before the cell logged it are absent (the verdicts fall back to test_acc x n_test)."""
     out = {}
     for run in runs.itertuples():
-        file = artifact_file(uri, str(run.run_id), str(run.artifact_uri), PREDICTIONS)
+        run_id = str(run.run_id)
+        name = SHIFT_PREDICTIONS if run_id.endswith(SHIFT_RUN) else PREDICTIONS
+        file = artifact_file(uri, run_id.removesuffix(SHIFT_RUN), str(run.artifact_uri), name)
         if file is None:
             continue
         table = json.loads(file.read_text())
         frame = pd.DataFrame(table["data"], columns=table["columns"])
         correct = frame.label.astype(str).eq(frame.predicted.astype(str))
-        out[str(run.run_id)] = pd.DataFrame({"path": frame.path.astype(str), "correct": correct})
+        out[run_id] = pd.DataFrame({"path": frame.path.astype(str), "correct": correct})
     return out
 
 
@@ -410,6 +477,13 @@ def summarise(
     )
     table = table.reset_index().merge(REFERENCE, on=["dataset", "colour", "strategy"], how="left")
     table["state"] = table.apply(_state, axis=1)
+    if {"column", "column_full"} <= set(runs.columns):  # the labels load_runs gave the runs
+        labels = runs.drop_duplicates(GROUP[2:]).set_index(GROUP[2:])[["column", "column_full"]]
+        table = table.join(labels, on=GROUP[2:])
+    else:
+        table = table.assign(**column_labels(table))
+    shifted = set(runs.dataset[runs["shift"].astype(bool)]) if "shift" in runs else set()
+    table["shift"] = table.dataset.isin(shifted)
     return with_study_protocol(table, study_runs)
 
 
@@ -442,7 +516,13 @@ def _ordered(values: pd.Series) -> list[str]:
     table lists them; rgb before gray)."""
     first = {"rgb": 0, "gray": 1, "finetune": 0, "freeze": 1}
     first |= {"hymenoptera": 0, "simpsons": 1, "dogs_vs_cats": 2, "caltech256": 3}
-    return sorted(values.dropna().unique(), key=lambda v: (first.get(v, 4), v))
+
+    def key(value: str) -> tuple:  # a dataset's shift test right after it
+        shift = value.endswith((*SHIFT_NAMES.values(), SHIFT_DEFAULT))
+        base = value.rsplit(SHIFT_LABEL, 1)[0] if shift else value
+        return (first.get(base, 4), base, value != base, value)
+
+    return sorted(values.dropna().unique(), key=key)
 
 
 def _state(row: pd.Series) -> str:
@@ -471,7 +551,7 @@ def trust_notes(table: pd.DataFrame, rule: ConvergenceRule) -> list[str]:
     """The lines under the accuracy table: per diagnosis, its mark, its rule and the cells that
     have it (each marked seed with its numbers); which cells did not log what a rule needs; which
     ran their seeds on different commits."""
-    done = table[table.n > 0]
+    done = native(table[table.n > 0])  # a shift test's row: the same fits, said once
     if done.empty:
         return []
     names = done.dataset + " / " + done.colour + " / " + column_names(done)
@@ -530,28 +610,78 @@ def trust_notes(table: pd.DataFrame, rule: ConvergenceRule) -> list[str]:
 
 
 def column_names(table: pd.DataFrame) -> pd.Series:
-    """Strategy, the backbone too when the runs use several, and the variant when it has one."""
+    """Each cell's column as the report names it: its short label (`column_labels`), the one
+    `load_runs` gave its runs when `table` carries it (one label per setting, whichever rows and
+    columns a frame holds), else worked out from `table` alone."""
     if table.empty:  # no cell finished yet
         return pd.Series(dtype=object, index=table.index)
-    names = table.strategy.astype(str)
+    if "column" in table and table["column"].notna().all():
+        return table["column"].astype(object)
+    return column_labels(table)["column"]
+
+
+def column_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """Per row of `table` (strategy, backbone, variant, optionally tune_trials), its column's
+    `column`, a short label, and `column_full`, the settings it stands for (the legend under the
+    table says one by the other).
+
+    Short: the strategy (with the backbone when the runs use several), the settings that tell it
+    from another column of that strategy other than the tuning's (`finetune · trainer.max_epochs=3`)
+    and "(tuned)" when it was tuned: never linear_probe, whose C grid is its fit (no trials).
+    Where two settings would share a short label (two tunings of one strategy) each says its
+    tuning's keys instead; where they still would, the full label. Full: strategy, backbone,
+    variant and the number of trials (`finetune · tune=fair, tune.reuse_seed=0 · tuned (8
+    trials)`), one per column also in rows where it has no run (a dataset not run: the trials
+    its runs in other rows had)."""
+    if table.empty:
+        return pd.DataFrame(
+            {"column": pd.Series(dtype=object), "column_full": pd.Series(dtype=object)}
+        )
+    strategy = table.strategy.astype(str)
+    base = strategy
     if table.backbone.nunique() > 1:
-        names = names + " / " + table.backbone
+        base = base + " / " + table.backbone.astype(str)
     variant = table.variant.fillna("") if "variant" in table else pd.Series("", index=table.index)
-    names = names.where(variant.eq(""), names + " · " + variant)
+    variant = variant.astype(str)
+    full = base.where(variant.eq(""), base + " · " + variant)
+    exempt = table.strategy.isin(EXEMPT_STRATEGIES)  # linear_probe: its C grid, no trials
+    parts = variant.map(lambda v: [p for p in v.split(", ") if p])
+    tune_parts = parts.map(lambda ps: [p for p in ps if p.startswith("tune")])
+    others = parts.map(lambda ps: ", ".join(p for p in ps if not p.startswith("tune")))
+    named = tune_parts.map(lambda ps: any(p.startswith("tune=") and p != "tune=none" for p in ps))
+    trials = pd.Series(np.nan, index=table.index)
     if "tune_trials" in table:  # said even when every run was tuned (no variant then)
+        column = [strategy, table.backbone.astype(str), variant]
         trials = pd.to_numeric(table.tune_trials, errors="coerce")
-        # One name per column, also in rows where it has no run (a dataset not run): the trials
-        # its runs in other rows had.
-        column = [table.strategy.astype(str), table.backbone.astype(str), variant]
         trials = trials.groupby(column, dropna=False).transform("max")
-        tuned = trials.notna() & ~variant.str.contains("tune.trials=", regex=False)
-        tuned &= ~table.strategy.isin(EXEMPT_STRATEGIES)  # linear_probe: its C grid, no trials
-        names = names.where(~tuned, names + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
-    return names
+        said = trials.notna() & ~variant.str.contains("tune.trials=", regex=False) & ~exempt
+        full = full.where(~said, full + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
+    tuned = (trials.notna() | named) & ~exempt
+    short = base + others.map(lambda o: f" · {o}" if o else "")
+    plain = short + tuned.map({True: " (tuned)", False: ""})
+    own = short + tune_parts.map(lambda ps: f" ({', '.join(ps)})" if ps else "")
+    labels = plain
+    for candidate in (own, full):
+        settings = pd.Series(list(zip(base, variant, strict=True)), index=table.index)
+        shared = settings.groupby(labels).transform("nunique") > 1
+        labels = labels.where(~shared, candidate)
+    return pd.DataFrame({"column": labels, "column_full": full}, index=table.index)
 
 
 STUDY_COLUMN = "study: ResNet-18, 15 epochs, max val ({})"
-STUDY_PROTOCOL_COLUMN = "{}: protocol=study, same backbone, max val; ours minus it"
+# The columns of the study's published numbers and of protocol=study's: their short labels, and
+# what the legend says of them.
+PAPER_LABEL, STUDY_PROTOCOL_LABEL = "study: {}", "{} (protocol=study)"
+PAPER_MEANS = (
+    "the study's published number, {}: another backbone and protocol (maximum validation "
+    "accuracy over epochs), beside ours, never subtracted"
+)
+STUDY_PROTOCOL_MEANS = (
+    "protocol=study, the study's recipe on our backbone, {0}: its maximum validation accuracy "
+    "over epochs (optimistic), and each of our {0} columns minus it"
+)
+NO_TRIALS = "its C grid is its fit: no trials"
+NOT_RUN = "not run"
 
 
 def _study_text(value: float, where: tuple[str, str], ours: pd.Series | None) -> str:
@@ -571,9 +701,10 @@ def _study_text(value: float, where: tuple[str, str], ours: pd.Series | None) ->
     return text
 
 
-def _study_protocol_text(row: pd.Series) -> str:
-    if not row.study_protocol_n:
-        return ""
+def _study_protocol_text(cells: pd.DataFrame) -> str:
+    """protocol=study's number of one dataset x colour x strategy x backbone, and each of our
+    columns of it minus it ("...; ours minus it: -0.007 finetune (tuned), -0.035 finetune")."""
+    row = cells.iloc[0]
     text = f"{row.study_protocol_mean:.3f}"
     if row.study_protocol_n > 1:
         text += (
@@ -581,14 +712,41 @@ def _study_protocol_text(row: pd.Series) -> str:
             f"[{row.study_protocol_ci_low:.3f}, {row.study_protocol_ci_high:.3f}]"
         )
     text += f" (n={row.study_protocol_n})"
-    if pd.notna(row.delta_vs_study_protocol):
-        text += f"; {row.delta_vs_study_protocol:+.3f}"
-    return text
+    deltas = [
+        f"{delta:+.3f} {column}"
+        for delta, column in zip(cells.delta_vs_study_protocol, cells.column, strict=True)
+        if pd.notna(delta)
+    ]
+    return text + (f"; ours minus it: {', '.join(deltas)}" if deltas else "")
+
+
+def never_run(table: pd.DataFrame) -> dict[str, list[str]]:
+    """The datasets none of whose cells has a run (`--datasets` names it, the store has none),
+    with their colours: one line in the report ("not run: caltech256 (rgb, gray)") instead of
+    rows of "not run"."""
+    idle = table.groupby("dataset", sort=False).state.agg(lambda s: s.eq(NOT_RUN).all())
+    return {
+        dataset: list(dict.fromkeys(table.colour[table.dataset == dataset]))
+        for dataset in idle.index[idle]
+    }
+
+
+def not_run_note(table: pd.DataFrame) -> str:
+    """The line `never_run` says: "not run: caltech256 (rgb, gray)"; "" when none."""
+    idle = never_run(table)
+    if not idle:
+        return ""
+    return "not run: " + "; ".join(f"{d} ({', '.join(c)})" for d, c in idle.items())
 
 
 def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
     """The study's layout: rows dataset x colour, one column per strategy (x backbone x
-    variant); the study's own numbers in columns of their own, not compared across protocols."""
+    variant), named by its short label (`column_labels`; the legend, `column_legend`, says each
+    in full); the study's own numbers and protocol=study's in columns of their own, not
+    compared across protocols. A dataset never run is left out (`not_run_note` says it in one
+    line), and so is a column with nothing in any row ("not run" or empty everywhere)."""
+    idle = never_run(table)
+    table = table[~table.dataset.isin(list(idle))]
     wide = (
         table.assign(column=column_names(table), text=table.apply(_accuracy_text, axis=1))
         .pivot_table(
@@ -602,7 +760,7 @@ def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
     )
     study = REFERENCE.pivot_table(
         index=["dataset", "colour"], columns="strategy", values="study_val_acc"
-    ).rename(columns=STUDY_COLUMN.format)
+    ).rename(columns=PAPER_LABEL.format)
     data = table.groupby(["dataset", "colour"])[["n_classes", "n_images"]].max()
     study = pd.DataFrame(
         {
@@ -617,27 +775,56 @@ def accuracy_table(table: pd.DataFrame) -> pd.DataFrame:
     wide = wide.join(study, how="left").fillna({c: "" for c in study.columns})
     same = table[table.get("study_protocol_n", pd.Series(0, index=table.index)).gt(0)]
     if not same.empty:
-        protocol = (
-            same.assign(
-                column=column_names(same).map(STUDY_PROTOCOL_COLUMN.format),
-                text=same.apply(_study_protocol_text, axis=1),
+        same = same.assign(column=column_names(same))
+        label = same.strategy.astype(str)
+        if table.backbone.nunique() > 1:
+            label = label + " / " + same.backbone.astype(str)
+        texts = {
+            (dataset, colour, STUDY_PROTOCOL_LABEL.format(name)): _study_protocol_text(cells)
+            for (dataset, colour, name), cells in same.groupby(
+                [same.dataset, same.colour, label], sort=False
             )
-            .pivot_table(
-                index=["dataset", "colour"], columns="column", values="text", aggfunc="first",
-                sort=False,
-            )
-            .rename_axis(columns=None)
-        )  # fmt: skip
+        }
+        protocol = pd.Series(texts).unstack()
+        protocol.index.names = ["dataset", "colour"]
         wide = wide.join(protocol, how="left").fillna({c: "" for c in protocol.columns})
-    return wide.reset_index()
+    empty = [c for c in wide.columns if wide[c].fillna("").isin([NOT_RUN, ""]).all()]
+    return wide.drop(columns=empty).reset_index()
+
+
+def column_legend(table: pd.DataFrame, shown: list[str]) -> list[tuple[str, str]]:
+    """Each column of the accuracy table among `shown` (its headers) with what it stands for:
+    our columns by their full settings (`column_labels`), the study's and protocol=study's by
+    their long names and what they are."""
+    done = table.assign(column=column_names(table))
+    full = dict(zip(done.column, done.get("column_full", done.column), strict=True))
+    exempt = set(done.column[done.strategy.isin(EXEMPT_STRATEGIES)])
+    out = []
+    for name in shown:
+        if name in full:
+            said = str(full[name])
+            if name in exempt and "tune" in said:
+                said += f" ({NO_TRIALS})"
+            if said != name:  # a label that is its own settings needs no line
+                out.append((name, said))
+    for strategy in REFERENCE.strategy.unique():
+        if (name := PAPER_LABEL.format(strategy)) in shown:
+            said = STUDY_COLUMN.format(strategy).removeprefix("study: ")
+            out.append((name, PAPER_MEANS.format(said)))
+    suffix = STUDY_PROTOCOL_LABEL.format("")
+    for name in shown:
+        if name.endswith(suffix) and name not in full:
+            strategy = name.removesuffix(suffix)
+            out.append((name, STUDY_PROTOCOL_MEANS.format(strategy)))
+    return out
 
 
 def cost_table(table: pd.DataFrame) -> pd.DataFrame:
     """Mean cost per finished cell: where the time and memory went; a column of the accuracy
     table per row (strategy and variant), and a tuned cell's tuning time: the most any seed
     spent, within that seed's wall time (seeds that reuse a choice spend none, so it can exceed
-    the mean wall time)."""
-    done = table[table.n > 0]
+    the mean wall time). A shift test's row is the same fits: not again."""
+    done = native(table[table.n > 0])
     tuning = done.tune_s if "tune_s" in done else pd.Series(float("nan"), index=done.index)
     return pd.DataFrame(
         {

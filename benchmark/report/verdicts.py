@@ -23,10 +23,16 @@ Pure functions of pandas frames and numpy arrays (statsmodels for Holm), no stor
   over 2-5 seeds a plain bootstrap claims a precision the seeds cannot give.
 - `verdicts`: per primary contrast, Holm over the row's family (p from the bootstrap), the
   three words, and for an undecided one about how many more seeds would decide it.
+- `looks`, `with_looks`, `looks_note`: the two-look design of `benchmark.tools.seeds` (more seeds
+  where a contrast is undecided). The first look decides on the initial seeds, the second on
+  those plus the seeds it added (runs tagged `benchmark.look`); alpha is split between the
+  looks (Bonferroni: alpha/2 each, Holm within a row at each look), so the family-wise error
+  over both looks stays <= alpha per row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +44,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from benchmark.report.trust import EXEMPT_STRATEGIES
+from benchmark.tracking.identity import LOOK_TAG
 
 TRAINS = ("finetune", "lp_ft", "partial", "two_stage")  # the backbone's weights move
 FROZEN = ("freeze", "linear_probe", "freeze_bn_train")  # they do not (BN statistics at most)
@@ -78,12 +85,20 @@ class VerdictRule:
     """`margin` δ: a difference in accuracy smaller than this is too small to act on (default
     0.02: one test image in 50; a user choosing between fine-tuning and freezing would not switch
     for less, and on the smallest test split here, Hymenoptera's 153 images, it is three
-    images). `alpha`: the family-wise error rate per row. `resamples`, `seed`: the bootstrap's."""
+    images). `alpha`: the family-wise error rate per row, over every look. `resamples`, `seed`:
+    the bootstrap's. `looks`: how many times the verdicts are decided, each at `look_alpha`
+    (alpha / looks, Bonferroni): 1, or 2 once `benchmark.tools.seeds` added seeds."""
 
     margin: float = 0.02
     alpha: float = 0.05
     resamples: int = 2000
     seed: int = 0
+    looks: int = 1
+
+    @property
+    def look_alpha(self) -> float:
+        """The alpha each look decides at: the rule's alpha split evenly between the looks."""
+        return self.alpha / self.looks
 
     def __post_init__(self) -> None:
         if not 0 < self.margin < 1:
@@ -92,6 +107,8 @@ class VerdictRule:
             raise ValueError(f"alpha={self.alpha}: use a value in (0, 0.5)")
         if self.resamples < 100:
             raise ValueError(f"resamples={self.resamples}: use 100 or more")
+        if self.looks < 1:
+            raise ValueError(f"looks={self.looks}: use 1 or more")
 
 
 DEFAULT_VERDICT_RULE = VerdictRule()
@@ -337,7 +354,8 @@ def verdicts(
     predictions: Mapping[str, pd.DataFrame],
     rule: VerdictRule = DEFAULT_VERDICT_RULE,
 ) -> pd.DataFrame:
-    """Each declared contrast of `counted` (columns `CONTRAST_COLUMNS`):
+    """Each declared contrast of `counted` (columns `CONTRAST_COLUMNS`; alpha below is the rule's
+    `look_alpha`, its alpha split between the looks):
 
     - `difference` a - b (mean over paired seeds), its bootstrap `p_value` and `p_holm`
       (statsmodels' Holm over the contrasts of its row that could be tested: two paired seeds at
@@ -370,7 +388,7 @@ def verdicts(
         holm = pd.Series(np.nan, index=p.index)
         rejected = pd.Series(False, index=p.index)
         if m:
-            reject, adjusted, _, _ = multipletests(p.dropna(), rule.alpha, method="holm")
+            reject, adjusted, _, _ = multipletests(p.dropna(), rule.look_alpha, method="holm")
             holm[p.notna()], rejected[p.notna()] = adjusted, reject
         step = p.rank(method="first")  # k: 1 = smallest p
         for i, (c, data, difference, p_value, drawn) in enumerate(found):
@@ -389,15 +407,16 @@ def _verdict(
         text = f"{c.a} vs {c.b}: undecided ({data.seeds} paired seed: 2 are needed)"
         return (*head, difference, np.nan, np.nan, np.nan, p_value, p_holm, np.nan, np.nan,
                 UNDECIDED, "", np.nan, text)  # fmt: skip
-    level = 1 - rule.alpha / (m - k + 1)
+    level = 1 - rule.look_alpha / (m - k + 1)
     low, high = draws.interval(level)
-    eq_low, eq_high = draws.interval(1 - 2 * rule.alpha / m)
+    eq_low, eq_high = draws.interval(1 - 2 * rule.look_alpha / m)
     delta = rule.margin
     said = f"{difference:+.3f} [{low:+.3f}, {high:+.3f}]"
     more = np.nan
     if -delta < eq_low and eq_high < delta:
         verdict, winner = EQUIVALENT, ""
-        text = f"{c.a} vs {c.b}: equivalent within ±{delta:g} ({said}; {1 - 2 * rule.alpha / m:.1%}"
+        text = f"{c.a} vs {c.b}: equivalent within ±{delta:g} ({said}; "
+        text += f"{1 - 2 * rule.look_alpha / m:.1%}"
         text += f" interval [{eq_low:+.3f}, {eq_high:+.3f}])"
     elif rejected and difference != 0:
         verdict = BETTER
@@ -406,12 +425,45 @@ def _verdict(
         text = f"{winner} better than {loser} by {abs(difference):.3f} [{lo:.3f}, {hi:.3f}]"
     else:
         verdict, winner = UNDECIDED, ""
-        more, why = more_seeds(data, difference, delta, level, 1 - 2 * rule.alpha / m)
+        more, why = more_seeds(data, difference, delta, level, 1 - 2 * rule.look_alpha / m)
         if data.source == BINOMIAL:
             why += "; per-image predictions would pair the images and narrow it"
         text = f"{c.a} vs {c.b}: undecided ({said}; {why})"
     return (*head, difference, low, high, level, p_value, p_holm, eq_low, eq_high, verdict,
             winner, more, text)  # fmt: skip
+
+
+LOOK = "look"  # the runs' column of the tag `benchmark.look` (tables.load_runs)
+
+
+def looks(runs: pd.DataFrame) -> int:
+    """How many looks the store's runs (any status) hold: 1, or the largest look a run was added
+    by (`benchmark.tools.seeds` launches its runs tagged `benchmark.look` = 2)."""
+    added = pd.to_numeric(runs.get(LOOK, pd.Series(dtype=object)), errors="coerce").dropna()
+    return max(1, int(added.max())) if len(added) else 1
+
+
+def with_looks(rule: VerdictRule, runs: pd.DataFrame) -> VerdictRule:
+    """`rule` deciding at alpha / looks (`looks(runs)`): the report's last look, once more
+    seeds were added where a contrast was undecided, at the alpha the first look spent too."""
+    return dataclasses.replace(rule, looks=looks(runs))
+
+
+def looks_note(rule: VerdictRule) -> str:
+    """Which looks ran and the alpha each decides at, in a sentence or two."""
+    if rule.looks == 1:
+        return (
+            f"Looks: one (the seeds as launched; no seeds were added where a verdict was "
+            f"undecided), at alpha={rule.alpha:g}."
+        )
+    return (
+        f"Looks: {rule.looks}, the first on the initial seeds (benchmark.tools.seeds chose there "
+        f"which undecided contrasts get more seeds), the last on those plus the added seeds "
+        f"(runs tagged {LOOK_TAG}); alpha={rule.alpha:g} is split between them (Bonferroni: "
+        f"{rule.look_alpha:g} per look, Holm within a row at each look), so the family-wise "
+        f"error over all looks stays at most {rule.alpha:g} per row. The verdicts here are the "
+        f"last look's, at {rule.look_alpha:g}."
+    )
 
 
 def cell_intervals(

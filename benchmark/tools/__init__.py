@@ -1,2 +1,3 @@
 """Commands beside the grid: `python -m benchmark.tools.bench` (make bench), `.rank` (backbones
-ranked before training) and `.data` (dataset stats and a preview of what a backbone sees)."""
+ranked before training), `.data` (dataset stats and a preview of what a backbone sees) and
+`.seeds` (more seeds where a verdict is undecided: make more-seeds)."""
