@@ -19,8 +19,8 @@ from benchmark.config.rules import problems
 from benchmark.config.schema import register_configs
 from benchmark.config.spec import CellSpec, from_config
 from benchmark.orchestration.sweep import CellOutcome
-from benchmark.runtime import interrupt
-from benchmark.tracking.identity import redact
+from benchmark.runtime import console, interrupt
+from benchmark.tracking.identity import browse_command, redact
 
 log = logging.getLogger("benchmark")
 
@@ -101,6 +101,7 @@ def main(cfg: DictConfig) -> CellOutcome:
     from benchmark.tracking.server import TrackingUnreachable, explained
     from benchmark.tracking.store import StoreError
 
+    console.setup(spec.verbose)  # Lightning is imported: each of its lines once, or none
     if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(spec.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=spec.trainer["strategy"]))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
@@ -129,7 +130,8 @@ def main(cfg: DictConfig) -> CellOutcome:
             raise SystemExit(1) from None
         raise
     log.info("%s", redact(result.line()))  # a tracking URI's password is never logged
-    log.info("Browse runs: mlflow ui --backend-store-uri %s", redact(result.tracking_uri))
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep says it once, at its end (SweepSummary)
+        log.info("Browse runs: %s", browse_command(result.tracking_uri))
     status = "skipped" if result.skipped else "finished"
     outcome = CellOutcome(name, status, result.score, result.run_id)
     outcome.save(folder)

@@ -11,12 +11,14 @@ import functools
 import json
 import logging
 import os
+import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any, Protocol, SupportsInt, cast
 
 import hydra
+import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # the per-run confusion picture is drawn without a display
@@ -26,10 +28,13 @@ import mlflow
 import mlflow.data
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import LifecycleStage, Run, RunData, RunInfo, RunStatus
+from mlflow.entities import LifecycleStage, Metric, Param, Run, RunData, RunInfo, RunStatus, RunTag
 from mlflow.tracking import fluent
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import FrozenTrial
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from benchmark.config.spec import CellSpec
@@ -359,6 +364,103 @@ def log_trials(
     if trials:
         columns = list(dict.fromkeys(key for row in trials for key in row))
         mlflow.log_table({c: [row.get(c) for row in trials] for c in columns}, "tune_trials.json")
+
+
+class TrialRuns:
+    """The tuning's trials as MLflow child runs of the cell's run (benchmark.cell.tune's
+    TrialObserver), browsable under it in the UI: each with the values it tried as params, its
+    validation (and training) metrics per epoch, its best val_acc (`best_val_acc`, the score the
+    choice reads), its epochs run and its state (tag `tune.state`: COMPLETE or PRUNED); it ends
+    FINISHED, or FAILED when the trial raised. Tagged as the harness's of kind `trial`, without
+    a cell key, cell params or a sweep tag: no count of cells (the report's, a relaunch's, the
+    plan's) takes one for a cell. A heartbeat per trial run, as the cell's, so that one left
+    RUNNING by a killed process ends FAILED by the stale-run rule. A DDP rank other than 0
+    logs nothing."""
+
+    def __init__(self, spec: CellSpec, run: Run) -> None:
+        self.uri, self.cell, self.trials = identity.tracking_uri(spec), spec.name, spec.tune.trials
+        self.parent, self.experiment_id = run.info.run_id, run.info.experiment_id
+        rank = cast(RankZeroOnly, rank_zero_only).rank
+        self.active = rank == 0 and bool(self.parent) and bool(self.experiment_id)
+        self.running: dict[int, tuple[str, Callable[[], None]]] = {}
+
+    def tags(self, number: int) -> dict[str, str]:
+        return {
+            identity.HARNESS_TAG: "benchmark",
+            identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
+            identity.KIND_TAG: identity.TRIAL_KIND,
+            MLFLOW_PARENT_RUN_ID: self.parent,
+            "cell": self.cell,
+            "tune.trial": str(number),  # Optuna's number (the study's; the lines say it + 1)
+            **store.heartbeat_tags(),
+        }
+
+    def started(self, number: int, values: dict[str, float], epochs: int) -> list[Callback]:
+        if not self.active:
+            return []
+        client = mlflow.MlflowClient(self.uri)
+        of = f"/{self.trials}" if self.trials else ""
+        run = client.create_run(
+            self.experiment_id, run_name=f"trial {number + 1}{of}", tags=self.tags(number)
+        )
+        run_id = run.info.run_id
+        params = {**values, "tune.trial_epochs": epochs}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.running[number] = (run_id, store.keep_beating(self.uri, run_id))
+        return [TrialCurve(client, run_id)]
+
+    def ended(self, trial: FrozenTrial) -> None:
+        if trial.number not in self.running:
+            return
+        run_id, stop_heartbeat = self.running.pop(trial.number)
+        stop_heartbeat()
+        client = mlflow.MlflowClient(self.uri)
+        seen = trial.intermediate_values  # the best val_acc so far, after each epoch run
+        now = int(time.time() * 1000)
+        metrics = {"epochs_run": float(len(seen))}
+        if seen:
+            metrics["best_val_acc"] = max(seen.values())
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag("tune.state", trial.state.name)],
+        )
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def failed(self, number: int, error: BaseException) -> None:
+        if number not in self.running:
+            return
+        run_id, stop_heartbeat = self.running.pop(number)
+        stop_heartbeat()
+        client = mlflow.MlflowClient(self.uri)
+        with suppress(Exception):  # the trial's own error is the news
+            client.set_tag(run_id, "error", store.error_tag(f"{type(error).__name__}: {error}"))
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+class TrialCurve(Callback):
+    """A trial's epoch metrics (val_acc, val_loss, train_acc, train_loss) into its child run,
+    against the epoch."""
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def _log(self, trainer: L.Trainer, prefix: str) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(name, float(value), now, trainer.current_epoch)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(prefix)
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:  # before the pruner, which may end the trial here
+            self._log(trainer, "val_")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._log(trainer, "train_")
 
 
 def log_checkpoint(spec: CellSpec, checkpoint: str) -> str:

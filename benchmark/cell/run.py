@@ -37,6 +37,7 @@ from benchmark.models.classifier import (
     make_model,
     progress_callbacks,
     recipe_callbacks,
+    summary_callbacks,
 )
 from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
@@ -331,9 +332,10 @@ def fit_inputs(
     return FitInputs(datamodule, build, fitted_on, trainer_args)
 
 
-def tuned_values(spec: CellSpec, inputs: FitInputs) -> tune.Tuned | None:
-    """tune.trials' choice on validation, each trial from the same starting weights (or
-    tune.reuse_seed's choice); None for an untuned cell."""
+def tuned_values(spec: CellSpec, inputs: FitInputs, run: Run) -> tune.Tuned | None:
+    """tune.trials' choice on validation, each trial from the same starting weights and logged
+    as a child run of the cell's `run` (or tune.reuse_seed's choice); None for an untuned
+    cell."""
     if not spec.tune.trials:
         return None
     tuned = tune.reused(spec)
@@ -343,6 +345,7 @@ def tuned_values(spec: CellSpec, inputs: FitInputs) -> tune.Tuned | None:
             spec,
             inputs.datamodule,
             lambda c: (restore(), inputs.build(c))[1],
+            observer=mlflow_run.TrialRuns(spec, run),
             **inputs.trainer_args,
         )
         restore()
@@ -387,7 +390,7 @@ def fit_and_test(
     """Tune (tune.trials), fit (Lightning epochs on the images, or on cached features: then the
     model is the head alone), select on validation (the start a candidate), test once."""
     inputs = fit_inputs(spec, data, backbone, features, channels_last, lp)
-    tuned = tuned_values(spec, inputs)
+    tuned = tuned_values(spec, inputs, run)
     if tuned is not None:
         spec = tune.with_values(spec, tuned.values)
     # Seeded here, once: a cache miss (which draws random numbers while extracting) and a hit,
@@ -417,6 +420,7 @@ def fit_and_test(
             convergence,
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
+            *summary_callbacks(bool(spec.trainer.get("enable_model_summary", True)), spec.verbose),
             *callbacks,
         ],
         **inputs.trainer_args,

@@ -19,6 +19,13 @@ scale it. The cell then fits at the chosen values as usual; they are run params
 `tune_epochs_run`) and its trials a table artifact (`tune_trials.json`). Each seed tunes on its
 own validation split by default, so an interval over seeds includes the tuning's own variance
 (`tune.reuse_seed` takes another seed's choice instead).
+
+The search can be followed and browsed: a line per trial as it ends, pruned ones too, and a
+closing line with the choice and the trial-epochs spent of the budget; the Optuna study is kept
+in the cell's output folder (STUDY_FILE, the study named after the cell: `optuna-dashboard
+sqlite:///<output_dir>/optuna.db`), the same trials as an in-memory study gives (the sampler is
+seeded, and the storage only records); and a `TrialObserver` (the cell's: each trial as an MLflow
+child run of the cell's run) sees each trial start and end.
 """
 
 from __future__ import annotations
@@ -28,14 +35,16 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
-from typing import SupportsFloat, SupportsInt, cast
+from typing import Protocol, SupportsFloat, SupportsInt, cast
 
 import lightning as L
 import optuna
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from benchmark.config.schema import Pruner, TuneConfig
@@ -44,10 +53,25 @@ from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import recipe_callbacks
 from benchmark.models.features import FeatureDataModule
 from benchmark.models.trainer import build_trainer
+from benchmark.runtime.progress import duration
 from benchmark.tracking import identity, store
 from benchmark.tracking.resume import cell_identity
 
 log = logging.getLogger("benchmark")
+
+# The cell's Optuna study, in its output folder: `optuna-dashboard sqlite:///<that file>`.
+STUDY_FILE = "optuna.db"
+
+
+class TrialObserver(Protocol):
+    """Sees each trial of `choose` start (and may add Lightning callbacks to its fit) and end:
+    COMPLETE or PRUNED (`ended`), or raised (`failed`)."""
+
+    def started(self, number: int, values: dict[str, float], epochs: int) -> list[Callback]: ...
+
+    def ended(self, trial: FrozenTrial) -> None: ...
+
+    def failed(self, number: int, error: BaseException) -> None: ...
 
 
 @dataclass
@@ -57,6 +81,7 @@ class Tuned:
     trials: int
     seconds: float
     budget_epochs: int | None = None  # the trial-epochs the trials could spend
+    study: str | None = None  # the Optuna study's storage URL (STUDY_FILE), when kept
     # One row per trial: number, the values tried, val_acc (its best epoch), state
     # (COMPLETE or PRUNED), epochs (how many it ran).
     table: list[dict[str, object]] = dataclasses.field(default_factory=list)
@@ -202,15 +227,65 @@ def epochs_spent(study: optuna.Study) -> int:
     return sum(len(trial.intermediate_values) for trial in study.trials)
 
 
+class RankZeroOnly(Protocol):
+    """Lightning's `rank_zero_only` keeps the process's global rank as an attribute."""
+
+    rank: int
+
+
+def study_storage(spec: CellSpec) -> optuna.storages.RDBStorage | None:
+    """Where the cell's study is kept: STUDY_FILE in its output folder (a SQLite file Optuna
+    creates), or None (in memory) on a DDP rank other than 0, which must not touch rank 0's."""
+    if cast(RankZeroOnly, rank_zero_only).rank != 0:
+        return None
+    folder = spec.output_dir.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+
+
+def said(values: dict[str, float]) -> str:
+    """`strategy.lr=0.0123, optim.weight_decay=3.2e-05`."""
+    return ", ".join(f"{key}={value:.3g}" for key, value in values.items())
+
+
+def trial_line(trial: FrozenTrial, trials: int | None, spent: int, budget: int) -> str:
+    """A trial as it ends: `trial 3/16 pruned at epoch 1: val_acc 0.4100 (...); 7/18
+    trial-epochs`, or `trial 2/16: val_acc 0.8125 after 3 epochs (...); ...`."""
+    seen = trial.intermediate_values  # the best val_acc so far, after each epoch run
+    best = max(seen.values(), default=trial.value if trial.value is not None else float("nan"))
+    of = f"{trial.number + 1}/{trials}" if trials else str(trial.number + 1)
+    values = said({k: float(v) for k, v in trial.params.items()})
+    if trial.state == TrialState.PRUNED:
+        head = f"trial {of} pruned at epoch {len(seen)}: val_acc {best:.4f}"
+    else:
+        head = f"trial {of}: val_acc {best:.4f} after {len(seen)} epoch(s)"
+    return f"{head} ({values}); {spent}/{budget} trial-epochs"
+
+
+def closing_line(tuned: Tuned, budget: int) -> str:
+    """The choice, the trials completed and pruned, and the trial-epochs spent of the budget."""
+    states = [row.get("state") for row in tuned.table]
+    spent = sum(int(cast(SupportsInt, row.get("epochs", 0))) for row in tuned.table)
+    best = max(tuned.table, key=choice_key)
+    return (
+        f"tuned: {said(tuned.values)} (trial {int(cast(SupportsInt, best['number'])) + 1}, "
+        f"val_acc {tuned.val_acc:.4f}); {len(states)} trials: "
+        f"{states.count('COMPLETE')} completed, {states.count('PRUNED')} pruned; "
+        f"{spent}/{budget} trial-epochs of the budget; {duration(tuned.seconds)}"
+    )
+
+
 def choose(
     spec: CellSpec,
     datamodule: L.LightningDataModule,
     make_model: Callable[[CellSpec], L.LightningModule],
+    observer: TrialObserver | None = None,
     **trainer_args: object,
 ) -> Tuned:
     """Run the trials on `datamodule` less its test split until the budget of trial-epochs is
-    spent (or `tune.trials` ran); the values of the best one. `trainer_args` override the
-    cell's Trainer arguments (as the cell's own fit does)."""
+    spent (or `tune.trials` ran); the values of the best one. Each trial is said as it ends,
+    and `observer` sees it start and end. `trainer_args` override the cell's Trainer arguments
+    (as the cell's own fit does)."""
     start = time.perf_counter()
     data = without_test(datamodule)
     space = search_space(spec)
@@ -228,9 +303,10 @@ def choose(
         run = EpochsRun(trial, length)
         pruning = PyTorchLightningPruningCallback(run, "val_acc")  # type: ignore[arg-type]
         recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
+        watching = observer.started(trial.number, values, length) if observer else []
         trainer = build_trainer(
             spec.trainer,
-            [best, *recipe, pruning],
+            [best, *recipe, pruning, *watching],
             **trainer_args,
             max_epochs=length,
             logger=False,
@@ -238,37 +314,66 @@ def choose(
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
-        log.info("tune trial %d: %s -> val_acc %.4f", trial.number, values, best.value)
+        try:
+            trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
+        except optuna.TrialPruned:
+            raise  # said and observed as it ends (`ended`)
+        except BaseException as error:
+            if observer:
+                observer.failed(trial.number, error)
+            raise
         return best.value
 
-    def stop_when_spent(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def ended(study: optuna.Study, trial: FrozenTrial) -> None:
+        log.info("%s", trial_line(trial, spec.tune.trials, epochs_spent(study), budget))
+        if observer:
+            observer.ended(trial)
+
+    def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
         if epochs_spent(study) >= budget:
             study.stop()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = optuna.logging.INFO if spec.verbose else optuna.logging.WARNING
+    optuna.logging.set_verbosity(quiet)  # verbose: Optuna's own line per trial too
     startup = spec.tune.startup_trials
     sampler = (
         optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
         if startup
         else optuna.samplers.TPESampler(seed=spec.seed)
     )
-    study = optuna.create_study(
-        direction="maximize", sampler=sampler, pruner=pruner(spec.tune, epochs)
-    )
-    study.optimize(objective, n_trials=spec.tune.trials, callbacks=[stop_when_spent])
-    table = trials_table(study)
+    storage = study_storage(spec)
+    if storage is not None:  # a relaunch into the same folder replaces the cell's study
+        with suppress(KeyError):
+            optuna.delete_study(study_name=spec.name, storage=storage)
+    try:
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=sampler,
+            pruner=pruner(spec.tune, epochs),
+            storage=storage,
+            study_name=spec.name,
+        )
+        study.optimize(objective, n_trials=spec.tune.trials, callbacks=[ended, stop_when_spent])
+        table = trials_table(study)
+    finally:
+        if storage is not None:
+            storage.engine.dispose()  # the file's connections closed: it can be copied, moved
     # The best score among completed and pruned trials alike; ties go to the earlier trial.
     chosen = max(table, key=choice_key)
     values = {k: float(cast(SupportsFloat, chosen[k])) for k in space}
-    return Tuned(
+    tuned = Tuned(
         values,
         float(cast(SupportsFloat, chosen["val_acc"])),
         len(table),
         time.perf_counter() - start,
         table=table,
         budget_epochs=budget,
+        study=None if storage is None else storage.url,
     )
+    log.info("%s", closing_line(tuned, budget))
+    if tuned.study:
+        log.info("tune: the study is kept: optuna-dashboard %s", tuned.study)
+    return tuned
 
 
 def reused(spec: CellSpec) -> Tuned | None:

@@ -286,9 +286,13 @@ class SpeedConfig:
 @dataclass
 class PathsConfig:
     data_root: str = "${oc.env:BENCHMARK_DATA_ROOT,data}"
-    # Remembered image checks and the split manifests: beside the data, or where
-    # $BENCHMARK_CACHE_DIR says when the data is read-only.
-    cache_dir: str = "${oc.env:BENCHMARK_CACHE_DIR,${paths.data_root}/.benchmark_cache}"
+    # Remembered image checks, the split manifests, decoded images and cached features: in the
+    # user's cache ($XDG_CACHE_HOME/benchmark, else ~/.cache/benchmark) unless
+    # $BENCHMARK_CACHE_DIR says where; never in the data folder, which a cell only reads. (A
+    # volatile key: where the cache lives is no part of a cell's identity.)
+    cache_dir: str = (
+        "${oc.env:BENCHMARK_CACHE_DIR,${oc.env:XDG_CACHE_HOME,${oc.env:HOME,.}/.cache}/benchmark}"
+    )
     # Where checkpoints of this run go; Hydra's per-run folder by default.
     output_dir: str = "${hydra:runtime.output_dir}"
 
@@ -333,6 +337,9 @@ class Config:
     # it FINISHED already, its images and its estimated time; nothing trains and no run opens
     # (benchmark.orchestration.plan).
     plan: bool = False
+    # Every line of Lightning, MLflow and Optuna on the console, the known-harmless ones too
+    # (benchmark.runtime.console). How much the cell says, not what it computes: a volatile key.
+    verbose: bool = False
 
 
 def register_configs() -> None:

@@ -75,6 +75,7 @@ class CellSpec:
     seed: int = 0
     rerun: bool = False
     plan: bool = False
+    verbose: bool = False
 
     # ------------------------------------------------------------ decisions, defined once
 

@@ -13,7 +13,14 @@ from typing import cast
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, EarlyStopping, ProgressBar
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    Callback,
+    EarlyStopping,
+    ModelSummary,
+    ProgressBar,
+)
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -366,6 +373,29 @@ class StopOnSignal(Callback):
 def progress_callbacks(enabled: bool) -> list[Callback]:
     """Lightning's own progress bar on a terminal; lines in a log (LineProgress)."""
     return [LineProgress()] if enabled and not sys.stderr.isatty() else []
+
+
+class ModelSize(ModelSummary):
+    """The model in one line (`model: 3.4 M parameters, 2.6 K trained`) in place of
+    Lightning's table of the top modules, whose FLOPs column reads 0 for a model without an
+    example input and whose size estimate warns under bf16 (`verbose=true` shows the table)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        total = sum(p.numel() for p in pl_module.parameters())
+        trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        log.info(
+            "model: %s parameters, %s trained",
+            get_human_readable_count(total).strip(),
+            get_human_readable_count(trained).strip(),
+        )
+
+
+def summary_callbacks(enabled: bool, verbose: bool) -> list[Callback]:
+    """The model summary when the Trainer shows one (trainer.enable_model_summary): one line,
+    or Lightning's own table when `verbose`."""
+    return [ModelSize()] if enabled and not verbose else []
 
 
 def make_model(

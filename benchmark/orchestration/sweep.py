@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from benchmark.config.spec import CellSpec, from_config
-from benchmark.runtime import interrupt
+from benchmark.runtime import console, interrupt
 from benchmark.runtime.progress import SweepProgress, duration, sweep_size
 from benchmark.tracking import identity
 
@@ -111,6 +111,15 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
     return batch
+
+
+def cells_in(config: DictConfig) -> int:
+    """The cells of the `-m` sweep: its jobs as Hydra's basic sweeper expands them (a preset's
+    `hydra.sweeper.params` too, e.g. experiment=smoke's), else its command line's."""
+    try:
+        return len(sweep_jobs(config))
+    except ValueError:  # another sweeper: what the command line says
+        return sweep_size(config.hydra.overrides.task)
 
 
 @contextmanager
@@ -216,9 +225,10 @@ class SweepSummary(Callback):
             planned(config)
         from benchmark.tracking import store
 
+        console.setup(bool(config.get("verbose", False)))  # before the store says anything
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
-        self.progress = SweepProgress(sweep_size(config.hydra.overrides.task))
+        self.progress = SweepProgress(cells_in(config))
         uri = identity.store_uri(config.tracking.uri)
         try:
             run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
@@ -274,6 +284,9 @@ class SweepSummary(Callback):
                 log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
         counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
+        if self.outcomes["finished"] or self.outcomes["skipped"]:  # once, not once per cell
+            uri = self.parent[0] if self.parent else identity.store_uri(config.tracking.uri)
+            log.info("Browse runs: %s", identity.browse_command(uri))
         for failure in self.failed:
             log.error("Failed: %s", failure)
         if signum := interrupt.received():  # it came after the last cell had started

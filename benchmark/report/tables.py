@@ -46,6 +46,7 @@ from benchmark.tracking.identity import (
     LOOK_TAG,
     RANK_SCORES,
     SCHEMA_TAG,
+    TRIAL_KIND,
     content_labels,
     is_volatile,
 )
@@ -219,10 +220,10 @@ def load_runs(
     every = every.reindex(columns=[*every.columns, *_PARAMS.difference(every.columns)])
     ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
     cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
-    # A sweep's parent run and a backbone's ranking scores are the harness's too (a sweep's
-    # before schema 2's tag, by its kind alone).
+    # A sweep's parent run, a backbone's ranking scores and a tuned cell's trials (child runs)
+    # are the harness's too (a sweep's before schema 2's tag, by its kind alone).
     sweeps = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{KIND_TAG}"].isin(
-        ["sweep", "rank"]
+        ["sweep", "rank", TRIAL_KIND]
     )
     runs = every[cells]
     starting = runs["params.dataset"].isna()  # opened, its params not logged yet

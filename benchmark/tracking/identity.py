@@ -39,6 +39,9 @@ HARNESS_TAG = "benchmark.harness"
 SCHEMA_TAG = "benchmark.schema"
 SCHEMA_VERSION = "2"
 KIND_TAG = "benchmark.kind"  # "cell", or "sweep" for a sweep's parent run
+# The kind of a tuning trial's run, a child of its cell's run (benchmark.cell.mlflow_run's
+# TrialRuns): the harness's, and never a cell.
+TRIAL_KIND = "trial"
 CELL_KEY_TAG = "cell_key"
 CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
@@ -92,6 +95,7 @@ VOLATILE_KEYS = (
     "tracking",
     "rerun",
     "plan",
+    "verbose",
     "logger",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
@@ -138,6 +142,11 @@ def store_uri(uri: str | None) -> str:
 
 def tracking_uri(spec: CellSpec) -> str:
     return store_uri(spec.tracking.uri)
+
+
+def browse_command(uri: str) -> str:
+    """The command that opens the MLflow UI on the store at `uri`, its password masked."""
+    return redact(f"mlflow ui --backend-store-uri {uri}")
 
 
 # The userinfo of any URI in a text (`http://user:secret@host` -> `http://***@host`).
