@@ -10,7 +10,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n +
 
 .PHONY: install test test-slow run grid plan ui ui-check report report-check more-seeds data-stats bench \
 	results results-grid backbones \
-	gpu-pack gpu-check clean
+	gpu-pack gpu-check slurm-up slurm-down clean
 
 install:  ## virtual environment with the package, torch and the dev tools
 	$(PYTHON) -m venv $(VENV)
@@ -141,6 +141,16 @@ backbones:  ## ranking, tuned freeze and linear_probe for each offline backbone 
 	  hydra.sweep.dir=multirun/backbones/linear_probe
 	$(BIN)/python -m benchmark.tools.slim --tracking-uri $(BACKBONES_STORE)
 	$(BIN)/python -m benchmark.report --tracking-uri $(BACKBONES_STORE) --out results/backbones
+
+# A real one-node SLURM cluster on 127.0.0.1 (root: it installs Debian's slurm-wlm, slurmdbd,
+# munge and mariadb-server if missing and writes /etc/slurm): hydra/launcher=slurm runs on it, and
+# tests/test_slurm.py runs its jobs there. About 30 s the first time, seconds after that; a second
+# `make slurm-up` checks and changes nothing (scripts/slurm.sh; status: scripts/slurm.sh status).
+slurm-up:  ## start a one-node SLURM cluster with accounting on this machine (root; installs it)
+	scripts/slurm.sh up
+
+slurm-down:  ## stop the cluster of `make slurm-up` (packages, configs and accounting kept)
+	scripts/slurm.sh down
 
 clean:
 	rm -rf outputs multirun .pytest_cache

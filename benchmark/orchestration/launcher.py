@@ -11,6 +11,7 @@ one (SIGKILL, out of memory) is failed, and its MLflow run is ended FAILED rathe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,10 +20,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import psutil
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
@@ -112,6 +115,48 @@ class Running:
     # The cell's folder's clock when it started (its fresh cell.log's mtime): an outcome file
     # older than that is an earlier launch's, not this cell's.
     since_ns: int = 0
+
+
+def prepare_cell(
+    hydra_context: HydraContext,
+    sweep_config: DictConfig,
+    index: int,
+    overrides: list[str],
+    sweep_dir: Path,
+) -> tuple[DictConfig, Path]:
+    """The config of the sweep's cell `index` (hydra node included) and its output folder,
+    created: the folder Hydra's run_job gives the cell (hydra.sweep.dir / hydra.sweep.subdir)."""
+    config = hydra_context.config_loader.load_sweep_config(sweep_config, overrides)
+    with open_dict(config):
+        config.hydra.job.id = config.hydra.job.num = index
+        folder = sweep_dir / str(config.hydra.sweep.subdir)
+        config.hydra.runtime.output_dir = str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return config, folder
+
+
+def finished_earlier(config: DictConfig, folder: Path, overrides: list[str]) -> CellOutcome | None:
+    """A cell already FINISHED in the store is not started at all, so that a relaunched sweep
+    pays a process (or a SLURM job) only for its missing cells. The key comes from the config as
+    the cell would see it (as Hydra's run_job prepares it); if it cannot be computed here, the
+    cell's own process decides."""
+    if config.rerun:
+        return None
+    from benchmark.cell.run import finished
+    from benchmark.config.spec import from_config
+
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
+    try:
+        done = finished(from_config(config))  # the cell's own first steps
+    except Exception:  # bad data, say: the cell's own process reports it
+        log.debug("Cell %s not checked here", folder, exc_info=True)
+        return None
+    finally:
+        HydraConfig.instance().cfg = saved
+    if done is None:
+        return None
+    return CellOutcome(" ".join(overrides), "skipped", done.score, done.run_id)
 
 
 class CellProcessLauncher(Launcher):
@@ -210,38 +255,12 @@ class CellProcessLauncher(Launcher):
         self, index: int, overrides: list[str], sweep_dir: Path
     ) -> tuple[DictConfig, Path]:
         """The cell's config (hydra node included) and its output folder."""
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(config):
-            config.hydra.job.id = config.hydra.job.num = index
-            folder = sweep_dir / str(config.hydra.sweep.subdir)
-            config.hydra.runtime.output_dir = str(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        return config, folder
+        return prepare_cell(self.hydra_context, self.config, index, overrides, sweep_dir)
 
     def _finished_earlier(
         self, config: DictConfig, folder: Path, overrides: list[str]
     ) -> CellOutcome | None:
-        """A cell already FINISHED in the store is not started at all, so that a relaunched
-        sweep pays a process only for its missing cells. The key comes from the config as the
-        cell would see it (as Hydra's run_job prepares it); if it cannot be computed here, the
-        cell's own process decides."""
-        if config.rerun:
-            return None
-        from benchmark.cell.run import finished
-        from benchmark.config.spec import from_config
-
-        saved = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the cell's config
-        try:
-            done = finished(from_config(config))  # the cell's own first steps
-        except Exception:  # bad data, say: the cell's own process reports it
-            log.debug("Cell %s not checked here", folder, exc_info=True)
-            return None
-        finally:
-            HydraConfig.instance().cfg = saved
-        if done is None:
-            return None
-        return CellOutcome(" ".join(overrides), "skipped", done.score, done.run_id)
+        return finished_earlier(config, folder, overrides)
 
     def _start(
         self,
@@ -345,29 +364,397 @@ class CellProcessLauncher(Launcher):
         return job
 
 
+class CellFailed(Exception):
+    """Raised at the end of a SLURM (or submitit local) job whose cell failed, after the cell
+    wrote its outcome: submitit records an error, the job exits non-zero, and `sacct` says
+    FAILED for the cell's FAILED run (COMPLETED for a FINISHED or skipped one)."""
+
+
+@dataclass
+class SubmittedCell:
+    index: int
+    overrides: list[str]
+    config: DictConfig
+    folder: Path
+    job: Any  # submitit.Job
+    gone_since: float | None = None  # when the scheduler was first seen to hold it no more
+
+
+# The states of a SLURM job that has ended (squeue --states=all, sacct), and what each means.
+ENDED_STATES = {
+    "BOOT_FAIL": "its node failed to boot",
+    "CANCELLED": "scancel, or an administrator",
+    "COMPLETED": "",
+    "DEADLINE": "past its deadline",
+    "FAILED": "",
+    "NODE_FAIL": "its node failed",
+    "OUT_OF_MEMORY": "past hydra.launcher.mem_gb",
+    "PREEMPTED": "by a job of higher priority",
+    "TIMEOUT": "past its time limit, hydra.launcher.timeout_min",
+}
+
+
+ENDED = {*ENDED_STATES, "gone"}  # gone: no longer listed at all
+
+# Why a pending job waits, when it only has to wait (squeue %r).
+WAITING = {
+    "None", "Priority", "Resources", "JobArrayTaskLimit", "BeginTime", "Dependency",
+    "Reservation", "Licenses", "Prolog", "NodeDown", "Cleaning",
+}  # fmt: skip
+
+
 class ReportsCellsHere:
-    """Mixin for launchers that run each cell in another process and get its JobReturn back
-    (hydra-submitit: SLURM jobs or local processes). Hydra calls the callbacks' `on_job_end` in
-    that other process, so the sweep's own SweepSummary would hear of no cell: each returned
-    JobReturn (its return value the cell's CellOutcome) is reported in the sweep's process too.
+    """Mixin for the hydra-submitit launchers (SLURM jobs, or submitit's local processes): the
+    sweep waits for its cells itself, instead of submitit's `job.results()`, so that
+
+    - a cell already FINISHED in the store is not submitted at all (a relaunch queues only the
+      cells left to run);
+    - each cell's JobReturn (its value the cell's CellOutcome) is reported to the sweep's own
+      callbacks (SweepSummary): Hydra calls `on_job_end` in the job's process, where the sweep
+      would hear of no cell;
+    - a job the scheduler ends (scancel, its time limit, a preemption, its node failing, out of
+      memory) or that dies without a result (killed, os._exit) is one failed cell, its MLflow
+      run ended FAILED with the scheduler's word as its `error` tag, while the others go on:
+      submitit's wait raised for the first such job and stopped the sweep, and without SLURM
+      accounting (no slurmdbd: sacct fails) it waited forever for a job that had died;
+    - a failed cell's job exits non-zero (CellFailed), so that `sacct` says FAILED for it.
+
+    The scheduler is asked with `squeue --states=all` (which answers without accounting, for
+    MinJobAge after a job ends) and `sacct` when it answers. A job the scheduler no longer
+    runs and whose result has not appeared `RESULT_GRACE_S` later (a shared file system may lag)
+    is failed.
     """
 
     hydra_context: HydraContext
     config: DictConfig
+    params: dict[str, Any]
+    _EXECUTOR: str
+    POLL_S, POLL_MAX_S = 2.0, 30.0
+    RESULT_GRACE_S = 15.0
+    _said_pending: set[str]
+
+    # ------------------------------------------------------------ in the job's process
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        job: JobReturn = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        if job.status == JobStatus.FAILED:  # raised past the cell's own handling
+            raise CellFailed(f"{' '.join(job.overrides or [])}: {job._return_value}")
+        outcome = job.return_value
+        if isinstance(outcome, CellOutcome) and outcome.status == "failed":
+            raise CellFailed(f"{outcome.cell}: {outcome.error}")
+        return job
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit calls this in the job when SLURM signals it (SIGUSR2: its time limit is
+        `hydra.launcher.signal_delay_s` away, or a preemption), to requeue it. A cell does not
+        resume, so it stops here instead: Terminated, raised where the signal lands, ends the
+        cell FAILED as SIGTERM does (benchmark.runtime.interrupt), its run's error saying timed
+        out or preempted; relaunching the sweep runs it again. The same words go to the cell's
+        outcome first, for a signal that lands before the cell has started."""
+        from benchmark.runtime import interrupt
+
+        timeout_min = self.params.get("timeout_min")
+        limit_s = 60 * float(timeout_min or 0)
+        ran_s = time.time() - psutil.Process().create_time()
+        if limit_s and ran_s >= min(0.8 * limit_s, limit_s - 600):  # as submitit tells them
+            said = (
+                f"timed out: the SLURM job neared its time limit after {ran_s:.0f} s "
+                f"(hydra.launcher.timeout_min={timeout_min})"
+            )
+        else:
+            said = f"preempted: SLURM signalled the job after {ran_s:.0f} s, before its time limit"
+        try:
+            hydra = HydraConfig.get()
+            cell = " ".join(hydra.overrides.task)
+            CellOutcome(cell, "failed", error=said).save(Path(hydra.runtime.output_dir))
+        except Exception:  # not in a cell yet: the sweep hears it from the scheduler
+            log.debug("No outcome written for the signal", exc_info=True)
+        raise interrupt.Terminated(said)
+
+    # ------------------------------------------------------------ in the sweep's process
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        setup_globals()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, sweep_dir)
+        self._said_pending = set()
         watcher = OutcomeWatcher(sweep_dir, len(job_overrides))
         watcher.start()
         try:
-            returns = super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
+            returns = self._run(job_overrides, initial_job_idx, sweep_dir)
         finally:
             watcher.stop()
         for job in returns:
-            self.hydra_context.callbacks.on_job_end(config=job.cfg, job_return=job)
+            config = job.cfg if job.cfg is not None else self.config
+            self.hydra_context.callbacks.on_job_end(config=config, job_return=job)
         return returns
+
+    def _run(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, sweep_dir: Path
+    ) -> list[JobReturn]:
+        from hydra.core.singleton import Singleton
+
+        returns: dict[int, JobReturn] = {}
+        cells: list[SubmittedCell] = []
+        for index, overrides in enumerate(map(list, job_overrides), start=initial_job_idx):
+            config, folder = prepare_cell(
+                self.hydra_context, self.config, index, overrides, sweep_dir
+            )
+            if (done := finished_earlier(config, folder, overrides)) is not None:
+                log.info("\t#%d skipped: FINISHED earlier in MLflow run %s", index, done.run_id)
+                done.save(folder)
+                returns[index] = cell_return(overrides, config, folder, done)
+            else:
+                cells.append(SubmittedCell(index, overrides, config, folder, None))
+        if cells:
+            since = time.time()
+            executor = self._executor()
+            arguments = [
+                (c.overrides, "hydra.sweep.dir", c.index, f"job_id_for_{c.index}",
+                 Singleton.get_state())
+                for c in cells
+            ]  # fmt: skip
+            try:
+                jobs = executor.map_array(self, *zip(*arguments, strict=True))
+            except Exception as error:  # sbatch refused them: its own words, in one line
+                said = " ".join(str(error).split())
+                log.error("The scheduler refused the sweep's jobs: %s", said)
+                raise SystemExit(1) from None
+            for cell, job in zip(cells, jobs, strict=True):
+                cell.job = job
+                log.info("\t#%d job %s: %s", cell.index, job.job_id, " ".join(cell.overrides))
+            for cell, outcome in self._wait(cells, since):
+                returns[cell.index] = cell_return(cell.overrides, cell.config, cell.folder, outcome)
+        return [returns[i] for i in sorted(returns)]
+
+    def _executor(self) -> Any:
+        """submitit's executor for the launcher's parameters, as hydra-submitit-launcher
+        builds it."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        init = {"folder": self.params["submitit_folder"]}
+        if "max_num_timeout" in self.params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                key if key in shared else f"{self._EXECUTOR}_{key}": value
+                for key, value in self.params.items()
+                if key not in init_keys
+            }
+        )
+        return executor
+
+    def _wait(
+        self, cells: list[SubmittedCell], since: float
+    ) -> Iterator[tuple[SubmittedCell, CellOutcome]]:
+        """Each cell with its outcome, as its job ends."""
+        pending, started = list(cells), time.monotonic()
+        while pending:  # every 2 s at first, every 30 s after 5 minutes
+            time.sleep(min(self.POLL_MAX_S, max(self.POLL_S, (time.monotonic() - started) / 10)))
+            states = self._scheduler_states([c.job.job_id for c in pending])
+            now = time.monotonic()
+            for cell in list(pending):
+                if cell.job.paths.result_pickle.exists():
+                    outcome = self._result(cell, since)
+                elif states is None:  # no scheduler to ask (local processes) or no answer
+                    if self._EXECUTOR == "slurm" or not cell.job.done():
+                        continue
+                    outcome = self._result(cell, since)
+                elif (state := states.get(cell.job.job_id, "gone").split()[0]) in ENDED:
+                    cell.gone_since = cell.gone_since or now
+                    said = self._cell_said(cell, since)
+                    # A result may lag behind on a shared file system; a failed cell sent none.
+                    # A preempted job may be requeued: it shows PENDING again.
+                    waiting = said is None or said.status != "failed" or state == "PREEMPTED"
+                    if waiting and now - cell.gone_since < self.RESULT_GRACE_S:
+                        continue
+                    outcome = self._without_result(cell, states.get(cell.job.job_id), since)
+                else:  # pending, running, or requeued after a preemption
+                    cell.gone_since = None
+                    continue
+                pending.remove(cell)
+                yield cell, outcome
+
+    def _scheduler_states(self, job_ids: list[str]) -> dict[str, str] | None:
+        """SLURM's state of each job it still knows ("RUNNING", "CANCELLED"); None for
+        local processes, or when squeue does not answer. A job held pending for a reason that
+        waiting may not cure (a request beyond what the partition offers) is said once."""
+        if self._EXECUTOR != "slurm" or not job_ids:
+            return None
+        arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+        command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%r"]
+        try:
+            listed = subprocess.run(
+                [*command, f"--jobs={','.join(arrays)}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            listed = subprocess.CompletedProcess(command, 1, "", str(error))
+        if listed.returncode != 0:  # every job past MinJobAge: "Invalid job id specified"
+            if "Invalid job id" in listed.stderr:
+                return {}
+            if "squeue" not in self._said_pending:  # slurmctld restarting, say: waits
+                self._said_pending.add("squeue")
+                log.warning("squeue does not answer (%s); waiting", listed.stderr.strip())
+            return None
+        states = {}
+        for line in listed.stdout.splitlines():
+            job_id, state, reason = [*line.split("|", 2), "", ""][:3]
+            states[job_id.strip()] = state
+            if state == "PENDING" and reason not in WAITING and reason not in self._said_pending:
+                self._said_pending.add(reason)
+                log.warning(
+                    "SLURM holds job %s pending: %s (scontrol show job %s). If that cannot "
+                    "change (a request beyond what the partition offers: hydra.launcher."
+                    "cpus_per_task, mem_gb, gpus_per_node, timeout_min), scancel the sweep's "
+                    "jobs: each is then a failed cell.",
+                    job_id,
+                    reason,
+                    job_id,
+                )
+        return states
+
+    def _result(self, cell: SubmittedCell, since: float) -> CellOutcome:
+        """The outcome of a job that ended with a result: the JobReturn's, or the outcome the
+        failed cell wrote (CellFailed), or the job's error."""
+        try:
+            returned = cell.job.results()[0]
+        except Exception as error:
+            said = self._cell_said(cell, since)
+            if said is not None and said.status == "failed":
+                return said
+            return self._failed(cell, job_error(cell.job.job_id, error), said, since)
+        outcome = returned.return_value
+        assert isinstance(outcome, CellOutcome), outcome
+        return outcome
+
+    def _without_result(self, cell: SubmittedCell, listed: str | None, since: float) -> CellOutcome:
+        """A job that SLURM no longer runs, with no result: failed with the scheduler's word."""
+        job_id = cell.job.job_id
+        state, code = scheduler_end(job_id, listed)
+        if state == "UNKNOWN":
+            reason = (
+                f"SLURM job {job_id} ended without a result, and the scheduler cannot say how "
+                "(no accounting record: sacct needs slurmdbd)"
+            )
+        else:
+            meaning = ENDED_STATES.get(state.split()[0], "")
+            said = [meaning] if meaning else []
+            status, _, signum = code.partition(":")
+            if signum not in ("", "0"):
+                said.append(f"signal {signum}")
+            elif status not in ("", "0"):
+                said.append(f"exit code {status}")
+            reason = f"SLURM job {job_id} {state}" + (f" ({', '.join(said)})" if said else "")
+        reason += f"; its log: {cell.job.paths.stderr}"
+        return self._failed(cell, reason, self._cell_said(cell, since), since)
+
+    def _cell_said(self, cell: SubmittedCell, since: float) -> CellOutcome | None:
+        """The outcome the cell wrote during this launch, if it wrote one."""
+        file = cell.folder / OUTCOME_FILE
+        try:
+            if file.stat().st_mtime < since:
+                return None
+        except OSError:
+            return None
+        return CellOutcome.load(cell.folder, " ".join(cell.overrides))
+
+    def _failed(
+        self, cell: SubmittedCell, reason: str, said: CellOutcome | None, since: float
+    ) -> CellOutcome:
+        """The cell failed for `reason`: its run (if it opened one during this launch) ends
+        FAILED with the reason as its error tag, before what the cell itself said, and its
+        folder's outcome says so too."""
+        name = " ".join(cell.overrides)
+        if said is not None and said.status == "failed":
+            name = said.cell
+            reason = f"{reason}; the cell: {said.error}" if said.error else reason
+        try:
+            run_id = settle_run(cell.folder, reason, since)
+        except Exception:  # the store is unreachable: the sweep goes on
+            log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
+            run_id = None
+        outcome = CellOutcome(name, "failed", run_id=run_id, error=reason)
+        outcome.save(cell.folder)
+        return outcome
+
+
+def job_error(job_id: str, error: Exception) -> str:
+    """submitit's error for a job, in one line: the exception its function raised (the last
+    line of the traceback submitit quotes), or the first line of what it says of a job that
+    ended without a result."""
+    text = str(error)
+    quoted = text.split("-" * 22)  # FailedJobError: the traceback between two such rules
+    lines = [line.strip() for line in (quoted[1] if len(quoted) > 2 else text).splitlines()]
+    lines = [line for line in lines if line] or [type(error).__name__]
+    return f"job {job_id}: {lines[-1] if len(quoted) > 2 else ' '.join(lines[:2])}"
+
+
+def scheduler_end(job_id: str, listed: str | None) -> tuple[str, str]:
+    """How a SLURM job ended: its state ("CANCELLED by 0", "TIMEOUT") and exit code ("0:15"),
+    from accounting (sacct), else from what squeue listed, else ("UNKNOWN", "")."""
+    try:
+        accounted = subprocess.run(
+            ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={job_id}",
+             "--format=JobID,State,ExitCode"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        rows = [line.split("|") for line in accounted.stdout.splitlines() if line.count("|") == 2]
+    except (OSError, subprocess.TimeoutExpired):
+        rows = []
+    for found, state, code in rows:
+        if found == job_id and state:
+            return state, code
+    return (listed or "UNKNOWN"), ""
+
+
+def settle_run(folder: Path, reason: str, since: float) -> str | None:
+    """The MLflow run that the cell in `folder` opened during this launch (its run file newer
+    than `since`), ended FAILED if it is still RUNNING, its `error` tag `reason` (followed by
+    the tag it had, if the cell had ended it). A FINISHED run is left alone. Its id if changed."""
+    import mlflow
+    from mlflow.entities import RunStatus
+
+    from benchmark.tracking import identity, store
+
+    run_file = folder / identity.RUN_FILE
+    if not run_file.is_file() or run_file.stat().st_mtime < since:
+        return None
+    started = json.loads(run_file.read_text())
+    client, run_id = mlflow.MlflowClient(started["tracking_uri"]), started["run_id"]
+    run = client.get_run(run_id)
+    if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+        return None
+    had = run.data.tags.get("error", "")  # the cell's own, e.g. "Terminated: terminated by ..."
+    if had and not had.startswith(store.GONE_PREFIX) and had.split(": ", 1)[-1] not in reason:
+        reason = f"{reason}; {had}"
+    client.set_tag(run_id, "error", store.error_tag(reason))
+    if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run_id
+
+
+def cell_return(
+    overrides: list[str], config: DictConfig, folder: Path, outcome: CellOutcome
+) -> JobReturn:
+    """A JobReturn for a cell the sweep's process settled (skipped, or failed by its job)."""
+    job = JobReturn(
+        overrides=list(overrides), cfg=config, working_dir=str(folder), status=JobStatus.COMPLETED
+    )
+    job.return_value = outcome
+    return job
 
 
 class OutcomeWatcher(threading.Thread):
