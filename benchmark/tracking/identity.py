@@ -205,11 +205,13 @@ def _masked_setting(match: re.Match[str]) -> str:
 
 def _secret_values() -> list[str]:
     """The values of the secret variables set in this process, longest first."""
-    values = {
-        value
-        for name, value in os.environ.items()
-        if len(value) >= MIN_SECRET_CHARS and is_secret_name(name)
-    }
+    # By name, each read with get: MLflow's telemetry thread may drop a variable meanwhile
+    # (os.environ.items() then raised KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in a cell).
+    values = set()
+    for name in list(os.environ):
+        value = os.environ.get(name)
+        if value is not None and len(value) >= MIN_SECRET_CHARS and is_secret_name(name):
+            values.add(value)
     return sorted(values, key=len, reverse=True)
 
 
