@@ -95,7 +95,7 @@ def test_the_results_cells_log_no_system_metrics():
         check=True,
     ).stdout.replace("\\\n", " ")  # the recipes' continued lines as one command each
     cells = [line for line in dry.splitlines() if re.search(r"-m benchmark(\.tools\.rank)? ", line)]
-    assert len(cells) == 7  # results: fair, untuned, fair-dogs, study; backbones: three
+    assert len(cells) == 6  # results: the plan, the datasets' loop, study; backbones: three
     assert all("tracking.system_metrics=false" in line for line in cells), cells
     slims = [line for line in dry.splitlines() if "-m benchmark.tools.slim" in line]
     assert len(slims) == 2  # each store slimmed before its report
