@@ -551,6 +551,12 @@ def test_one_short_label_per_setting_everywhere_and_a_legend_in_full(tmp_path, e
     assert not [t for t in texts if "·" in t or "trials" in t]
 
 
+def assert_in_order(text: str, order: list[str]) -> None:
+    """Every piece of `order` is in `text`, in that order."""
+    at = [text.find(piece) for piece in order]
+    assert -1 not in at and at == sorted(at), dict(zip(order, at, strict=True))
+
+
 def test_the_report_opens_with_the_verdicts_then_a_figure_per_dataset_then_the_table(
     store, tmp_path
 ):
@@ -571,8 +577,7 @@ def test_the_report_opens_with_the_verdicts_then_a_figure_per_dataset_then_the_t
         "## Exploratory",
         "## Cost per cell",
     ]
-    at = [markdown.find(s) for s in order]
-    assert -1 not in at and at == sorted(at), dict(zip(order, at, strict=True))
+    assert_in_order(markdown, order)
     assert "x axis runs from" in markdown and "to 1.00 in every dataset's figure" in markdown
     for name in ("accuracy-1-hymenoptera.svg", "accuracy-2-dogs_vs_cats.svg"):
         assert (tmp_path / "out" / name).read_text().startswith("<svg")
@@ -587,8 +592,7 @@ def test_the_report_opens_with_the_verdicts_then_a_figure_per_dataset_then_the_t
         '<ul class="legend">',
         "<h2>Details</h2>",
     ]
-    at = [body.find(s) for s in order]
-    assert -1 not in at and at == sorted(at), dict(zip(order, at, strict=True))
+    assert_in_order(body, order)
     details = body.split("<h2>Details</h2>")[1]
     assert "<h2>" not in details and "<table" not in re.sub(
         r"<details>.*?</details>", "", details, flags=re.S

@@ -19,22 +19,15 @@ from benchmark.data import DatasetError, build_manifest, scan
 from benchmark.data.cache import build_image_cache, files_key, stored_size
 from benchmark.data.images import Preprocess
 from benchmark.runtime import files
+from tests.test_faults import folder_of as faults_folder_of
+from tests.test_faults import photos
 
 LITE = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
 
 
-def photos(shared_data: Path, name: str, count: int) -> list[Path]:
-    return sorted((shared_data / "hymenoptera_data" / "val" / name).glob("*.jpg"))[:count]
-
-
-def folder_of(tmp_path: Path, shared_data: Path, count: int = 5) -> Path:
-    """A small imagefolder of real photos: ants/ and bees/."""
-    root = tmp_path / "mine"
-    for name in ("ants", "bees"):
-        (root / name).mkdir(parents=True)
-        for photo in photos(shared_data, name, count):
-            shutil.copy(photo, root / name / photo.name)
-    return root
+def folder_of(tmp_path: Path, shared_data: Path) -> Path:
+    """test_faults' small imagefolder of real photos (ants/, bees/), 5 of each."""
+    return faults_folder_of(tmp_path, shared_data, count=5)
 
 
 def manifest_of(root: Path, cache: Path | None) -> object:
