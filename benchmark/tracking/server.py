@@ -330,6 +330,13 @@ def explained(uri: str) -> Iterator[None]:
             raise locked from error
         lost = _lost_connection(error, uri) if is_server(uri) else None
         if lost is None:
+            if is_server(uri) and (status := _server_error_status(error)) is not None:
+                raise TrackingUnreachable(
+                    f"MLflow tracking server {redact(uri)} failed during the run (its API "
+                    f"answered HTTP {status} every time, retried for about "
+                    f"{retry_budget_s():.0f} s): see the server's log, then relaunch the same "
+                    "command to run this cell again."
+                ) from error
             if is_server(uri) and _not_json(error):
                 raise TrackingUnreachable(
                     f"MLflow tracking server {redact(uri)} answered a page that is not its API "
@@ -384,6 +391,19 @@ def causes(error: BaseException) -> list[BaseException]:
         seen[id(current)] = current
         stack += [current.__cause__, current.__context__]
     return list(seen.values())
+
+
+def _server_error_status(error: BaseException) -> int | None:
+    """The HTTP 5xx status behind `error` when MLflow gave up on its retries and returned the
+    server's error answer (MLflow >= 3.18 lets the last 5xx answer through as "API request to
+    endpoint ... failed with error code 500 != 200"; older versions raise requests' RetryError,
+    which `_lost_connection` reads), else None."""
+    for current in causes(error):
+        if found := re.search(
+            r"API request to endpoint \S+ failed with error code (5\d\d)\b", str(current)
+        ):
+            return int(found.group(1))
+    return None
 
 
 def _not_json(error: BaseException) -> bool:
