@@ -107,6 +107,8 @@ def test_four_cell_grid_logs_four_runs_and_reports_them(tmp_path, shared_data):
     assert sum(map(sum, confusion["matrix"])) == 4  # one test batch of 4 images
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
     assert [m.step for m in history] == [0]  # one value per epoch, stepped by epoch
+    rates = [c for c in runs.columns if c.startswith("metrics.lr-")]  # LearningRateMonitor
+    assert rates and runs[rates].gt(0).any(axis=1).all(), rates  # a learning-rate curve per cell
 
     table = report_of_tiny_runs(tmp_path, shared_data)
     assert len(table) == 4 and (table.n == 1).all()

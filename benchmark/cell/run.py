@@ -15,7 +15,7 @@ from typing import Any, cast
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from mlflow.entities import Run
 from torch import nn
 
@@ -410,6 +410,10 @@ def fit_and_test(
     # The start is a candidate too (held-out selection; the study's max over epochs is not).
     start = StartCandidate(spec.output_dir / "checkpoints" / "start.ckpt")
     candidates = {} if spec.max_eval else {"num_sanity_val_steps": -1}
+    loggers = mlflow_run.lightning_loggers(spec, run)
+    # The learning rate of each parameter group per epoch (lr-SGD, lr-SGD/pg1: the backbone's),
+    # a curve in the run's metrics; it reads the schedulers and changes nothing they do.
+    rates = [LearningRateMonitor(logging_interval="epoch")] if loggers else []
     trainer = build_trainer(
         spec.trainer,
         [
@@ -421,12 +425,13 @@ def fit_and_test(
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
             *summary_callbacks(bool(spec.trainer.get("enable_model_summary", True)), spec.verbose),
+            *rates,
             *callbacks,
         ],
         **inputs.trainer_args,
         **budget,
         **candidates,
-        logger=mlflow_run.lightning_loggers(spec, run),
+        logger=loggers,
         default_root_dir=spec.paths.output_dir,
     )
     # torch.compile wraps the model in an OptimizedModule (typed as a plain callable), which
