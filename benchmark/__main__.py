@@ -5,10 +5,8 @@ imported when a cell runs, so `--help`, `--cfg job` and a config error answer at
 from __future__ import annotations
 
 import logging
-import signal
 import warnings
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,19 +16,30 @@ from omegaconf import DictConfig
 from benchmark.config.rules import problems
 from benchmark.config.schema import register_configs
 from benchmark.config.spec import CellSpec, from_config
-from benchmark.orchestration.sweep import CellOutcome
+from benchmark.orchestration.sweep import CellOutcome, summarised_here
 from benchmark.runtime import console, interrupt
 from benchmark.tracking.identity import browse_command, redact
 
 log = logging.getLogger("benchmark")
 
 
-def terminated(name: str, folder: Path, reason: str) -> NoReturn:
-    """The cell was asked to stop: its outcome FAILED, one line, exit 143 (128 + SIGTERM)."""
+def terminated(name: str, folder: Path, reason: str) -> CellOutcome:
+    """The cell was asked to stop: its outcome FAILED, one line, exit 128 + the signal (143 for
+    SIGTERM, 130 for Ctrl-C). In a sweep's own process the outcome is returned instead: the
+    sweep counts it, then stops and says what ran (SweepSummary)."""
     reason = reason or "terminated by signal 15 (SIGTERM)"
     log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
-    CellOutcome(name, "failed", error=reason).save(folder)
-    raise SystemExit(128 + signal.SIGTERM) from None
+    outcome = CellOutcome(name, "failed", error=reason)
+    outcome.save(folder)
+    return stopping(outcome)
+
+
+def stopping(outcome: CellOutcome) -> CellOutcome:
+    """After a signal: `outcome` for the sweep of this process to count before it stops, or the
+    process exits 128 + the signal."""
+    if summarised_here():
+        return outcome
+    raise SystemExit(interrupt.exit_code()) from None
 
 
 def plan(spec: CellSpec, multirun: bool) -> CellOutcome:
@@ -111,10 +120,10 @@ def main(cfg: DictConfig) -> CellOutcome:
         with interrupt.cell(), explained(tracking_uri(spec)):  # a server gone: one line
             result = run_cell(spec)
     except (interrupt.Terminated, SIGTERMException) as error:
-        terminated(name, folder, str(error))
+        return terminated(name, folder, str(error))
     except Exception as error:
         if interrupt.received():  # the signal came, and some code turned it into this error
-            terminated(name, folder, interrupt.reason())
+            return terminated(name, folder, interrupt.reason())
         bad_input = isinstance(
             error, ConfigError | DatasetError | BackboneError | TrackingUnreachable | StoreError
         )
@@ -135,9 +144,9 @@ def main(cfg: DictConfig) -> CellOutcome:
     status = "skipped" if result.skipped else "finished"
     outcome = CellOutcome(name, status, result.score, result.run_id)
     outcome.save(folder)
-    if signum := interrupt.received():  # it came as the cell ended: the cell is done, stop here
-        log.error("%s finished, then the process was terminated by signal %d.", name, signum)
-        raise SystemExit(128 + signum)
+    if interrupt.received():  # it came as the cell ended: the cell is done, stop here
+        log.error("%s %s, then the process was %s.", name, status, interrupt.reason())
+        return stopping(outcome)
     return outcome
 
 

@@ -399,6 +399,82 @@ def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(sigt
         time.sleep(5)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("when", ["fit", "tune"])
+def test_ctrl_c_fails_the_cell_says_what_ran_and_ends_the_sweep_killed(tmp_path, shared_data, when):
+    """Ctrl-C was Python's KeyboardInterrupt, which Lightning turns into `sys.exit(1)`: a tuned
+    cell left no outcome, a sweep no summary and its parent run RUNNING. Now it is handled as
+    SIGTERM is: the cell FAILED with its outcome, the sweep stops before its next cell, its
+    parent run KILLED with the counts, one line to say it, exit 130."""
+    root = folder_of(tmp_path, shared_data)
+    sweep = ["strategy=finetune,freeze"] if when == "fit" else ["tune=fair", "strategy=finetune"]
+    command = [
+        sys.executable, "-m", "benchmark", "-m", *sweep, "dataset=imagefolder",
+        f"dataset.root={root}", f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=2",
+        "trainer.max_epochs=200", "tracking.system_metrics=false", "trainer.precision=32-true",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cell_env(),
+    )  # fmt: skip
+    try:
+        reached = "checkpoints/*.ckpt" if when == "fit" else "optuna.db"
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.rglob(reached)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output[-3000:]
+    assert "interrupted by Ctrl-C (signal 2, SIGINT); its run is FAILED" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    cells, sweeps = runs_in(tmp_path / "mlflow.db"), runs_in(tmp_path / "mlflow.db", "sweep")
+    assert list(cells.status) == ["FAILED"]
+    assert cells["tags.error"].iloc[0] == "Terminated: interrupted by Ctrl-C (signal 2, SIGINT)"
+    (outcome,) = tmp_path.rglob("outcome.json")
+    assert json.loads(outcome.read_text())["status"] == "failed"
+    assert list(sweeps.status) == ["KILLED"]
+    assert sweeps["metrics.cells_interrupted"].iloc[0] == 1
+    total = 2 if when == "fit" else 1
+    assert sweeps["metrics.cells_not_run"].iloc[0] == total - 1
+    not_run = ", 1 not run" if when == "fit" else ""
+    assert (
+        f"Sweep stopped (interrupted by Ctrl-C (signal 2, SIGINT)) after 1 of {total} cells: "
+        f"1 interrupted{not_run}. Relaunch the same command" in output
+    ), output[-3000:]
+
+
+def test_a_relaunch_says_that_the_tuning_restarts_from_its_first_trial(tmp_path, caplog):
+    """An interrupted tuning is not resumed (TPE's next suggestion depends on its seeded state
+    and every trial before: a resumed study would choose otherwise than an uninterrupted one);
+    the relaunch says so, rather than silently tuning from scratch."""
+    import optuna
+
+    from benchmark.cell.tune import restart
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="cell", storage=storage, direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    study.ask()  # the trial the interruption stopped: RUNNING
+    with caplog.at_level("WARNING", logger="benchmark"):
+        restart("cell", storage)
+    assert "left 3 trial(s) (2 ended) in its study; the tuning restarts from its first trial" in (
+        caplog.text
+    )
+    assert optuna.get_all_study_names(storage) == []
+    caplog.clear()
+    optuna.create_study(study_name="cell", storage=storage)  # a study with no trial yet
+    with caplog.at_level("WARNING", logger="benchmark"):
+        restart("cell", storage)
+    assert "restarts" not in caplog.text and optuna.get_all_study_names(storage) == []
+    storage.engine.dispose()
+
+
 # ---------------------------------------------------------------- the tracking store
 
 

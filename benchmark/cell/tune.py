@@ -35,7 +35,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Protocol, SupportsFloat, SupportsInt, cast
 
@@ -243,6 +242,29 @@ def study_storage(spec: CellSpec) -> optuna.storages.RDBStorage | None:
     return optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
 
 
+def restart(name: str, storage: optuna.storages.RDBStorage) -> None:
+    """A study of this cell already in its folder (a launch stopped mid-tuning, or a cell run
+    again) is deleted, and said when it holds trials: the tuning restarts from its first trial
+    rather than resuming, so the choice is the one an uninterrupted launch makes (TPE's next
+    suggestion depends on its seeded state and on every trial before). The earlier trials stay
+    as the child runs of that launch's run."""
+    try:
+        earlier = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return
+    trials = earlier.get_trials(deepcopy=False)
+    optuna.delete_study(study_name=name, storage=storage)
+    if trials:
+        ended = sum(t.state.is_finished() for t in trials)
+        log.warning(
+            "tune: an earlier launch of this cell left %d trial(s) (%d ended) in its study; "
+            "the tuning restarts from its first trial (it is not resumed: the choice is the "
+            "one an uninterrupted launch makes).",
+            len(trials),
+            ended,
+        )
+
+
 def said(values: dict[str, float]) -> str:
     """`strategy.lr=0.0123, optim.weight_decay=3.2e-05`."""
     return ", ".join(f"{key}={value:.3g}" for key, value in values.items())
@@ -343,8 +365,7 @@ def choose(
     )
     storage = study_storage(spec)
     if storage is not None:  # a relaunch into the same folder replaces the cell's study
-        with suppress(KeyError):
-            optuna.delete_study(study_name=spec.name, storage=storage)
+        restart(spec.name, storage)
     try:
         study = optuna.create_study(
             direction="maximize",

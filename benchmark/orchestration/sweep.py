@@ -11,6 +11,7 @@ With `plan=true` the sweep's cells are planned instead, before any launcher star
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -43,6 +44,15 @@ OUTCOME_FILE = identity.OUTCOME_FILE
 STATES = ("finished", "skipped", "failed")
 # Where Lightning reads a process's rank from: without any of them, the process is rank 0.
 DISTRIBUTED_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+# The sweep whose summary this process says (its own process, whatever the launcher).
+_summary: SweepSummary | None = None
+
+
+def summarised_here() -> bool:
+    """Whether a sweep's summary runs in this process, its cells too (Hydra's basic launcher):
+    a cell stopped by a signal then returns its outcome, and the sweep stops once it counted it,
+    saying what ran and what did not (`SweepSummary.stop`)."""
+    return _summary is not None and _summary.progress is not None
 
 
 class RankZeroOnly(Protocol):
@@ -219,8 +229,10 @@ class SweepSummary(Callback):
         self.parent: tuple[str, str] | None = None  # (tracking URI, run id)
         self.progress: SweepProgress | None = None
         self.here: dict[str, float] = {}  # cells started in this process: their start time
+        self.closed = False  # the parent run ended and the summary said
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _summary
         if config.get("plan"):  # the sweep's plan instead, before any launcher starts a cell
             planned(config)
         from benchmark.tracking import store
@@ -229,6 +241,10 @@ class SweepSummary(Callback):
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         os.environ[identity.SWEEP_ENV] = sweep_dir
         self.progress = SweepProgress(cells_in(config))
+        _summary = self
+        # Whatever ends this process before the sweep's end (an error past a cell, a second
+        # Ctrl-C), its parent run is not left RUNNING and what ran is said.
+        atexit.register(self.ended_early)
         uri = identity.store_uri(config.tracking.uri)
         try:
             run_id = store.start_sweep_run(uri, config.tracking.experiment, sweep_dir)
@@ -244,9 +260,12 @@ class SweepSummary(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A cell of the sweep starts in this process (Hydra's basic launcher): `cell k/N`,
-        elapsed and time left. Launchers that start cells elsewhere say so themselves."""
+        elapsed and time left. Launchers that start cells elsewhere say so themselves. A signal
+        that came between two cells stops the sweep here, before the next one starts."""
         if self.progress is None:
             return  # a single run, or a cell process started by a launcher
+        if interrupt.received():
+            self.stop()
         overrides = " ".join(config.hydra.overrides.task)
         self.here[overrides] = time.monotonic()
         position, state = self.progress.start(), self.progress.status()
@@ -258,15 +277,66 @@ class SweepSummary(Callback):
             outcome = CellOutcome(overrides, "failed", error=str(job_return._return_value))
         else:
             outcome = job_return.return_value
-        self.outcomes[outcome.status] += 1
-        if outcome.status == "failed":
+        stopped = outcome.status == "failed" and outcome.error == interrupt.reason() != ""
+        self.outcomes["interrupted" if stopped else outcome.status] += 1
+        if outcome.status == "failed" and not stopped:
             self.failed.append(f"{overrides}: {outcome.error}")
         if self.progress is not None and (started := self.here.pop(overrides, None)):
             took = duration(time.monotonic() - started)
             state = self.progress.done(skipped=outcome.status == "skipped")
             log.info("cell %s after %s [%s]: %s", outcome.status, took, state, overrides)
+        if self.progress is not None and interrupt.received():
+            self.stop()
+
+    def stop(self) -> NoReturn:
+        """A signal (Ctrl-C, SIGTERM) stops the sweep between two cells: the cells not started
+        are not run, the parent run ends KILLED with the counts, the summary says what to do,
+        and the process exits 128 + the signal."""
+        self.close("KILLED", f"stopped ({interrupt.reason()})")
+        raise SystemExit(interrupt.exit_code())
+
+    def ended_early(self) -> None:
+        """At the process's exit, if the sweep did not reach its end (on_multirun_end) nor stop
+        on a signal: the parent run FAILED (KILLED after a signal), and what ran said."""
+        if self.closed or self.progress is None:
+            return
+        signalled = interrupt.received() is not None
+        why = f"stopped ({interrupt.reason()})" if signalled else "ended before its last cell"
+        self.close("KILLED" if signalled else "FAILED", why)
+
+    def close(self, status: str, why: str) -> None:
+        """End the parent run `status` with the counts (cells started here and never ended are
+        `interrupted`, the rest `not run`) and say them, with the relaunch that runs the rest."""
+        self.closed = True
+        assert self.progress is not None
+        counts = Counter(self.outcomes)
+        counts["interrupted"] += len(self.here)
+        counts["not_run"] = self.progress.total - sum(counts.values())
+        if self.parent is not None:
+            from benchmark.tracking import store
+
+            try:
+                store.end_sweep_run(*self.parent, dict(counts), status=status)
+            except Exception as error:  # a store that is down must not hide the summary
+                log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
+        said = ", ".join(
+            f"{n} {state.replace('_', ' ')}"
+            for state in (*STATES, "interrupted", "not_run")
+            if (n := counts[state])
+        )
+        log.error(
+            "Sweep %s after %d of %d cells: %s. Relaunch the same command to run the rest "
+            "(finished cells are skipped).",
+            why,
+            self.progress.finished + len(self.here),
+            self.progress.total,
+            said,
+        )
+        for failure in self.failed:
+            log.error("Failed: %s", failure)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.closed = True
         if not self.outcomes:  # e.g. stock submitit launchers: the cells ended elsewhere
             log.warning(
                 "Sweep done: no cell reported its outcome to this process; each cell's %s is in "

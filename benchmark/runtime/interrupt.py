@@ -1,12 +1,17 @@
-"""SIGTERM (a scheduler's preemption, `kill`): the cell ends FAILED and the process exits 143.
+"""SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C): the cell ends FAILED, its
+outcome written, and the process exits 128 + the signal's number (143, 130).
 
 Python runs a signal handler between two bytecodes of whatever runs then, and an exception the
 handler raises inside an at-fork hook or a finalizer is printed ("Exception ignored in ...") and
 dropped: a SIGTERM that arrives while a DataLoader forks its workers would be lost, and the sweep
 would go on. So the signal is also remembered, and `check` raises it again where a cell can stop:
 after each batch (`StopOnSignal`), and before and after each cell. Between two cells of a sweep
-(inside Hydra's own code) the handler only remembers it: the next cell then ends at once, FAILED
-before its run opens, and the process exits 143.
+(inside Hydra's own code) the handler only remembers it: the sweep then stops before its next
+cell (benchmark.orchestration.sweep.SweepSummary), saying what ran and what did not.
+
+Ctrl-C is handled the same way rather than as Python's KeyboardInterrupt: Lightning turns that
+into `sys.exit(1)` with SIGINT ignored from then on, which left a tuned cell with no outcome and
+a sweep with no summary, its parent run RUNNING.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ class Terminated(BaseException):
     terminated while it wrote a metric with a traceback and exit 1)."""
 
 
+HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
 def _said(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return f"interrupted by Ctrl-C (signal {signum}, SIGINT)"
     return f"terminated by signal {signum} ({signal.Signals(signum).name})"
 
 
@@ -50,13 +60,21 @@ def cell() -> Iterator[None]:
 
 
 def install() -> None:
-    """Handle SIGTERM from now on (Lightning's own handler calls this one while it trains)."""
-    signal.signal(signal.SIGTERM, _on_signal)
+    """Handle SIGTERM and SIGINT from now on (Lightning's own SIGTERM handler calls this one
+    while it trains)."""
+    for signum in HANDLED:
+        signal.signal(signum, _on_signal)
 
 
 def received() -> int | None:
     """The signal that asked this process to stop, if one did."""
     return _received
+
+
+def exit_code() -> int:
+    """The exit status for the signal that stopped this process (128 + its number; 143, SIGTERM,
+    when none was received but a cell was stopped, e.g. by Lightning's own SIGTERM handling)."""
+    return 128 + (_received if _received is not None else signal.SIGTERM)
 
 
 def reason() -> str:

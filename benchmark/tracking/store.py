@@ -435,13 +435,18 @@ def start_sweep_run(uri: str, experiment: str, sweep_dir: str) -> str:
 _sweep_beats: dict[str, Callable[[], None]] = {}
 
 
-def end_sweep_run(uri: str, run_id: str, outcomes: dict[str, int]) -> None:
-    """FINISHED, or FAILED when a cell failed; the counts of each outcome as metrics. Its
-    heartbeat stops."""
+def end_sweep_run(
+    uri: str, run_id: str, outcomes: dict[str, int], status: str | None = None
+) -> None:
+    """FINISHED, or FAILED when a cell failed, or `status` (KILLED: the sweep was stopped by a
+    signal); the counts of each outcome as metrics. Its heartbeat stops."""
     if (stop := _sweep_beats.pop(run_id, None)) is not None:
         stop()
     client = mlflow.MlflowClient(uri)
     for state, count in outcomes.items():
         client.log_metric(run_id, f"cells_{state}", count)
-    status = RunStatus.FAILED if outcomes.get("failed") else RunStatus.FINISHED
-    client.set_terminated(run_id, RunStatus.to_string(status))
+    if status is None:
+        status = RunStatus.to_string(
+            RunStatus.FAILED if outcomes.get("failed") else RunStatus.FINISHED
+        )
+    client.set_terminated(run_id, status)
