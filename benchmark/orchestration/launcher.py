@@ -4,9 +4,13 @@ Each cell runs in a fresh `python -m benchmark` process with CUDA_VISIBLE_DEVICE
 starts (the proven pattern of DomainBed's multi-GPU launcher; Hydra's joblib and submitit local
 launchers reuse processes or stack every job on one GPU). The next cell starts as soon as a GPU
 frees up; `gpus_per_cell=K` gives each cell K GPUs (for trainer=ddp). Without a GPU,
-`hydra.launcher.workers` cells run at a time on the CPU. Each cell's output goes to `cell.log` in
-its folder and its outcome to `outcome.json`, read back here. A cell killed before it could write
-one (SIGKILL, out of memory) is failed, and its MLflow run is ended FAILED rather than left RUNNING.
+`hydra.launcher.workers` cells run at a time on the CPU. The GPUs are those that torch sees
+(`gpus_torch_sees`): GPUs named (CUDA_VISIBLE_DEVICES, nvidia-smi, `hydra.launcher.gpus`) that
+torch does not see (no driver, a CPU-only torch, an index past the machine's GPUs) are said in
+one line, and the cells run on those it sees, or on the CPU workers. Each cell's output goes to
+`cell.log` in its folder and its outcome to `outcome.json`, read back here. A cell killed before
+it could write one (SIGKILL, out of memory) is failed, and its MLflow run is ended FAILED rather
+than left RUNNING.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmark.orchestration.sweep import OUTCOME_FILE, CellOutcome
 from benchmark.runtime.progress import SweepProgress
@@ -68,6 +73,94 @@ def visible_gpus() -> list[int]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [i for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def torch_gpu_count() -> int:
+    """How many GPUs torch sees in this process (after CUDA_VISIBLE_DEVICES: those it names up
+    to the first that does not exist): 0 with a CPU-only torch, or without a driver or device.
+    Through NVML when it answers (no CUDA context in the launcher's process)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA initialization: Found no NVIDIA driver ..."
+        return int(torch.cuda.device_count())
+
+
+def cpu_only_torch() -> bool:
+    """This torch is built without CUDA (or ROCm): no GPU for it on any machine."""
+    import torch
+
+    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+
+
+def why_no_gpu() -> tuple[str, str]:
+    """Why torch sees no GPU, and what would let it: a CPU-only build of torch, else the driver
+    or the device."""
+    import torch
+
+    if cpu_only_torch():
+        return (
+            f"torch {torch.__version__} is a CPU-only build",
+            "install a CUDA build of torch (https://pytorch.org/get-started/locally/)",
+        )
+    return (
+        "no NVIDIA driver or device answers",
+        "check the driver and the GPUs with nvidia-smi (in a container: --gpus)",
+    )
+
+
+@dataclass
+class GpuChoice:
+    """The GPUs a sweep runs on, and, when torch does not see all the GPUs named, what is wrong
+    and how to fix it (said in one line with what the launcher does instead)."""
+
+    gpus: list[int]
+    problem: str | None = None
+    fix: str = ""  # what would let torch see them
+    on_cpu: str = ""  # what says "the CPU" instead of naming GPUs: "unset CUDA_VISIBLE_DEVICES"
+
+
+def gpus_torch_sees(named: list[int] | None) -> GpuChoice:
+    """The GPUs to launch on: `named` (hydra.launcher.gpus), else those CUDA_VISIBLE_DEVICES or
+    nvidia-smi list, kept to those torch sees. (A cell started on a GPU its torch did not see
+    ran on the CPU, one cell per such "GPU", after the sweep had said it ran on GPUs.)
+
+    Torch seeing none (a machine without a GPU, a CPU-only torch, a driver that does not
+    answer): no GPU, so the CPU workers, as without the GPUs named. Seeing fewer than named:
+    those it sees (CUDA's rule: the devices listed after the first that does not exist are not
+    seen; `hydra.launcher.gpus` holds the machine's indices). Indices given in
+    hydra.launcher.gpus while this process's CUDA_VISIBLE_DEVICES hides GPUs from its torch
+    cannot be checked here (each cell gets its own CUDA_VISIBLE_DEVICES): taken as given,
+    unless this torch is CPU-only."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible_gpus() if named is None else list(named)
+    if not gpus:
+        return GpuChoice(gpus)
+    listed = ",".join(map(str, gpus))
+    if named is not None:
+        source, undo = f"hydra.launcher.gpus=[{listed}]", "drop hydra.launcher.gpus"
+    elif visible is not None:
+        source, undo = f"CUDA_VISIBLE_DEVICES={visible}", "unset CUDA_VISIBLE_DEVICES"
+    else:
+        source, undo = f"nvidia-smi lists GPU(s) {listed}", ""
+    hidden = named is not None and visible is not None  # this process's torch is not the cells'
+    seen = torch_gpu_count()
+    if seen == 0:
+        if hidden and not cpu_only_torch():
+            return GpuChoice(gpus)
+        why, fix = why_no_gpu()
+        return GpuChoice([], f"{source} but torch sees no GPU ({why})", fix, undo)
+    if hidden:
+        return GpuChoice(gpus)
+    # Listed by CUDA_VISIBLE_DEVICES or nvidia-smi: the first `seen`; the machine's: below it.
+    kept = gpus[:seen] if named is None else [g for g in gpus if g < seen]
+    if len(kept) == len(gpus):
+        return GpuChoice(gpus)
+    return GpuChoice(
+        kept,
+        f"{source} names {len(gpus)} GPUs but torch sees {seen}",
+        "name only the GPUs there are (nvidia-smi -L)",
+    )
 
 
 class DevicePool:
@@ -190,7 +283,19 @@ class CellProcessLauncher(Launcher):
 
         from benchmark.tracking.server import TrackingUnreachable
 
-        gpus = visible_gpus() if self.gpus is None else list(self.gpus)
+        choice = gpus_torch_sees(self.gpus)
+        gpus = choice.gpus
+        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
+        if choice.problem and not gpus and accelerator in ("gpu", "cuda"):
+            # every cell would fail on the CPU, one after the other: one line, before any
+            log.error(
+                "%s: the sweep's trainer.accelerator=%s needs one, so no cell is launched; %s, "
+                "or set trainer.accelerator=auto to run the cells on the CPU.",
+                choice.problem,
+                accelerator,
+                choice.fix,
+            )
+            raise SystemExit(2)
         try:
             pool = DevicePool(gpus, self.workers, self.gpus_per_cell)
         except ValueError as error:  # one line, before any cell or store
@@ -207,7 +312,20 @@ class CellProcessLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         slots = " | ".join(map(str, pool.free))
         where = f"GPUs {slots}" if gpus else f"{self.workers} CPU worker(s)"
-        log.info("Launching %d cells on %s", len(job_overrides), where)
+        if choice.problem:  # what is wrong, what happens instead, the fix: one line
+            quiet = ""
+            if choice.on_cpu and not gpus:
+                quiet = f"{choice.on_cpu} to run on the CPU without this warning, or "
+            log.warning(
+                "%s: launching %d cells on %s; %s%s.",
+                choice.problem,
+                len(job_overrides),
+                where,
+                quiet,
+                choice.fix,
+            )
+        else:
+            log.info("Launching %d cells on %s", len(job_overrides), where)
         pending = deque(enumerate(job_overrides, start=initial_job_idx))
         running: list[Running] = []
         returns: dict[int, JobReturn] = {}

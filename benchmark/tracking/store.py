@@ -11,32 +11,42 @@ long as its sweep runs (`start_sweep_run`).
 
 A SQLite store locked by another process (a sweep writing, a `sqlite3` shell, a backup) is
 waited on for up to `server.SQLITE_BUSY_S` by every statement, in place of MLflow's 20 s.
+
+The folder where the experiment's runs keep their artifacts (`mlartifacts/` beside a SQLite
+store), when it is local, must take a new file before anything runs (`check_artifacts`): a
+read-only one, or a full disk, is one StoreError naming the folder and the fix, not an OSError
+traceback from the cell's first artifact, after its run has opened.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import mlflow
 import psutil
 from filelock import FileLock
-from mlflow.entities import LifecycleStage, Run, RunStatus
+from mlflow.entities import Experiment, LifecycleStage, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from benchmark.runtime.files import FULL, READ_ONLY
 from benchmark.tracking import server
 from benchmark.tracking.identity import (
     CELL_KEY_TAG,
@@ -156,18 +166,102 @@ def experiment_id(uri: str, name: str) -> str:
 
     A misspelt URI or a missing database driver, a server that is down or answers errors, a
     store locked by another process for longer than SQLITE_BUSY_S, an experiment of that name
-    in MLflow's trash: StoreError or TrackingUnreachable, in one line naming the fix.
+    in MLflow's trash, a local artifact folder that refuses a new file (check_artifacts):
+    StoreError or TrackingUnreachable, in one line naming the fix.
     """
     server.check_reachable(uri)  # a server that is down: one line at once, not minutes
     check_sqlite(uri)  # someone else's database, or a read-only file: one line, nothing written
     mlflow.set_tracking_uri(uri)
     with said_if_locked(uri):
         if not uri.startswith("sqlite:///"):  # a server or database serialises this itself
-            return _get_or_create_experiment(uri, name, None)
-        store = Path(uri.removeprefix("sqlite:///"))
-        store.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{store}.lock", timeout=600):
-            return _get_or_create_experiment(uri, name, (store.parent / "mlartifacts").as_uri())
+            experiment = _get_or_create_experiment(uri, name, None)
+        else:
+            store = Path(uri.removeprefix("sqlite:///"))
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{store}.lock", timeout=600):
+                beside = (store.parent / "mlartifacts").as_uri()
+                experiment = _get_or_create_experiment(uri, name, beside)
+    check_artifacts(uri, experiment)
+    return str(experiment.experiment_id)
+
+
+def artifact_folder(location: str) -> Path | None:
+    """The local folder of an artifact location (`file:///...` or a path), or None for one this
+    process does not write itself (a server's `mlflow-artifacts:`, a bucket)."""
+    parts = urlsplit(location)
+    if parts.scheme == "file":
+        return Path(url2pathname(parts.path))
+    if not parts.scheme or len(parts.scheme) == 1:  # a path (C: on Windows)
+        return Path(location)
+    return None
+
+
+# A file stands where the artifact folder (or one above it) should be.
+NOT_A_FOLDER = {
+    errno.EEXIST: "a file stands there, not a folder",
+    errno.ENOTDIR: "a file stands in its path, where a folder should be",
+}
+
+
+def check_artifacts(uri: str, experiment: Experiment) -> None:
+    """The folder where `experiment`'s runs keep their artifacts, when it is local: created if
+    missing, and a small file written in it and removed, before any run opens or cell trains.
+    MLflow would otherwise fail the cell's first artifact, its run already open, with an OSError
+    traceback. One refused for want of permission (a read-only folder or file system), of space,
+    or because a file is in the way: one StoreError (`artifacts_refused`); any other OSError
+    is raised as it is (a broken disk: its traceback is wanted)."""
+    folder = artifact_folder(experiment.artifact_location or "")
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".benchmark-write-check.")
+        try:
+            os.write(fd, b"checked")
+        finally:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(probe)
+    except OSError as error:
+        if (said := artifacts_refused(error, folder, uri, experiment.name)) is None:
+            raise
+        raise said from None
+
+
+def artifacts_refused(error: OSError, folder: Path, uri: str, name: str) -> StoreError | None:
+    """The one line for a write in the artifact `folder` that the file system refused (by its
+    errno: no permission or a read-only file system, no space, a file in the way), with the
+    fix; None for any other error."""
+    beside = (
+        uri.startswith("sqlite:///")
+        and folder.resolve()
+        == (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve()
+    )
+    if beside:  # where every experiment of a SQLite store keeps them
+        elsewhere = (
+            "set tracking.uri to a store in a folder you can write (a SQLite store keeps its "
+            "runs' artifacts in mlartifacts/ beside it)"
+        )
+    else:
+        elsewhere = (
+            f"set tracking.experiment to a new experiment (the experiment '{name}' keeps its "
+            "runs' artifacts there) or tracking.uri to another store"
+        )
+    said = f"cannot write the runs' artifacts in {folder}: "
+    if error.errno in READ_ONLY:
+        return StoreError(
+            f"{said}{READ_ONLY[error.errno]}; make {folder} writable, or {elsewhere}."
+        )
+    if error.errno in FULL:
+        return StoreError(
+            f"{said}{FULL[error.errno]}; free some space on the disk of {folder}, or {elsewhere}."
+        )
+    if error.errno in NOT_A_FOLDER:
+        where = error.filename or folder
+        return StoreError(
+            f"{said}{NOT_A_FOLDER[error.errno]} ({where}); move that file away, or {elsewhere}."
+        )
+    return None
 
 
 @contextmanager
@@ -198,20 +292,21 @@ def artifact_file(uri: str, run_id: str, artifact_uri: str, path: str) -> Path |
     return None
 
 
-def _get_or_create_experiment(uri: str, name: str, artifacts: str | None) -> str:
+def _get_or_create_experiment(uri: str, name: str, artifacts: str | None) -> Experiment:
     if (experiment := mlflow.get_experiment_by_name(name)) is not None:
         if experiment.lifecycle_stage == LifecycleStage.DELETED:
             raise StoreError(deleted_experiment(uri, name, experiment.experiment_id))
-        return experiment.experiment_id
+        return experiment
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+        exp_id = mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     except MlflowException as error:  # another process created it since we looked
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
         created = mlflow.get_experiment_by_name(name)
         if created is None:  # created, then deleted under us: say so rather than guess
             raise
-        return created.experiment_id
+        return created
+    return mlflow.get_experiment(exp_id)
 
 
 def deleted_experiment(uri: str, name: str, exp_id: str) -> str:
