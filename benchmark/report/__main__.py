@@ -35,12 +35,14 @@ from benchmark.report.tables import (
     column_legend,
     column_names,
     cost_table,
+    finite_scores,
     latest_per_seed,
     load_predictions,
     load_ranks,
     load_runs,
     native,
     never_run,
+    non_finite_note,
     not_run_note,
     split_note,
     split_protocols,
@@ -478,11 +480,12 @@ def _dots_markdown(dots: Dots) -> str:
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
     footnote: str, predicted: pd.DataFrame | None = None, notes: Sequence[str] = (),
-    decided: Decided | None = None, dots: Dots | None = None,
+    decided: Decided | None = None, dots: Dots | None = None, left_out: Sequence[str] = (),
 ) -> list[Path]:  # fmt: skip
     """report.md (the verdicts, a dot figure per dataset, the table and its legend, then the
     details in sections), report.csv (every cell, shown or not), report.tex (the tables) and the
-    figures report.md shows (`Dots.files`)."""
+    figures report.md shows (`Dots.files`); `left_out`: the lines that say which runs were left
+    out and why, under the source, before anything else."""
     accuracy, cost = accuracy_table(table), cost_table(table)
     legend = column_legend(table, list(accuracy.columns[2:]))
     idle = not_run_note(table)
@@ -513,6 +516,7 @@ def write_tables(
     paths[0].write_text(
         f"# {TITLE}\n\n"
         f"Source: `{source}`.\n\n"
+        + "".join(f"{escape(line)}\n\n" for line in left_out)
         + (_verdicts_markdown(decided, names) if decided is not None else "")
         + idle_line
         + _dots_markdown(dots)
@@ -542,7 +546,7 @@ def write_tables(
     )
     table.to_csv(paths[1], index=False, float_format="%.4f")
     said = "; ".join(f"{short}: {full}" for short, full in legend)
-    below = [*([f"{idle}."] if idle else []), *([f"Columns: {said}."] if said else [])]
+    below = [*left_out, *([f"{idle}."] if idle else []), *([f"Columns: {said}."] if said else [])]
     paths[2].write_text(
         latex_document(
             [
@@ -645,6 +649,7 @@ details > :not(summary) { margin-left: 1rem; }
 .dots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr));
         gap: 0.5rem 1.5rem; }
 figure { margin: 0.8rem 0; } svg { max-width: 100%; height: auto; }
+.left-out { border-left: 4px solid #c60; padding: 0.3rem 0.6rem; background: #fff4e5; }
 """
 
 
@@ -652,10 +657,11 @@ def write_html(
     table: pd.DataFrame, runs: pd.DataFrame, verdicts: pd.DataFrame, out: Path, source: str,
     footnote: str, uri: str, notes: Sequence[str] = (), decided: Decided | None = None,
     ranking: pd.DataFrame | None = None, predicted: pd.DataFrame | None = None,
-    dots: Dots | None = None,
+    dots: Dots | None = None, left_out: Sequence[str] = (),
 ) -> Path:  # fmt: skip
-    """report.html: the verdicts, a dot figure per dataset, the table and its legend, then every
-    detail folded (<details>): notes, contrasts, ranks, cost, failed runs, curves, matrices."""
+    """report.html: the runs left out and why (`left_out`, unfolded), the verdicts, a dot figure
+    per dataset, the table and its legend, then every detail folded (<details>): notes,
+    contrasts, ranks, cost, failed runs, curves, matrices."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
     curves = val_curves(counted)
@@ -691,6 +697,7 @@ def write_html(
     )
     verdict_list = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts.verdict)
     idle_html = f'<p class="small">{html.escape(idle)}.</p>' if idle else ""
+    left_out_html = "".join(f'<p class="left-out">{html.escape(line)}</p>' for line in left_out)
     dot_html = "".join(  # each figure's title names its dataset
         f'<figure aria-label="{html.escape(d)}">{svg}</figure>' for d, svg in dots.svgs
     )
@@ -743,6 +750,7 @@ def write_html(
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(TITLE)}</h1>
 <p class="small">Source: <code>{html.escape(source)}</code></p>
+{left_out_html}
 {_verdicts_html(decided)}
 {idle_html}
 {dots_section}
@@ -854,19 +862,27 @@ def main(argv: list[str] | None = None) -> int:
     except (LookupError, TrackingUnreachable, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    runs, study_runs = split_protocols(loaded.frame)
-    runs = with_shift_tests(runs)  # a second test of the same fits: rows of their own
     if loaded.frame.empty and loaded.starting:
         print(loaded.nothing_yet)
         return 0
+    said = " ".join(note for note in (loaded.footnote(), loaded.schema_note()) if note)
     if loaded.frame.empty:
         print(
             f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"
             + (f" for sweep {args.sweep}" if args.sweep else "")
-            + (f" ({loaded.footnote()})" if loaded.footnote() else ""),
+            + (f" ({said})" if said else ""),
             file=sys.stderr,
         )
         return 1
+    runs, study_runs = split_protocols(loaded.frame)
+    runs = with_shift_tests(runs)  # a second test of the same fits: rows of their own
+    # A NaN or infinite score: never averaged, ranked or tested, and said where it is seen.
+    runs, dropped = finite_scores(runs, "test_acc", uri)
+    study_runs, dropped_study = finite_scores(study_runs, "max_val_acc", uri)
+    left_out = [loaded.schema_note(), non_finite_note(dropped), non_finite_note(dropped_study)]
+    left_out = [line for line in left_out if line]
+    for line in left_out:
+        print(f"warning: {line}", file=sys.stderr)
     expected = [d for d in args.datasets.split(",") if d]
     table = summarise(runs, study_runs, expected, rule)
     verdicts, ranking, footnote = comparisons(runs, rule), ranks(table), loaded.footnote()
@@ -884,11 +900,11 @@ def main(argv: list[str] | None = None) -> int:
     written = [
         *write_tables(
             table, verdicts, ranking, args.out, source, footnote, predicted, notes, verdicts_,
-            dots,
+            dots, left_out,
         ),
         write_html(
             table, runs, verdicts, args.out, source, footnote, uri, notes, verdicts_, ranking,
-            predicted, dots,
+            predicted, dots, left_out,
         ),
     ]  # fmt: skip
     for path in written:

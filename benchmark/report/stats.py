@@ -245,6 +245,8 @@ def _key_tuple(key) -> tuple:
 
 
 def _p(p: float) -> str:
+    if not np.isfinite(p):  # never "p=nan" in a verdict: no test could be made
+        return "no p-value"
     return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 

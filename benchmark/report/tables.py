@@ -11,8 +11,10 @@ different commits): report/trust.py.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -46,6 +48,7 @@ from benchmark.tracking.identity import (
     LOOK_TAG,
     RANK_SCORES,
     SCHEMA_TAG,
+    SCHEMA_VERSION,
     TRIAL_KIND,
     content_labels,
     is_volatile,
@@ -104,6 +107,11 @@ STUDY_DATA = {
 }
 
 
+# The `benchmark.schema` versions this code reads (identity.SCHEMA_TAG): a run of another was
+# written by a harness whose tags and metrics may mean something else, and is left out.
+KNOWN_SCHEMAS = (SCHEMA_VERSION,)
+
+
 @dataclass
 class Runs:
     """The harness's cell runs, and what was left out of them (counted for a footnote)."""
@@ -112,6 +120,21 @@ class Runs:
     foreign: int = 0  # runs in the experiment that the harness did not make
     debug: int = 0  # partial-budget runs left out (--include-debug counts them)
     starting: int = 0  # cell runs opened that have not logged their params yet
+    # The harness's runs of a schema this code does not know: schema -> how many, left out.
+    schemas: dict[str, int] = field(default_factory=dict)
+
+    def schema_note(self) -> str:
+        """The one line that says which runs of an unknown schema were left out, and the fix."""
+        if not self.schemas:
+            return ""
+        counted = " and ".join(
+            f"{n} run(s) of {SCHEMA_TAG} {schema}" for schema, n in sorted(self.schemas.items())
+        )
+        return (
+            f"Left out: {counted}, which this code (schema {', '.join(KNOWN_SCHEMAS)}) does not "
+            "know: their tags and metrics may mean something else. Report them with the harness "
+            "version that wrote them, or rerun their cells with this one."
+        )
 
     @property
     def nothing_yet(self) -> str:
@@ -211,20 +234,23 @@ def load_runs(
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}: run a sweep first.")
     # A run left RUNNING by a process that is gone is FAILED: the rule a relaunch applies too.
     end_stale_runs(mlflow.MlflowClient(tracking_uri), [experiment_.experiment_id])
-    query = f"tags.sweep = '{Path(sweep).resolve()}'" if sweep else ""
+    folder = str(Path(sweep).resolve()) if sweep else None
+    query = sweep_filter(folder) if folder else ""
     every = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
+    if folder and not every.empty:  # sweep_filter's LIKE: the runs of this folder exactly
+        every = every[every.get("tags.sweep", pd.Series(None, index=every.index)).eq(folder)]
     if every.empty:
         return Runs(every)
     # A cell's run before it logged its params (a sweep's first cell) has no params columns.
     every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
     every = every.reindex(columns=[*every.columns, *_PARAMS.difference(every.columns)])
-    ours = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{SCHEMA_TAG}"].notna()
-    cells = ours & every[f"tags.{KIND_TAG}"].eq("cell")
+    harness, schema = every[f"tags.{HARNESS_TAG}"].eq("benchmark"), every[f"tags.{SCHEMA_TAG}"]
+    unknown = harness & schema.notna() & ~schema.isin(KNOWN_SCHEMAS)
+    cells = harness & schema.isin(KNOWN_SCHEMAS) & every[f"tags.{KIND_TAG}"].eq("cell")
     # A sweep's parent run, a backbone's ranking scores and a tuned cell's trials (child runs)
     # are the harness's too (a sweep's before schema 2's tag, by its kind alone).
-    sweeps = every[f"tags.{HARNESS_TAG}"].eq("benchmark") & every[f"tags.{KIND_TAG}"].isin(
-        ["sweep", "rank", TRIAL_KIND]
-    )
+    sweeps = harness & ~unknown & every[f"tags.{KIND_TAG}"].isin(["sweep", "rank", TRIAL_KIND])
+    schemas = {str(k): int(n) for k, n in schema[unknown].value_counts().items()}
     runs = every[cells]
     starting = runs["params.dataset"].isna()  # opened, its params not logged yet
     runs = runs[~starting]
@@ -233,7 +259,8 @@ def load_runs(
         runs = runs[~debug]
     runs = runs.assign(**{"params.backbone": backbone_labels(runs)})
     runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
-    foreign, left_out = int((~cells & ~sweeps).sum()), 0 if include_debug else int(debug.sum())
+    foreign = int((~cells & ~sweeps & ~unknown).sum())
+    left_out = 0 if include_debug else int(debug.sum())
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS, "tune_s"]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
@@ -262,7 +289,81 @@ def load_runs(
     runs = runs.assign(**column_labels(runs))  # once, over every run: one label per setting
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
     columns += ["variant", "n_images", "column", "column_full"]
-    return Runs(runs[columns].reset_index(drop=True), foreign, left_out, int(starting.sum()))
+    frame = runs[columns].reset_index(drop=True)
+    return Runs(frame, foreign, left_out, int(starting.sum()), schemas)
+
+
+# What MLflow's filter strings cannot hold inside a quoted value: they have no escape for its
+# quote, and a backslash there escapes what follows.
+_UNQUOTABLE = re.compile(r"['\"\\]")
+
+
+def sweep_filter(folder: str) -> str:
+    """MLflow's filter for the runs of the sweep in `folder` (their tag `sweep`). A folder with a
+    quote or a backslash in its path is matched with LIKE, each of those as `_` (any one
+    character): a superset, which `load_runs` narrows to the folder exactly."""
+    if not _UNQUOTABLE.search(folder):
+        return f"tags.sweep = '{folder}'"
+    return f"tags.sweep LIKE '{_UNQUOTABLE.sub('_', folder)}'"
+
+
+# The largest float: MLflow's SQL stores keep it (or its negative) in place of an infinity.
+LARGEST_FLOAT = sys.float_info.max
+
+
+def finite_scores(runs: pd.DataFrame, score: str, uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`runs` less each FINISHED run whose `score` (test_acc; a shift test's row: its run's
+    shift_test_acc) was logged but is not a finite number: NaN, +inf or -inf (as MLflow's SQL
+    stores keep it: the largest float). Such a score is never averaged, ranked or tested; the
+    seed counts as if that run had not been made (an earlier FINISHED run of it counts, else it
+    has none). Also those runs, each with `score` (its name) and `value` ("NaN", "+inf", "-inf"),
+    less any that a later FINISHED run of the same cell and seed replaces anyway. A run that
+    logged no score at all is kept, as before (MLflow reads that as NaN too: the store says
+    which)."""
+    empty = runs.iloc[0:0].assign(score=score, value="")
+    if runs.empty or score not in runs:
+        return runs, empty
+    values = pd.to_numeric(runs[score], errors="coerce").astype(float)
+    finished = runs.status.eq("FINISHED")
+    infinite = finished & values.abs().ge(LARGEST_FLOAT)
+    logged_nan = pd.Series(False, index=runs.index)
+    client = mlflow.MlflowClient(uri)
+    for i in runs.index[finished & values.isna()]:
+        run_id = str(runs.run_id[i])
+        shift = run_id.endswith(SHIFT_RUN)
+        metrics = client.get_run(run_id.removesuffix(SHIFT_RUN)).data.metrics
+        logged_nan[i] = (SHIFT_METRIC if shift else score) in metrics
+    bad = infinite | logged_nan
+    if not bad.any():
+        return runs, empty
+    kept, dropped = runs[~bad], runs[bad]
+    done = kept.loc[kept.status.eq("FINISHED"), [*GROUP, "seed", "start_time"]]
+    pairs = dropped[[*GROUP, "seed", "start_time", "run_id"]].merge(
+        done, on=[*GROUP, "seed"], suffixes=("", "_kept")
+    )
+    dropped = dropped[~dropped.run_id.isin(pairs.run_id[pairs.start_time_kept > pairs.start_time])]
+    said = values[dropped.index].map(
+        lambda v: "NaN" if np.isnan(v) else "+inf" if v > 0 else "-inf"
+    )
+    shifts = dropped.run_id.astype(str).str.endswith(SHIFT_RUN)
+    return kept, dropped.assign(score=shifts.map({True: SHIFT_METRIC, False: score}), value=said)
+
+
+def non_finite_note(left_out: pd.DataFrame) -> str:
+    """The one line naming the runs `finite_scores` left out, and what to do about them."""
+    if left_out.empty:
+        return ""
+    named = "; ".join(
+        f"{r.dataset} / {r.colour} / {c} / seed {r.seed} "
+        f"(run {str(r.run_id).removesuffix(SHIFT_RUN)}: {r.score} {r.value})"
+        for r, c in zip(left_out.itertuples(), column_names(left_out), strict=True)
+    )
+    return (
+        f"Left out: {len(left_out)} FINISHED run(s) whose score is not a finite number, never "
+        "averaged, ranked or tested (an earlier FINISHED run of the same seed counts instead, if "
+        f"any): {named}. Rerun those seeds (rerun=true: a relaunch skips a FINISHED cell) "
+        "to measure them."
+    )
 
 
 _TAGS = {f"tags.{t}" for t in (HARNESS_TAG, SCHEMA_TAG, KIND_TAG, DEBUG_TAG)}
@@ -850,6 +951,8 @@ def load_ranks(tracking_uri: str, experiment: str) -> pd.DataFrame:
     query = f"tags.`{KIND_TAG}` = 'rank' and attributes.status = 'FINISHED'"
     found = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
     columns = ["dataset", "colour", "backbone", *RANK_SCORES]
+    schema = found.get(f"tags.{SCHEMA_TAG}", pd.Series(None, index=found.index))
+    found = found[schema.isna() | schema.isin(KNOWN_SCHEMAS)]  # another schema: load_runs says
     if found.empty:
         return pd.DataFrame(columns=columns)
     found = found.assign(**{"params.backbone": backbone_labels(found)})
