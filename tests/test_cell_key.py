@@ -24,14 +24,20 @@ DATA = "0" * 64  # a fixed data digest: these keys pin the config part alone
 # the override is their default (the keys pinned before protocol v2 are unchanged).
 BN_BEFORE_V2 = "strategy.bn=eval"
 
-FAIR_BEFORE_V2 = ("tune.trials=8", "tune.budget_fraction=null")
+# tune=fair before its recipe-first, Sobol-started search (its keys moved: the search changed).
+FAIR_BEFORE_SEARCH = ("tune.startup=null", "tune.recipe_first=null")
+FAIR_BEFORE_V2 = ("tune.trials=8", "tune.budget_fraction=null", *FAIR_BEFORE_SEARCH)
 
 # Config overrides -> the key `identity.cell_key(cfg, DATA)` gives (the older ones: as it gave
 # before the redesign of issue 22).
 PINNED = {
     # protocol v2 (lp_ft's bn=frozen, tune=fair's budget in trial-epochs)
-    ("strategy=lp_ft", "tune=fair"): (
+    ("strategy=lp_ft", "tune=fair", *FAIR_BEFORE_SEARCH): (
         "c2077a70ac4d818885ff5befc922806e8c102631af27cd79a8123006656c37e0"
+    ),
+    # ...and its search: the recipe first, then 4 Sobol points
+    ("strategy=lp_ft", "tune=fair"): (
+        "4006d7c292a56702f3f432477459d53ed79d66c51e0fffeca875eadc3fef11de"
     ),
     (BN_BEFORE_V2,): ("2df4ed1895924209859cd2a4690dd6e6317ab598094677f73ecbfb44717aa56d"),
     ("strategy=freeze", "colour=gray", "seed=2"): (

@@ -242,8 +242,9 @@ def test_other_seeds_reuse_the_values_that_seed_0_chose(make_cfg, ants_and_bees)
     assert "tune.reused_from" not in data.params and data.metrics["tune_trials_completed"] == 2
 
 
-def test_fair_starts_tpe_after_four_random_trials(make_cfg, monkeypatch):
-    """Optuna's TPE models after 10 random trials by default: with 8 trials it never would."""
+def test_fair_starts_tpe_after_the_recipe_and_four_sobol_trials(make_cfg, monkeypatch):
+    """Optuna's TPE models after 10 random trials by default: with 8 trials it never would.
+    tune=fair places 5 first (the recipe, 4 Sobol points): TPE models from the sixth."""
     seen = {}
     sampler = tune.optuna.samplers.TPESampler
 
@@ -259,7 +260,7 @@ def test_fair_starts_tpe_after_four_random_trials(make_cfg, monkeypatch):
     monkeypatch.setattr(tune.optuna.Study, "best_params", {}, raising=False)
     monkeypatch.setattr(tune.optuna.Study, "best_value", 0.0, raising=False)
     tune.choose(make_cfg("strategy=freeze", "tune=fair"), None, lambda spec: None)
-    assert seen == {"seed": 0, "n_startup_trials": 4}
+    assert seen == {"seed": 0, "n_startup_trials": 5}
 
 
 def test_the_report_names_a_tune_group_and_says_when_seeds_reused_a_choice(

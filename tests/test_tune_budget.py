@@ -141,3 +141,43 @@ def test_lp_ft_tunes_the_rate_of_what_trains(make_cfg):
     assert spec.strategy.ft_lr_factor == 0.1
     tuned = tune.with_values(spec, {"strategy.lr": 0.2})
     assert tuned.strategy.lr == 0.2 and tuned.strategy.ft_lr_factor is None
+
+
+def test_the_first_trials_are_the_recipe_then_an_even_cover_of_the_space(make_cfg):
+    """tune.recipe_first: the untuned values (lp_ft's rate as the rate of what trains, clipped
+    into the ranges) are trial 1; tune.startup=sobol: the next ones a scrambled Sobol sequence
+    seeded by the cell's seed, inside the ranges, each dimension's range covered."""
+    spec = make_cfg("strategy=finetune", "tune=fair", "optim.weight_decay=0")
+    space = tune.search_space(spec)
+    placed = tune.first_trials(spec, space)
+    assert placed[0] == {
+        "strategy.lr": spec.strategy.lr,
+        "optim.weight_decay": 1e-6,  # 0 clipped into the range
+        "optim.backbone_lr_factor": 1.0,
+    }
+    startup = placed[1:]
+    assert len(startup) == spec.tune.startup_trials == 4
+    for key, (low, high) in space.items():
+        logs = sorted(math.log(p[key]) for p in startup)
+        assert low <= math.exp(logs[0]) and math.exp(logs[-1]) <= high
+        # one point in each quarter of the (log) range: covered, not clustered
+        quarters = {int(4 * (v - math.log(low)) / (math.log(high) - math.log(low))) for v in logs}
+        assert quarters == {0, 1, 2, 3}, (key, logs)
+    assert tune.first_trials(spec, space) == placed  # seeded
+    other = make_cfg("strategy=finetune", "tune=fair", "optim.weight_decay=0", "seed=1")
+    assert tune.first_trials(other, space)[1:] != startup
+    lp_ft = make_cfg("strategy=lp_ft", "tune=fair")
+    assert tune.first_trials(lp_ft, space)[0]["strategy.lr"] == pytest.approx(
+        lp_ft.strategy.lr * lp_ft.strategy.ft_lr_factor
+    )
+
+
+def test_the_recipe_is_trial_one_and_chosen_when_nothing_beats_it(make_cfg):
+    """Whatever the sampler finds, a tuned cell is never worse on validation than its recipe at
+    a trial's length: the recipe's curve (lr 0.03 here) is the best, and it is chosen."""
+    curves = {lr: [0.5, 0.6, 0.7] for lr in (1e-4, 1e-3, 1e-2, 0.1, 0.3)} | {0.03: [0.8, 0.9, 0.95]}
+    spec = make_cfg("strategy=finetune", "strategy.lr=0.03", "tune=fair", *SETTINGS)
+    chosen = tune.choose(spec, synthetic_data(), by_lr(curves))
+    assert chosen.table[0]["strategy.lr"] == pytest.approx(0.03)
+    assert chosen.values["strategy.lr"] == pytest.approx(0.03)
+    assert chosen.val_acc == pytest.approx(0.95)

@@ -39,14 +39,16 @@ from dataclasses import dataclass, replace
 from typing import Protocol, SupportsFloat, SupportsInt, cast
 
 import lightning as L
+import numpy as np
 import optuna
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
+from scipy.stats import qmc
 
-from benchmark.config.schema import Pruner, TuneConfig
+from benchmark.config.schema import Pruner, Startup, TuneConfig
 from benchmark.config.spec import CellSpec
 from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import recipe_callbacks
@@ -127,6 +129,43 @@ def search_space(spec: CellSpec) -> dict[str, tuple[float, float]]:
     if not spec.head_only and spec.tune.backbone_lr_factor_range:  # how fast, against the head
         space[spec.backbone_lr_factor_key] = low_high(spec.tune.backbone_lr_factor_range)
     return space
+
+
+def recipe(spec: CellSpec, space: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The values the cell runs with untuned, for each searched key, clipped into its range:
+    `strategy.lr` as the rate of what trains (times lp_ft's `ft_lr_factor`, as the search
+    means it, see `with_values`)."""
+    values = {}
+    for key, (low, high) in space.items():
+        group, name = key.split(".")
+        value = float(getattr(getattr(spec, group), name))
+        if key == "strategy.lr":
+            value *= spec.strategy.ft_lr_factor or 1.0
+        values[key] = min(max(value, low), high)
+    return values
+
+
+def sobol(space: dict[str, tuple[float, float]], count: int, seed: int) -> list[dict[str, float]]:
+    """`count` points of a scrambled Sobol sequence seeded by `seed`, log-uniform in each range
+    (scipy.stats.qmc; its balance warning for a count that is not a power of 2 is moot here:
+    the points are a start, not an integration rule)."""
+    if count < 1:
+        return []
+    sampler = qmc.Sobol(d=len(space), scramble=True, seed=seed)
+    unit = sampler.random_base2(int(np.ceil(np.log2(count))))[:count]
+    low = np.log([lo for lo, _ in space.values()])
+    high = np.log([hi for _, hi in space.values()])
+    points = np.exp(qmc.scale(unit, low, high))
+    return [dict(zip(space, map(float, point), strict=True)) for point in points]
+
+
+def first_trials(spec: CellSpec, space: dict[str, tuple[float, float]]) -> list[dict[str, float]]:
+    """The trials placed before the sampler: the recipe (tune.recipe_first), then
+    `tune.startup_trials` Sobol points (tune.startup=sobol); none by default."""
+    placed = [recipe(spec, space)] if spec.tune.recipe_first else []
+    if spec.tune.startup == Startup.sobol and spec.tune.startup_trials:
+        placed += sobol(space, spec.tune.startup_trials, spec.seed)
+    return placed
 
 
 def low_high(bounds: Sequence[float]) -> tuple[float, float]:
@@ -357,7 +396,10 @@ def choose(
 
     quiet = optuna.logging.INFO if spec.verbose else optuna.logging.WARNING
     optuna.logging.set_verbosity(quiet)  # verbose: Optuna's own line per trial too
+    placed = first_trials(spec, space)
     startup = spec.tune.startup_trials
+    if startup and spec.tune.recipe_first and spec.tune.startup == Startup.sobol:
+        startup += 1  # TPE models the trials from there on: the recipe is one of its points
     sampler = (
         optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
         if startup
@@ -374,6 +416,8 @@ def choose(
             storage=storage,
             study_name=spec.name,
         )
+        for values in placed:  # the sampler's own suggestions come after these
+            study.enqueue_trial(values)
         study.optimize(objective, n_trials=spec.tune.trials, callbacks=[ended, stop_when_spent])
         table = trials_table(study)
     finally:

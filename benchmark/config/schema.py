@@ -70,6 +70,15 @@ class Pruner(Choice):
     hyperband = "hyperband"  # several successive-halving brackets of different minimum epochs
 
 
+class Startup(Choice):
+    """Where the tuning's first trials go, before TPE models the others (tune.startup_trials)."""
+
+    random = "random"  # Optuna's: independent log-uniform draws, seeded by the cell's seed
+    # A scrambled Sobol sequence (scipy.stats.qmc), seeded by the cell's seed: a few points that
+    # cover every dimension's range evenly, where random draws can cluster.
+    sobol = "sobol"
+
+
 class Optimizer(Choice):
     sgd = "sgd"
     adamw = "adamw"
@@ -250,6 +259,12 @@ class TuneConfig:
     # TPE's random trials before it models the others (null: Optuna's 10, i.e. all random when
     # trials <= 10; tune=fair: 4 of its 8).
     startup_trials: int | None = None
+    # How those are placed (null: random).
+    startup: Startup | None = None
+    # The strategy's own values (its lr, weight decay and backbone factor, clipped into the
+    # ranges) as the first trial: the choice is never worse on validation than the untuned
+    # recipe at a trial's length (null: false).
+    recipe_first: bool | None = None
     # Tune once per cell, on this seed's validation split: a cell of another seed takes the values
     # that this seed's FINISHED cell (same config otherwise) chose, and tunes itself only when
     # there is none (null: every seed tunes on its own split). The test split is the same for
