@@ -112,6 +112,24 @@ def tmp_store(tmp_path: Path, empty_store: Path) -> Path:
     return tmp_path / "mlflow.db"
 
 
+def compose_config(*overrides: str) -> DictConfig:
+    """conf/ composed as `python -m benchmark overrides` composes it, with Hydra's compose API in
+    a context manager: Hydra's global state lives for the composition only, so this is a plain
+    function, callable from any test or helper (no fixture, no @hydra.main, nothing left set).
+    Paths, store and cache are conf/'s defaults unless the overrides say otherwise; the
+    `compose_cfg` fixture pins them under the test's tmp_path."""
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def cell_spec(*overrides: str) -> CellSpec:
+    """`compose_config`, then through the boundary as the entry points do: the typed cell.
+    paths.output_dir, which Hydra sets per run (the job's folder), is outputs/ unless an
+    override says where (a later override of a key wins)."""
+    return from_config(compose_config("paths.output_dir=outputs", *overrides))
+
+
 @pytest.fixture
 def compose_cfg(
     tmp_path: Path, shared_data: Path, shared_cache: Path, empty_store: Path
@@ -119,7 +137,6 @@ def compose_cfg(
     """Compose conf/ like `python -m benchmark`, with the store and outputs under tmp_path and
     the session's cache (pass paths.cache_dir=... for a test's own). The store starts as a copy
     of `empty_store`; `store=False` leaves it to be created by the code under test."""
-    register_configs()
 
     def make(
         *overrides: str, data_root: Path | None = shared_data, store: bool = True
@@ -127,24 +144,21 @@ def compose_cfg(
         if store and not (tmp_path / "mlflow.db").exists():
             shutil.copy(empty_store, tmp_path / "mlflow.db")
         pinned = [f"paths.data_root={data_root}"] if data_root else []
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose(
-                "config",
-                overrides=[
-                    *pinned,
-                    f"paths.output_dir={tmp_path / 'out'}",
-                    f"paths.cache_dir={shared_cache}",
-                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                    *overrides,
-                ],
-            )
+        return compose_config(
+            *pinned,
+            f"paths.output_dir={tmp_path / 'out'}",
+            f"paths.cache_dir={shared_cache}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *overrides,
+        )
 
     return make
 
 
 @pytest.fixture
 def make_cfg(compose_cfg: Callable[..., DictConfig]) -> Callable[..., CellSpec]:
-    """`compose_cfg`, then through the boundary as the entry points do: the typed cell."""
+    """`compose_cfg`, then through the boundary as the entry points do: the typed cell (as
+    `cell_spec`, with the test's paths)."""
 
     def make(*overrides: str, **options: Any) -> CellSpec:
         return from_config(compose_cfg(*overrides, **options))

@@ -1,47 +1,22 @@
 """Fast seams for unit tests, beside the real-data end-to-end ones (as DomainBed and torchgeo
-keep theirs): a stub backbone (a tiny random CNN in the `Backbone` contract: a stem, two stages,
-pooled features) and a tiny synthetic dataset (learnable: a class shows in the red channel), so
-that strategies, tuning and callbacks run in a second, with no image, weight file or store."""
+keep theirs): the stub backbone (`backbone=stub`: a tiny random CNN in the `Backbone` contract, a
+stem, two stages, pooled features; benchmark.models.backbones), a tiny synthetic dataset in memory
+(learnable: a class shows in the red channel) and a quiet Trainer, so that strategies, tuning and
+callbacks run in a second, with no image, weight file or store. Whole cells on the stub run on
+`dataset=synthetic`, its image-folder counterpart (tests/test_stub_cells.py); a CellSpec from
+overrides without a fixture: tests.conftest.cell_spec."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import lightning as L
 import torch
-from torch import nn
 
-from benchmark.data.images import Preprocess
-from benchmark.models.backbones import Backbone
+from benchmark.models.backbones import STUB_SIZE as SIZE  # pixels a side
+from benchmark.models.backbones import STUB_WIDTH as WIDTH  # the stub's feature width
+from benchmark.models.backbones import stub_backbone
 from benchmark.models.features import FeatureDataModule, FeatureSet
 
-SIZE = 16  # pixels a side
-WIDTH = 8  # the stub's feature width
-
-
-def _block(width: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3 if stride == 1 else width, width, 3, stride=stride, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-    )
-
-
-def stub_backbone(seed: int = 0) -> Backbone:
-    """Stem, `stage1` and `stage2` (each halves the resolution), pooled to WIDTH features."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        OrderedDict(
-            stem=_block(WIDTH, 1),
-            stage1=_block(WIDTH, 2),
-            stage2=_block(WIDTH, 2),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-        )
-    )
-    return Backbone(
-        model, WIDTH, Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3), [["stage1"], ["stage2"]]
-    )
+__all__ = ["SIZE", "WIDTH", "quiet_trainer", "stub_backbone", "synthetic_data"]
 
 
 def synthetic_data(

@@ -9,6 +9,7 @@ classifier (for zero-shot checks) or without it (`num_classes=0`, pooled feature
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,55 @@ def _torchvision(name: str) -> Factory:
 
 for _name in TORCHVISION_STAGES:
     BACKBONES[_name] = _torchvision(_name)
+
+
+# ---------------------------------------------------------------- the stub (smoke runs, tests)
+
+STUB = "stub"
+STUB_SIZE = 16  # pixels a side
+STUB_WIDTH = 8  # its feature width
+
+
+def _stub_block(width: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3 if stride == 1 else width, width, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+    )
+
+
+def stub_backbone(seed: int = 0, num_classes: int = 0) -> Backbone:
+    """A tiny CNN with random weights, in the contract of the real ones: a stem, `stage1` and
+    `stage2` (each halves the resolution), pooled to STUB_WIDTH features, its own 16 px
+    preprocessing. Its weights come from torch's generator seeded with `seed`, which is left
+    seeded (as after `torch.manual_seed`, so a head made next is the same every time: the unit
+    tests' seam); `create_backbone("stub")` leaves the generator as it found it. `backbone=stub`:
+    every strategy runs in seconds on a CPU, with nothing to download; not pretrained, so a
+    smoke test of the harness, never a result."""
+    torch.manual_seed(seed)
+    layers: dict[str, nn.Module] = {
+        "stem": _stub_block(STUB_WIDTH, 1),
+        "stage1": _stub_block(STUB_WIDTH, 2),
+        "stage2": _stub_block(STUB_WIDTH, 2),
+        "pool": nn.AdaptiveAvgPool2d(1),
+        "flatten": nn.Flatten(),
+    }
+    if num_classes:  # a classifier, as `create_backbone` gives the others with classes
+        layers["fc"] = nn.Linear(STUB_WIDTH, num_classes)
+    model = nn.Sequential(OrderedDict(layers))
+    preprocess = Preprocess(STUB_SIZE, (0.5,) * 3, (0.5,) * 3)
+    return Backbone(model, STUB_WIDTH, preprocess, [["stage1"], ["stage2"]])
+
+
+@register_backbone(STUB)
+def _stub(weights_path: str | None, num_classes: int) -> Backbone:
+    """The same weights in every cell, whatever its seed (as pretrained ones would be); the
+    cell's generator, seeded already, is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        backbone = stub_backbone(num_classes=num_classes)
+    if weights_path:
+        backbone.model.load_state_dict(_load_file(weights_path))
+    return backbone
 
 
 # ---------------------------------------------------------------- any timm model
