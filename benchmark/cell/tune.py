@@ -175,19 +175,13 @@ def low_high(bounds: Sequence[float]) -> tuple[float, float]:
 
 
 def trial_epochs(spec: CellSpec) -> int:
-    """A trial's epochs: tune.epochs, a share of the cell's (at least 2: one to compare after)
-    or the cell's own."""
-    if spec.tune.epochs_fraction:
-        return max(2, round(spec.tune.epochs_fraction * spec.max_epochs))
-    return spec.tune.epochs or spec.max_epochs
+    """A trial's epochs (TuneConfig.trial_epochs of the cell's)."""
+    return spec.tune.trial_epochs(spec.max_epochs)
 
 
 def budget_epochs(spec: CellSpec) -> int:
-    """The trial-epochs all trials together may run: `tune.budget_fraction` of the cell's
-    epochs (at least one trial's), else every trial at full length."""
-    if spec.tune.budget_fraction:
-        return max(trial_epochs(spec), round(spec.tune.budget_fraction * spec.max_epochs))
-    return (spec.tune.trials or 0) * trial_epochs(spec)
+    """The trial-epochs all trials together may run (TuneConfig.budget_epochs)."""
+    return spec.tune.budget_epochs(spec.max_epochs)
 
 
 def compressed(spec: CellSpec, epochs: int) -> CellSpec:

@@ -271,6 +271,20 @@ class TuneConfig:
     # every seed (dataset.split_seed or an official one), so the donor never saw it.
     reuse_seed: int | None = None
 
+    def trial_epochs(self, max_epochs: int) -> int:
+        """A trial's epochs: `epochs`, a share of the cell's `max_epochs` (at least 2: one to
+        compare after) or the cell's own."""
+        if self.epochs_fraction:
+            return max(2, round(self.epochs_fraction * max_epochs))
+        return self.epochs or max_epochs
+
+    def budget_epochs(self, max_epochs: int) -> int:
+        """The trial-epochs all trials together may run: `budget_fraction` of the cell's
+        epochs (at least one trial's), else every trial at full length."""
+        if self.budget_fraction:
+            return max(self.trial_epochs(max_epochs), round(self.budget_fraction * max_epochs))
+        return (self.trials or 0) * self.trial_epochs(max_epochs)
+
 
 @dataclass
 class DataConfig:

@@ -109,14 +109,9 @@ def device_of(spec: CellSpec) -> str:
 
 
 def tuning_budget(spec: CellSpec) -> int:
-    """The trial-epochs a tuned cell's trials may spend: benchmark.cell.tune.budget_epochs,
-    without importing Lightning and Optuna for it (tests/test_plan.py keeps the two equal)."""
-    tune, epochs = spec.tune, spec.max_epochs
-    trial = max(2, round(tune.epochs_fraction * epochs)) if tune.epochs_fraction else None
-    trial = trial or tune.epochs or epochs
-    if tune.budget_fraction:
-        return max(trial, round(tune.budget_fraction * epochs))
-    return (tune.trials or 0) * trial
+    """The trial-epochs a tuned cell's trials may spend: the rule the tuning itself reads
+    (TuneConfig.budget_epochs), without importing Lightning and Optuna for it."""
+    return spec.tune.budget_epochs(spec.max_epochs)
 
 
 def work_of(spec: CellSpec, n_train: int, tune_epochs: int) -> history.Work:

@@ -30,6 +30,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run, ViewType
 
+from benchmark.config.schema import TuneConfig
 from benchmark.tracking import server
 from benchmark.tracking.identity import CELL_KEY_TAG, DEBUG_TAG, HARNESS_TAG, KIND_TAG
 from benchmark.tracking.store import check_sqlite
@@ -70,16 +71,17 @@ def device_kind(device: str) -> str:
 
 def trial_epochs_of(params: Mapping[str, str]) -> float | None:
     """The trial-epochs a run's tuning could spend, from its params (runs that logged neither
-    `tune_epochs_run` nor `tune_budget_epochs`): as benchmark.cell.tune.budget_epochs."""
+    `tune_epochs_run` nor `tune_budget_epochs`): the cell's own rule, TuneConfig.budget_epochs."""
     trials, epochs = _number(params.get("tune.trials")), _number(params.get("trainer.max_epochs"))
     if not trials or not epochs:
         return None
-    fraction = _number(params.get("tune.epochs_fraction"))
-    trial = max(2, round(fraction * epochs)) if fraction else _number(params.get("tune.epochs"))
-    trial = trial or epochs
-    if budget := _number(params.get("tune.budget_fraction")):
-        return max(trial, round(budget * epochs))
-    return trials * trial
+    tune = TuneConfig(
+        trials=int(trials),
+        epochs=int(e) if (e := _number(params.get("tune.epochs"))) else None,
+        epochs_fraction=_number(params.get("tune.epochs_fraction")),
+        budget_fraction=_number(params.get("tune.budget_fraction")),
+    )
+    return tune.budget_epochs(int(epochs))
 
 
 def run_row(run: Run) -> dict[str, object]:
