@@ -12,7 +12,15 @@ import pytest
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.e2e
-DATASETS = ["caltech256", "csv", "dogs_vs_cats", "hymenoptera", "imagefolder", "simpsons"]
+DATASETS = [
+    "caltech256",
+    "csv",
+    "dogs_vs_cats",
+    "hymenoptera",
+    "imagefolder",
+    "simpsons",
+    "synthetic",
+]
 
 
 def console_script(bin_dir: Path, site: Path) -> Path:
