@@ -18,7 +18,8 @@ from benchmark.config.schema import register_configs
 from benchmark.config.spec import CellSpec, from_config
 from benchmark.orchestration.sweep import CellOutcome, summarised_here
 from benchmark.runtime import console, interrupt
-from benchmark.tracking.identity import browse_command, redact
+from benchmark.tracking.identity import browse_command, redact, use_credentials
+from benchmark.tracking.result import Status
 
 log = logging.getLogger("benchmark")
 
@@ -29,7 +30,7 @@ def terminated(name: str, folder: Path, reason: str) -> CellOutcome:
     sweep counts it, then stops and says what ran (SweepSummary)."""
     reason = reason or "terminated by signal 15 (SIGTERM)"
     log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
-    outcome = CellOutcome(name, "failed", error=reason)
+    outcome = CellOutcome(name, Status.failed, error=reason)
     outcome.save(folder)
     return stopping(outcome)
 
@@ -48,13 +49,14 @@ def plan(spec: CellSpec, multirun: bool) -> CellOutcome:
     from benchmark.tracking.server import TrackingUnreachable
     from benchmark.tracking.store import StoreError
 
+    use_credentials(spec.tracking.history)  # the store timing the cell
     try:
         code = say(plan_cell(spec))
     except (TrackingUnreachable, StoreError) as error:
         log.error("%s", redact(str(error)))
         code = 1
     if multirun:  # a sweep without SweepSummary: each of its cells says its own plan
-        return CellOutcome(spec.name, "failed" if code else "skipped")
+        return CellOutcome(spec.name, Status.failed if code else Status.skipped)
     raise SystemExit(code)
 
 
@@ -87,13 +89,14 @@ def main(cfg: DictConfig) -> CellOutcome:
     hydra_cfg = HydraConfig.get()
     spec = from_config(cfg)  # the boundary: typed from here on
     folder, name = Path(hydra_cfg.runtime.output_dir), spec.name
+    use_credentials(spec.tracking.uri)  # before any store is reached; a launcher's cells inherit
     if spec.plan:  # the cell's plan, nothing run (a sweep's is said once, by SweepSummary)
         return plan(spec, hydra_cfg.mode == RunMode.MULTIRUN)
     # Out of range, or a tracking URI no store answers to: said before torch and Lightning are
     # imported (a misspelt scheme would otherwise be found half a minute later, in tracebacks).
     if found := problems(spec) or uri_problems(spec):
         log.error("%s", " ".join(found))
-        outcome = CellOutcome(name, "failed", error=f"ConfigError: {' '.join(found)}")
+        outcome = CellOutcome(name, Status.failed, error=f"ConfigError: {' '.join(found)}")
         outcome.save(folder)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return outcome
@@ -131,7 +134,7 @@ def main(cfg: DictConfig) -> CellOutcome:
             log.error("%s", error)
         else:
             log.exception("%s failed", name)
-        outcome = CellOutcome(name, "failed", error=redact(f"{type(error).__name__}: {error}"))
+        outcome = CellOutcome(name, Status.failed, error=redact(f"{type(error).__name__}: {error}"))
         outcome.save(folder)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             return outcome  # the other cells go on; SweepSummary fails the sweep at the end
@@ -141,11 +144,10 @@ def main(cfg: DictConfig) -> CellOutcome:
     log.info("%s", redact(result.line()))  # a tracking URI's password is never logged
     if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep says it once, at its end (SweepSummary)
         log.info("Browse runs: %s", browse_command(result.tracking_uri))
-    status = "skipped" if result.skipped else "finished"
-    outcome = CellOutcome(name, status, result.score, result.run_id)
+    outcome = CellOutcome.of(name, result)
     outcome.save(folder)
     if interrupt.received():  # it came as the cell ended: the cell is done, stop here
-        log.error("%s %s, then the process was %s.", name, status, interrupt.reason())
+        log.error("%s %s, then the process was %s.", name, outcome.status, interrupt.reason())
         return stopping(outcome)
     return outcome
 

@@ -109,3 +109,16 @@ def test_two_machines_that_chose_different_precisions_never_share_a_cell(make_cf
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         keys.add(cell_key(precision.resolve(make_cfg()), "0" * 64))
     assert len(keys) == 2
+
+
+def test_a_rule_says_null_where_it_allows_null_and_a_probe_is_checked_once(make_cfg):
+    from benchmark.config.rules import RULES, problems
+
+    for rule in RULES:  # the refusal's words match what the rule does with null
+        assert rule.requirement.startswith("null") == rule.nullable, rule.key
+        assert rule.allows(None) == rule.nullable, rule.key
+    said = problems(make_cfg("strategy=linear_probe", "strategy.probe_c=[]"))
+    assert said == ["strategy.probe_c is empty: give the C values to choose from."]
+    said = problems(make_cfg("strategy=lp_ft", "strategy.probe_c=[]", "protocol=study"))
+    assert len(said) == 2 and said[0].startswith("strategy=lp_ft: strategy.probe_c is empty")
+    assert "strategy=lp_ft's probe to choose its C on" in said[1]

@@ -49,6 +49,25 @@ def test_redact_masks_the_userinfo_of_every_uri_in_a_text():
     assert redact("sqlite:////data/a@b/mlflow.db") == "sqlite:////data/a@b/mlflow.db"
 
 
+def test_reading_a_store_uri_leaves_the_environment_and_use_credentials_writes_it(monkeypatch):
+    from benchmark.tracking.identity import store_uri, use_credentials
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # restored after the test, whatever it sets
+        monkeypatch.delenv(name)
+    given = "http://ann:p%40ss@host:5000"
+    assert store_uri(given) == "http://host:5000"
+    assert "MLFLOW_TRACKING_USERNAME" not in os.environ  # a reading writes nothing
+    use_credentials(given)
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "ann",
+        "p@ss",
+    )
+    use_credentials("http://bob:other@host:5000")  # set already: left as they are
+    use_credentials(None)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ann"
+
+
 @pytest.mark.e2e
 def test_a_password_in_the_tracking_uri_is_never_logged_or_stored(tmp_path, shared_data, tmp_store):
     """A cell on a tracking server named as http://user:PASS@host:port: the server is used, and

@@ -241,3 +241,44 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
     assert "\r" not in log.getvalue() and 9 <= len(lines) <= 11
     assert lines[0].startswith("reading runs: 3/25 (12 %)") and "left" in lines[0]
     assert lines[-1].startswith("reading runs: 25/25 (100 %)")
+
+
+def test_an_outcome_file_holds_the_status_as_a_string_and_older_files_still_load(tmp_path):
+    import json
+
+    from benchmark.orchestration.sweep import CellOutcome
+    from benchmark.tracking.result import Status
+
+    CellOutcome("seed=0", Status.finished, 0.9, "run-a").save(tmp_path / "a")
+    said = json.loads((tmp_path / "a" / "outcome.json").read_text())
+    assert said["status"] == "finished" and said["score"] == 0.9 and said["run_id"] == "run-a"
+    older = tmp_path / "older"  # as every launch wrote it before the Status type
+    older.mkdir()
+    (older / "outcome.json").write_text(
+        '{"cell": "seed=1", "status": "skipped", "score": 0.8, "run_id": "r", "error": null}'
+    )
+    loaded = CellOutcome.load(older, "seed=1")
+    assert loaded.status is Status.skipped and loaded == CellOutcome("seed=1", "skipped", 0.8, "r")
+    unknown = tmp_path / "unknown"  # not a cell's status: a damaged file, the cell failed
+    unknown.mkdir()
+    (unknown / "outcome.json").write_text('{"cell": "seed=2", "status": "done"}')
+    assert CellOutcome.load(unknown, "seed=2").status is Status.failed
+
+
+def test_a_process_rank_is_lightnings_or_the_one_lightning_will_read(monkeypatch, tmp_path):
+    from benchmark.orchestration.sweep import CellOutcome
+    from benchmark.runtime import ranks
+
+    for name in ranks.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, ranks._LIGHTNING_RANK, SimpleNamespace())  # not loaded
+    assert not ranks.is_distributed() and ranks.is_rank_zero()
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert ranks.is_distributed() and ranks.rank() == 3 and not ranks.is_rank_zero()
+    CellOutcome("seed=0", "failed").save(tmp_path)  # rank 0 speaks for a DDP cell
+    assert not (tmp_path / "outcome.json").exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # read before SLURM_PROCID, as Lightning does
+    assert ranks.is_rank_zero()
+    strategy = SimpleNamespace(rank_zero_only=SimpleNamespace(rank=1))  # a Trainer's global rank
+    monkeypatch.setitem(sys.modules, ranks._LIGHTNING_RANK, strategy)
+    assert not ranks.is_rank_zero()

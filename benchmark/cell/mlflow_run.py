@@ -1,8 +1,8 @@
 """A cell's MLflow run: opened with what the cell is (params, tags, config, data), then, once the
 cell has computed everything, its result logged in one call; FAILED when anything raises.
 
-Under DDP only global rank 0 opens the run and logs; the other ranks hold a stand-in with rank
-0's run id, and every function here that writes is rank-zero only.
+Under DDP only global rank 0 (benchmark.runtime.ranks) opens the run and logs; the other ranks
+hold a stand-in with rank 0's run id, and every function here that writes is rank-zero only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from typing import Any, Protocol, SupportsInt, cast
+from typing import Any, SupportsInt, cast
 
 import hydra
 import lightning as L
@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt
 import mlflow
 import mlflow.data
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from mlflow.data.pandas_dataset import from_pandas
@@ -39,6 +38,7 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import SHIFT, Manifest
+from benchmark.runtime import ranks
 from benchmark.tracking import identity, server, store
 from benchmark.tracking.result import CellResult
 
@@ -46,14 +46,6 @@ log = logging.getLogger("benchmark")
 
 # MLflow's contexts; `shift`: a second test split of another distribution (dataset.shift_test).
 SPLITS = {"train": "training", "val": "validation", "test": "testing", SHIFT: "testing (shift)"}
-
-
-class RankZeroOnly(Protocol):
-    """Lightning's `rank_zero_only` decorator as Lightning uses it: it keeps the process's global
-    rank as an attribute (from the environment at import, then from the strategy), which the
-    decorator's own type does not declare."""
-
-    rank: int
 
 
 def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
@@ -86,7 +78,7 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     A run deleted while the cell runs (the MLflow UI's Delete) ends FAILED all the same, and
     stays deleted; the cell stops with a StoreError saying so. A SQLite store that stays locked
     by another process past its busy timeout is a StoreError too (server.store_locked)."""
-    if cast(RankZeroOnly, rank_zero_only).rank != 0:
+    if not ranks.is_rank_zero():
         mlflow.set_tracking_uri(identity.tracking_uri(spec))  # for its Lightning logger
         yield _other_rank_run()
         return
@@ -235,10 +227,11 @@ def split_datasets(spec: CellSpec, manifest: Manifest) -> dict[str, mlflow.data.
     }
 
 
-@rank_zero_only
 def log_identity(spec: CellSpec, manifest: Manifest) -> None:
     """What the cell is, before it computes: params, its config and Hydra's overrides, and the
-    exact images of each split (as MLflow datasets and as the manifest file)."""
+    exact images of each split (as MLflow datasets and as the manifest file). Rank 0 alone."""
+    if not ranks.is_rank_zero():
+        return
     mlflow.log_params(_redacted(identity.run_params(spec)))
     counts = manifest.frame.groupby("split").size()
     mlflow.log_params(
@@ -295,37 +288,37 @@ def log_splits(datasets: Mapping[str, mlflow.data.Dataset]) -> None:
                 raise
 
 
-@rank_zero_only
 def log_result(spec: CellSpec, result: CellResult) -> None:
-    """Everything the cell computed, once it is complete."""
+    """Everything the cell computed, once it is complete (rank 0 alone)."""
+    if not ranks.is_rank_zero():
+        return
+    fitted = result.fitted
     mlflow.log_param("input", result.input)
-    mlflow.set_tags({"device": result.device, "precision": result.precision})
+    mlflow.set_tags({"device": fitted.device, "precision": fitted.precision})
     cost = {
         "wall_time_s": result.wall_time_s,
         "peak_rss_mb": result.peak_rss_mb,
-        "train_images_per_s": result.train_images_per_s,
+        "train_images_per_s": fitted.train_images_per_s,
         "peak_gpu_mem_mb": result.peak_gpu_mem_mb,
-        "optimizer_steps": result.optimizer_steps,
+        "optimizer_steps": fitted.optimizer_steps,
         **result.build_s,
     }
     mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})
-    if result.convergence:  # final_train_loss/acc, best_val_epoch, epochs_run
-        mlflow.log_metrics(result.convergence)
-    if result.tuned is not None:
-        mlflow.log_params({f"tune.chosen.{key}": value for key, value in result.tuned.items()})
-        if result.tune_s is None or result.tune_val_acc is None:
-            raise ValueError("A tuned cell's result lacks the tuning's time or best val_acc.")
-        mlflow.log_metrics({"tune_s": result.tune_s, "tune_best_val_acc": result.tune_val_acc})
-        if result.tune_reused_from:  # no trials of its own: the donor run has them
-            donor = result.tune_reused_from
-            mlflow.log_params({"tune.searched": ",".join(result.tuned), "tune.reused_from": donor})
+    if fitted.convergence:  # final_train_loss/acc, best_val_epoch, epochs_run
+        mlflow.log_metrics(fitted.convergence)
+    if (tuned := fitted.tuned) is not None:
+        mlflow.log_params({f"tune.chosen.{key}": value for key, value in tuned.values.items()})
+        mlflow.log_metrics({"tune_s": tuned.seconds, "tune_best_val_acc": tuned.val_acc})
+        if tuned.reused_from:  # no trials of its own: the donor run has them
+            donor = tuned.reused_from
+            mlflow.log_params({"tune.searched": ",".join(tuned.values), "tune.reused_from": donor})
         else:
-            log_trials(result.tuned, result.tune_trials or [], result.tune_budget_epochs)
+            log_trials(tuned.values, tuned.table or [], tuned.budget_epochs)
     elif spec.tune.name and spec.probe:  # tune=fair: the probe's C grid is its tuning
         mlflow.log_param("tune.searched", f"strategy.probe_c ({len(spec.strategy.probe_c)} C)")
-    if result.probe_val_acc is not None:
-        mlflow.log_param("probe_c_chosen", result.probe_c)
-        grid = sorted(result.probe_val_acc.items())
+    if fitted.probe_val_acc is not None:
+        mlflow.log_param("probe_c_chosen", fitted.probe_c)
+        grid = sorted(fitted.probe_val_acc.items())
         table = {"C": [c for c, _ in grid], "val_acc": [a for _, a in grid]}
         mlflow.log_table(table, "probe_c_grid.json")
     if result.test_predictions is not None:  # the report's bootstrap over test images
@@ -333,15 +326,15 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     if result.shift_predictions is not None:  # the same, for the shift test
         mlflow.log_table(result.shift_predictions, "shift_predictions.json")
     mlflow.log_dict(
-        {"classes": result.classes, "matrix": result.confusion}, "confusion_matrix.json"
+        {"classes": result.classes, "matrix": fitted.confusion}, "confusion_matrix.json"
     )
-    figure = plot_confusion(result.confusion, result.classes)
+    figure = plot_confusion(fitted.confusion, result.classes)
     mlflow.log_figure(figure, "confusion_matrix.png")
     plt.close(figure)
     model_id = None
-    if spec.tracking.log_model and result.checkpoint:
-        model_id = log_checkpoint(spec, result.checkpoint)
-    mlflow.log_metrics(result.scores, model_id=model_id)
+    if spec.tracking.log_model and fitted.checkpoint:
+        model_id = log_checkpoint(spec, fitted.checkpoint)
+    mlflow.log_metrics(fitted.scores, model_id=model_id)
 
 
 def log_trials(
@@ -380,8 +373,7 @@ class TrialRuns:
     def __init__(self, spec: CellSpec, run: Run) -> None:
         self.uri, self.cell, self.trials = identity.tracking_uri(spec), spec.name, spec.tune.trials
         self.parent, self.experiment_id = run.info.run_id, run.info.experiment_id
-        rank = cast(RankZeroOnly, rank_zero_only).rank
-        self.active = rank == 0 and bool(self.parent) and bool(self.experiment_id)
+        self.active = ranks.is_rank_zero() and bool(self.parent) and bool(self.experiment_id)
         self.running: dict[int, tuple[str, Callable[[], None]]] = {}
 
     def tags(self, number: int) -> dict[str, str]:

@@ -2,14 +2,15 @@
 
 `run_cell` reads as the cell's story: its data (checked and split; the data's fingerprint is part
 of the cell's identity), skipped if that very cell already FINISHED, otherwise one MLflow run in
-which `compute_cell` does all the work and returns a `CellResult` that is then logged once.
+which `compute_cell` does all the work and returns a `CellResult` that is then logged once: the
+fit's `Fitted` (the Lightning epochs, or the linear probe), with what the cell around it adds.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import lightning as L
@@ -43,7 +44,7 @@ from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
 from benchmark.models.trainer import build_trainer
 from benchmark.tracking import identity
-from benchmark.tracking.result import CellResult, CellSummary
+from benchmark.tracking.result import CellResult, CellSummary, Fitted
 from benchmark.tracking.resume import cell_identity, cell_lock, finished_earlier
 
 log = logging.getLogger("benchmark")
@@ -74,35 +75,10 @@ def run_cell(spec: CellSpec, callbacks: Sequence[Callback] = ()) -> CellSummary:
         with mlflow_run.cell_run(spec, key, manifest) as run:
             result = compute_cell(spec, manifest, run, callbacks)
             mlflow_run.log_result(spec, result)
-    name, score = result.headline
-    return CellSummary(
-        result.cell,
-        run.info.run_id,
-        identity.tracking_uri(spec),
-        score,
-        result.scores.get("test_loss"),
-        result.wall_time_s,
-        score_name=name,
+    uri = identity.tracking_uri(spec)
+    return CellSummary.of(
+        result.cell, run.info.run_id, uri, result.fitted.scores, result.wall_time_s
     )
-
-
-@dataclass
-class Fitted:
-    """What fitting and testing gave, whichever way the head was fitted."""
-
-    scores: dict[str, float]
-    confusion: torch.Tensor
-    device: str
-    precision: str
-    train_images_per_s: float | None = None
-    checkpoint: str | None = None
-    test_predicted: list[int] | None = None  # per test image, in the split's order
-    shift_predicted: list[int] | None = None  # the same for the shift split (dataset.shift_test)
-    probe_val_acc: dict[float, float] | None = None
-    probe_c: float | None = None
-    tuned: tune.Tuned | None = None
-    optimizer_steps: int | None = None
-    convergence: dict[str, float] = field(default_factory=dict)
 
 
 def compute_cell(
@@ -136,27 +112,12 @@ def compute_cell(
     return CellResult(
         cell=spec.name,
         input=kind.param(spec.speed.augmented_views),
-        scores=fitted.scores,
         classes=data.classes,
-        confusion=fitted.confusion.tolist(),
-        device=fitted.device,
-        precision=fitted.precision,
+        fitted=fitted,
         wall_time_s=cost.seconds(),
         peak_rss_mb=cost.peak_rss_mb(),
         peak_gpu_mem_mb=cost.peak_gpu_mem_mb(),
-        train_images_per_s=fitted.train_images_per_s,
         build_s=build_s,
-        checkpoint=fitted.checkpoint,
-        probe_val_acc=fitted.probe_val_acc,
-        probe_c=fitted.probe_c,
-        tuned=fitted.tuned.values if fitted.tuned else None,
-        tune_val_acc=fitted.tuned.val_acc if fitted.tuned else None,
-        tune_s=fitted.tuned.seconds if fitted.tuned else None,
-        tune_trials=fitted.tuned.table if fitted.tuned else None,
-        tune_reused_from=fitted.tuned.reused_from if fitted.tuned else None,
-        tune_budget_epochs=fitted.tuned.budget_epochs if fitted.tuned else None,
-        optimizer_steps=fitted.optimizer_steps,
-        convergence=fitted.convergence,
         test_predictions=test_predictions(manifest, data.classes, fitted.test_predicted),
         shift_predictions=test_predictions(manifest, data.classes, fitted.shift_predicted, SHIFT),
     )
@@ -261,7 +222,7 @@ def probe(spec: CellSpec, features: FeatureSet, classes: list[str]) -> Fitted:
             "best_val_acc": result.val_acc,
             **shift,
         },
-        confusion=result.confusion,
+        confusion=result.confusion.tolist(),
         device="cpu",
         precision="64 (scikit-learn)",
         probe_val_acc=result.val_acc_by_c,
@@ -463,7 +424,7 @@ def fit_and_test(
         precision = f"{spec.trainer['precision']} (features), {precision} (head)"
     return Fitted(
         scores=scores,
-        confusion=confusion,
+        confusion=confusion.tolist(),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         precision=precision,
         train_images_per_s=throughput.images_per_s,

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmark.orchestration.sweep import OUTCOME_FILE, CellOutcome
 from benchmark.runtime.progress import SweepProgress
+from benchmark.tracking.result import Status
 
 log = logging.getLogger("benchmark")
 
@@ -249,7 +250,7 @@ def finished_earlier(config: DictConfig, folder: Path, overrides: list[str]) -> 
         HydraConfig.instance().cfg = saved
     if done is None:
         return None
-    return CellOutcome(" ".join(overrides), "skipped", done.score, done.run_id)
+    return CellOutcome.of(" ".join(overrides), done)
 
 
 class CellProcessLauncher(Launcher):
@@ -301,6 +302,7 @@ class CellProcessLauncher(Launcher):
         except ValueError as error:  # one line, before any cell or store
             log.error("%s", error)
             raise SystemExit(2) from None
+        identity.use_credentials(self.config.tracking.uri)  # the cells inherit them
         try:
             store.experiment_id(
                 identity.store_uri(self.config.tracking.uri), self.config.tracking.experiment
@@ -433,7 +435,7 @@ class CellProcessLauncher(Launcher):
             log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
             run_id = None
         error = f"{reason}; see {cell.folder / 'cell.log'}"
-        outcome = CellOutcome(" ".join(cell.overrides), "failed", run_id=run_id, error=error)
+        outcome = CellOutcome(" ".join(cell.overrides), Status.failed, run_id=run_id, error=error)
         if said_ns is not None:  # an earlier launch's word there: replaced by what happened
             outcome.save(cell.folder)
         return outcome
@@ -448,7 +450,7 @@ class CellProcessLauncher(Launcher):
         failed = [
             (Path(job.working_dir) / identity.RUN_FILE, job.return_value.error or "failed")
             for job in returns
-            if job.working_dir and job.return_value.status == "failed"
+            if job.working_dir and job.return_value.status == Status.failed
         ]
         if not failed:
             return
@@ -558,7 +560,7 @@ class ReportsCellsHere:
         if job.status == JobStatus.FAILED:  # raised past the cell's own handling
             raise CellFailed(f"{' '.join(job.overrides or [])}: {job._return_value}")
         outcome = job.return_value
-        if isinstance(outcome, CellOutcome) and outcome.status == "failed":
+        if isinstance(outcome, CellOutcome) and outcome.status == Status.failed:
             raise CellFailed(f"{outcome.cell}: {outcome.error}")
         return job
 
@@ -584,7 +586,7 @@ class ReportsCellsHere:
         try:
             hydra = HydraConfig.get()
             cell = " ".join(hydra.overrides.task)
-            CellOutcome(cell, "failed", error=said).save(Path(hydra.runtime.output_dir))
+            CellOutcome(cell, Status.failed, error=said).save(Path(hydra.runtime.output_dir))
         except Exception:  # not in a cell yet: the sweep hears it from the scheduler
             log.debug("No outcome written for the signal", exc_info=True)
         raise interrupt.Terminated(said)
@@ -594,7 +596,10 @@ class ReportsCellsHere:
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
+        from benchmark.tracking import identity
+
         setup_globals()
+        identity.use_credentials(self.config.tracking.uri)  # for the cells FINISHED earlier
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -693,7 +698,7 @@ class ReportsCellsHere:
                     said = self._cell_said(cell, since)
                     # A result may lag behind on a shared file system; a failed cell sent none.
                     # A preempted job may be requeued: it shows PENDING again.
-                    waiting = said is None or said.status != "failed" or state == "PREEMPTED"
+                    waiting = said is None or said.status != Status.failed or state == "PREEMPTED"
                     if waiting and now - cell.gone_since < self.RESULT_GRACE_S:
                         continue
                     outcome = self._without_result(cell, states.get(cell.job.job_id), since)
@@ -751,7 +756,7 @@ class ReportsCellsHere:
             returned = cell.job.results()[0]
         except Exception as error:
             said = self._cell_said(cell, since)
-            if said is not None and said.status == "failed":
+            if said is not None and said.status == Status.failed:
                 return said
             return self._failed(cell, job_error(cell.job.job_id, error), said, since)
         outcome = returned.return_value
@@ -796,7 +801,7 @@ class ReportsCellsHere:
         FAILED with the reason as its error tag, before what the cell itself said, and its
         folder's outcome says so too."""
         name = " ".join(cell.overrides)
-        if said is not None and said.status == "failed":
+        if said is not None and said.status == Status.failed:
             name = said.cell
             reason = f"{reason}; the cell: {said.error}" if said.error else reason
         try:
@@ -804,7 +809,7 @@ class ReportsCellsHere:
         except Exception:  # the store is unreachable: the sweep goes on
             log.warning("Could not end the MLflow run of %s", cell.folder, exc_info=True)
             run_id = None
-        outcome = CellOutcome(name, "failed", run_id=run_id, error=reason)
+        outcome = CellOutcome(name, Status.failed, run_id=run_id, error=reason)
         outcome.save(cell.folder)
         return outcome
 
@@ -903,5 +908,5 @@ class OutcomeWatcher(threading.Thread):
                 continue
             self.seen.add(file)
             outcome = CellOutcome.load(file.parent, file.parent.name)
-            state = self.progress.done(skipped=outcome.status == "skipped")
+            state = self.progress.done(skipped=outcome.status == Status.skipped)
             log.info("\tcell %s [%s]: %s", outcome.status, state, outcome.cell)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
@@ -30,9 +30,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from benchmark.config.spec import CellSpec, from_config
-from benchmark.runtime import console, interrupt
+from benchmark.runtime import console, interrupt, ranks
 from benchmark.runtime.progress import SweepProgress, duration, sweep_size
 from benchmark.tracking import identity
+from benchmark.tracking.result import CellSummary, Status
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("benchmark")
 OUTCOME_FILE = identity.OUTCOME_FILE
-STATES = ("finished", "skipped", "failed")
-# Where Lightning reads a process's rank from: without any of them, the process is rank 0.
-DISTRIBUTED_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 # The sweep whose summary this process says (its own process, whatever the launcher).
 _summary: SweepSummary | None = None
 
@@ -55,31 +53,26 @@ def summarised_here() -> bool:
     return _summary is not None and _summary.progress is not None
 
 
-class RankZeroOnly(Protocol):
-    """Lightning's `rank_zero_only` decorator as Lightning uses it: it keeps the process's global
-    rank as an attribute (from those variables at import, then from the strategy), which the
-    decorator's own type does not declare."""
-
-    rank: int
-
-
 @dataclass
 class CellOutcome:
     cell: str
-    status: str  # one of STATES
+    status: Status  # given as its string too ("failed"), as outcome files hold it
     score: float | None = None  # the cell's headline: test_acc (max_val_acc under protocol=study)
     run_id: str | None = None
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # ValueError: not a cell's status
+
+    @classmethod
+    def of(cls, cell: str, summary: CellSummary) -> CellOutcome:
+        """The outcome of a cell that ran, or was skipped as FINISHED earlier (its summary)."""
+        return cls(cell, summary.status, summary.score, summary.run_id)
+
     def save(self, folder: Path) -> None:
         """A DDP cell's ranks share its folder: rank 0 speaks for the cell."""
-        if any(os.environ.get(v) for v in DISTRIBUTED_RANK_VARIABLES):
-            # Imported only then: `--help`, a config error and shell completion need no
-            # Lightning (and torch) to say what they say.
-            from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-            if cast(RankZeroOnly, rank_zero_only).rank != 0:
-                return
+        if not ranks.is_rank_zero():
+            return
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f".{OUTCOME_FILE}.{os.getpid()}"  # a reader never sees half a file
         partial.write_text(json.dumps(asdict(self)))
@@ -90,14 +83,14 @@ class CellOutcome:
         """What the cell in `folder` reported; a cell killed before it could say is failed."""
         said = identity.read_outcome(folder)
         if said == {}:
-            return CellOutcome(cell, "failed", error=f"ended without an outcome; see {folder}")
+            return CellOutcome(cell, Status.failed, error=f"ended without an outcome; see {folder}")
         error = f"its outcome file {folder / OUTCOME_FILE} is damaged; see {folder}"
         if said is None:  # damaged
-            return CellOutcome(cell, "failed", error=error)
+            return CellOutcome(cell, Status.failed, error=error)
         try:  # the file's JSON values as they are (a missing or unknown field fails here)
             return CellOutcome(**cast(dict[str, Any], said))
-        except TypeError:  # not an outcome's fields
-            return CellOutcome(cell, "failed", error=error)
+        except (TypeError, ValueError):  # not an outcome's fields, or not a cell's status
+            return CellOutcome(cell, Status.failed, error=error)
 
 
 # ---------------------------------------------------------------- plan=true: the sweep's cells
@@ -210,6 +203,7 @@ def planned(config: DictConfig) -> NoReturn:
     from benchmark.tracking.server import TrackingUnreachable
     from benchmark.tracking.store import StoreError
 
+    identity.use_credentials(config.tracking.get("history"))  # the store timing the cells
     try:
         code = say(plan_sweep(config))
     except (TrackingUnreachable, StoreError, ValueError) as error:  # one line, no traceback
@@ -233,6 +227,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _summary
+        identity.use_credentials(config.tracking.uri)  # the launcher and the cells inherit them
         if config.get("plan"):  # the sweep's plan instead, before any launcher starts a cell
             planned(config)
         from benchmark.tracking import store
@@ -274,16 +269,17 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         overrides = " ".join(job_return.overrides or [])
         if job_return.status == JobStatus.FAILED:  # raised past the task function
-            outcome = CellOutcome(overrides, "failed", error=str(job_return._return_value))
+            outcome = CellOutcome(overrides, Status.failed, error=str(job_return._return_value))
         else:
             outcome = job_return.return_value
-        stopped = outcome.status == "failed" and outcome.error == interrupt.reason() != ""
+        failed = outcome.status == Status.failed
+        stopped = failed and outcome.error == interrupt.reason() != ""
         self.outcomes["interrupted" if stopped else outcome.status] += 1
-        if outcome.status == "failed" and not stopped:
+        if failed and not stopped:
             self.failed.append(f"{overrides}: {outcome.error}")
         if self.progress is not None and (started := self.here.pop(overrides, None)):
             took = duration(time.monotonic() - started)
-            state = self.progress.done(skipped=outcome.status == "skipped")
+            state = self.progress.done(skipped=outcome.status == Status.skipped)
             log.info("cell %s after %s [%s]: %s", outcome.status, took, state, overrides)
         if self.progress is not None and interrupt.received():
             self.stop()
@@ -321,7 +317,7 @@ class SweepSummary(Callback):
                 log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
         said = ", ".join(
             f"{n} {state.replace('_', ' ')}"
-            for state in (*STATES, "interrupted", "not_run")
+            for state in (*Status, "interrupted", "not_run")
             if (n := counts[state])
         )
         log.error(
@@ -352,9 +348,9 @@ class SweepSummary(Callback):
                 store.end_sweep_run(*self.parent, dict(self.outcomes))
             except Exception as error:  # a store that is down must not hide the summary
                 log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
-        counts = ", ".join(f"{self.outcomes[state]} {state}" for state in STATES)
+        counts = ", ".join(f"{self.outcomes[state]} {state}" for state in Status)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
-        if self.outcomes["finished"] or self.outcomes["skipped"]:  # once, not once per cell
+        if self.outcomes[Status.finished] or self.outcomes[Status.skipped]:  # once, not per cell
             uri = self.parent[0] if self.parent else identity.store_uri(config.tracking.uri)
             log.info("Browse runs: %s", identity.browse_command(uri))
         for failure in self.failed:

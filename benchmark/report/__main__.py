@@ -73,7 +73,7 @@ from benchmark.report.verdicts import (
     verdicts as decide,
 )
 from benchmark.runtime.progress import progress
-from benchmark.tracking.identity import RANK_SCORES, store_uri
+from benchmark.tracking.identity import RANK_SCORES, store_uri, use_credentials
 from benchmark.tracking.server import TrackingUnreachable, check_reachable
 from benchmark.tracking.store import StoreError, artifact_file, check_sqlite
 
@@ -853,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem := out_problem(args.out):  # said before the runs are read, not after
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    uri = store_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    use_credentials(given)
+    uri = store_uri(given)
     try:
         check_reachable(uri)  # a tracking server that is down: said at once
         check_sqlite(uri, write=False)  # a misspelt path: no empty store created

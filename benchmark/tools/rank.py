@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        rows = [score_and_log(spec) for spec in configs(overrides)]
+        specs = configs(overrides)
+        for spec in specs:
+            identity.use_credentials(spec.tracking.uri)
+        rows = [score_and_log(spec) for spec in specs]
     except BAD_INPUT as error:
         print(f"error: {error}", file=sys.stderr)  # bad input: one line, as a cell says it
         return 1

@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    uri = identity.store_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    identity.use_credentials(given)
+    uri = identity.store_uri(given)
     try:
         check_reachable(uri)
         check_sqlite(uri, write=False)

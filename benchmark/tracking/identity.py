@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, overload
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -125,19 +125,34 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def _with_userinfo(uri: str | None) -> SplitResult | None:
+    """A server URI (http, https) that carries a login (`http://user:secret@host`), split."""
+    parts = urlsplit(uri or "")
+    return parts if parts.scheme in ("http", "https") and "@" in parts.netloc else None
+
+
 def store_uri(uri: str | None) -> str:
-    """`tracking.uri`, or MLflow's default store when it is null. A server URI's userinfo
-    (`http://user:secret@host`) moves to MLflow's own MLFLOW_TRACKING_USERNAME / _PASSWORD
-    (unless they are set), so that MLflow, which prints and stores the URI it is given, never
-    holds the secret; the cells a launcher starts inherit them."""
+    """`tracking.uri`, or MLflow's default store when it is null; a server URI without its
+    userinfo (`http://user:secret@host` -> `http://host`), so that MLflow, which prints and
+    stores the URI it is given, never holds the secret: `use_credentials` hands the login to
+    MLflow. Only a reading: the environment is left as it is."""
     uri = uri or default_tracking_uri()
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+    if (parts := _with_userinfo(uri)) is None:
         return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def use_credentials(uri: str | None) -> None:
+    """A server URI's login (`http://user:secret@host`) into MLflow's own
+    MLFLOW_TRACKING_USERNAME / _PASSWORD, unless they are set: MLflow reaches the server at
+    `store_uri(uri)` with them, and the processes this one starts (a launcher's cells) inherit
+    them. The one place the harness writes them, called by each entry point before it reaches a
+    store (the command's cell and sweep, the launchers, the report, the tools)."""
+    if (parts := _with_userinfo(uri)) is None:
+        return
     os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
     if parts.password is not None:
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def tracking_uri(spec: CellSpec) -> str:

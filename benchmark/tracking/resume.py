@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import Manifest, build_manifest
 from benchmark.tracking import identity, store
-from benchmark.tracking.result import HEADLINES, CellSummary
+from benchmark.tracking.result import CellSummary
 
 log = logging.getLogger("benchmark")
 
@@ -31,25 +31,24 @@ def cell_identity(spec: CellSpec) -> tuple[Manifest, str]:
     return manifest, identity.cell_key(spec, manifest.sha256)
 
 
+def started_by_rank_zero() -> bool:
+    """Whether this process is a DDP rank that rank 0 started (Lightning's DDP launcher re-runs
+    the command line, rank 0's run id in RUN_ID_ENV) once it had decided to run the cell: such a
+    rank neither looks for a FINISHED run nor takes the cell's lock. Not the same question as
+    `ranks.is_rank_zero`: the ranks that SLURM or torchrun start themselves carry no run id, and
+    each looks (so that all of them skip a FINISHED cell alike)."""
+    return bool(os.environ.get(identity.RUN_ID_ENV))
+
+
 def finished_earlier(spec: CellSpec, key: str) -> CellSummary | None:
     """The summary of this cell's latest FINISHED run, if there is one."""
-    if os.environ.get(identity.RUN_ID_ENV):
-        return None  # a DDP rank started by rank 0, which has already decided to run the cell
+    if started_by_rank_zero():
+        return None  # rank 0 has already decided to run the cell
     uri = identity.tracking_uri(spec)
     run = store.finished_run(uri, spec.tracking.experiment, key)
     if run is None:
         return None
-    metrics = run.data.metrics
-    name = next(n for n in HEADLINES if n in metrics)
-    return CellSummary(
-        spec.name,
-        run.info.run_id,
-        uri,
-        metrics[name],
-        metrics.get("test_loss"),
-        skipped=True,
-        score_name=name,
-    )
+    return CellSummary.of(spec.name, run.info.run_id, uri, run.data.metrics, skipped=True)
 
 
 def lock_file(spec: CellSpec, key: str) -> Path:
@@ -65,7 +64,7 @@ def cell_lock(spec: CellSpec, key: str) -> Iterator[None]:
     """Held while the cell decides to run and runs: the same cell launched twice at once is
     computed once; the second launch waits (saying so), then finds it FINISHED and skips it.
     The OS frees the lock of a process that dies. DDP ranks started by rank 0 take none."""
-    if os.environ.get(identity.RUN_ID_ENV):
+    if started_by_rank_zero():
         yield
         return
     file = lock_file(spec, key)

@@ -58,6 +58,7 @@ from benchmark.tracking.identity import (
     read_outcome,
     redact,
 )
+from benchmark.tracking.result import Status
 from benchmark.tracking.server import StoreError as StoreError
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.pid_started"
@@ -445,7 +446,7 @@ def _said_error(tags: dict[str, str]) -> str | None:
     """The error a cell wrote in its outcome file before it exited without ending its run (the
     store was down), if its folder is readable here."""
     said = _outcome(Path(tags.get("hydra_output_dir", "")))
-    return str(said["error"]) if said.get("status") == "failed" and "error" in said else None
+    return str(said["error"]) if said.get("status") == Status.failed and "error" in said else None
 
 
 def _outcome(folder: Path) -> dict[str, object]:
@@ -497,7 +498,7 @@ def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
             continue
         if json.loads(run_file.read_text()).get("run_id") != run.info.run_id:
             continue
-        if said.get("status") == "failed" and settle_failed_run(
+        if said.get("status") == Status.failed and settle_failed_run(
             run_file, str(said.get("error") or "failed")
         ):
             ended.append(run.info.run_id)
@@ -542,6 +543,6 @@ def end_sweep_run(
         client.log_metric(run_id, f"cells_{state}", count)
     if status is None:
         status = RunStatus.to_string(
-            RunStatus.FAILED if outcomes.get("failed") else RunStatus.FINISHED
+            RunStatus.FAILED if outcomes.get(Status.failed) else RunStatus.FINISHED
         )
     client.set_terminated(run_id, status)
