@@ -42,7 +42,6 @@ import lightning as L
 import numpy as np
 import optuna
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
@@ -54,6 +53,7 @@ from benchmark.data.loading import ManifestDataModule
 from benchmark.models.classifier import recipe_callbacks
 from benchmark.models.features import FeatureDataModule
 from benchmark.models.trainer import build_trainer
+from benchmark.runtime import ranks
 from benchmark.runtime.progress import duration
 from benchmark.tracking import identity, store
 from benchmark.tracking.resume import cell_identity
@@ -259,16 +259,10 @@ def epochs_spent(study: optuna.Study) -> int:
     return sum(len(trial.intermediate_values) for trial in study.trials)
 
 
-class RankZeroOnly(Protocol):
-    """Lightning's `rank_zero_only` keeps the process's global rank as an attribute."""
-
-    rank: int
-
-
 def study_storage(spec: CellSpec) -> optuna.storages.RDBStorage | None:
     """Where the cell's study is kept: STUDY_FILE in its output folder (a SQLite file Optuna
     creates), or None (in memory) on a DDP rank other than 0, which must not touch rank 0's."""
-    if cast(RankZeroOnly, rank_zero_only).rank != 0:
+    if not ranks.is_rank_zero():
         return None
     folder = spec.output_dir.resolve()
     folder.mkdir(parents=True, exist_ok=True)
