@@ -9,7 +9,7 @@ TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n + 1 : 8 )))
 
 .PHONY: install test test-slow run grid plan ui ui-check report report-check more-seeds data-stats bench \
-	results results-grid backbones \
+	predict results results-grid backbones \
 	gpu-pack gpu-check slurm-up slurm-down clean
 
 install:  ## virtual environment with the package, torch and the dev tools
@@ -55,6 +55,17 @@ report:  ## $(REPORT_DIR)/report.{md,csv,tex,html} (default reports/, git-ignore
 SEEDS_ARGS ?=
 more-seeds:  ## plan (SEEDS_ARGS=--run: launch) seeds for the contrasts still undecided, at most --cap
 	$(BIN)/python -m benchmark.tools.seeds --tracking-uri $(TRACKING_URI) $(SEEDS_ARGS)
+
+# A run's model on a folder of images (README, What each MLflow run holds): the model of a cell's
+# run (MODEL=runs:/<run id>/model, or models:/<model id>), every image under IMAGES.
+MODEL ?=
+IMAGES ?=
+PREDICTIONS ?= predictions.csv
+predict:  ## a run's model on a folder: make predict MODEL=runs:/<run id>/model IMAGES=dir -> $(PREDICTIONS)
+	@test -n '$(MODEL)' -a -n '$(IMAGES)' || \
+	  { echo "make predict MODEL=runs:/<run id>/model IMAGES=<folder> [PREDICTIONS=out.csv]"; exit 2; }
+	$(BIN)/python -m benchmark.tools.predict --tracking-uri $(TRACKING_URI) --model-uri '$(MODEL)' \
+	  --images '$(IMAGES)' --out '$(PREDICTIONS)'
 
 CHROMIUM ?= chromium
 # Renders the report `make report` wrote (REPORT_DIR=results: the one `make results` wrote): it

@@ -333,7 +333,7 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     plt.close(figure)
     model_id = None
     if spec.tracking.log_model and fitted.checkpoint:
-        model_id = log_checkpoint(spec, fitted.checkpoint)
+        model_id = log_checkpoint(spec, fitted.checkpoint, result.classes)
     mlflow.log_metrics(fitted.scores, model_id=model_id)
 
 
@@ -455,21 +455,55 @@ class TrialCurve(Callback):
         self._log(trainer, "train_")
 
 
-def log_checkpoint(spec: CellSpec, checkpoint: str) -> str:
-    """The checkpoint selected on validation as an MLflow logged model of the run (the UI's
-    Models column), its weights the Lightning checkpoint file."""
+def log_checkpoint(spec: CellSpec, checkpoint: str, classes: list[str]) -> str:
+    """The checkpoint selected on validation as the run's logged model `model` (the UI's Models
+    column; `runs:/<run id>/model`): an MLflow pyfunc model (benchmark.models.served) that
+    predicts class names from image paths, the Lightning checkpoint file its artifact, the
+    backbone, its preprocessing, the colour mode and `classes` (the head's order) its model
+    config. Once the model is in the store, the cell's own copy of the file is removed (the test
+    passes that read it have run; nothing after reads it): one copy, the model's."""
+    import mlflow.pyfunc  # the served model's code, which this call alone needs
+
+    from benchmark.models import served
+    from benchmark.models.backbones import create_backbone
+
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_checkpoint logs into the cell's MLflow run, and none is active.")
-    model = mlflow.initialize_logged_model(
-        name=f"{spec.backbone.name}-{spec.strategy.name}",
-        source_run_id=run.info.run_id,
-        model_type="lightning-checkpoint",
-        params={"dataset": spec.dataset.name, "colour": spec.colour.name, "seed": str(spec.seed)},
+    # MLflow loads the model to check its input example: no download progress bar in a log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    backbone = spec.backbone
+    built = create_backbone(backbone.name, backbone.weights_path, model=backbone.model)
+    info = mlflow.pyfunc.log_model(
+        name=served.MODEL_NAME,
+        python_model=served.CODE,
+        artifacts={served.CHECKPOINT: checkpoint},
+        model_config=served.served_config(
+            backbone.name,
+            built.preprocess,
+            spec.colour.grayscale,
+            classes,
+            timm_model=backbone.model,
+            weights_path=backbone.weights_path,
+        ),
+        signature=served.signature(classes),
+        input_example=served.input_example(),
+        pip_requirements=served.requirements(backbone.name),
+        model_type=served.MODEL_TYPE,
+        params={
+            "backbone": backbone.model or backbone.name,
+            "strategy": spec.strategy.name,
+            "dataset": spec.dataset.name,
+            "colour": spec.colour.name,
+            "seed": str(spec.seed),
+        },
     )
-    mlflow.MlflowClient().log_model_artifact(model.model_id, checkpoint)
-    mlflow.finalize_logged_model(model.model_id, "READY")
-    return model.model_id
+    file = spec.output_dir / checkpoint  # (an absolute checkpoint path stays itself)
+    if file.resolve().is_relative_to(spec.output_dir.resolve()):
+        file.unlink(missing_ok=True)
+        with suppress(OSError):  # the other candidate may still be there
+            file.parent.rmdir()
+    return info.model_id
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str]) -> plt.Figure:

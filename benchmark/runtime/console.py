@@ -92,6 +92,12 @@ HARMLESS = (
         "MLflow setting up the tables of a new SQLite store, as it does for every new store",
     ),
     Harmless(
+        "mlflow.pyfunc",
+        r"Validating input example against model signature",
+        "MLflow checking, as the run logs its model, that the model loads and predicts its input "
+        "example (a failure is a warning, and said)",
+    ),
+    Harmless(
         "hydra._internal.core_plugins.basic_launcher",
         r"\t#\d+ : ",
         "the cell's overrides, which the sweep's own `cell k/N starts` line says with its progress",
