@@ -10,9 +10,12 @@ tree still travels to a lent GPU machine (64 MiB with `make gpu-pack`'s pack; sc
   trials, linear_probe's C grid, a few hundred bytes each; each test image's prediction, tens of
   bytes an image); the manifests, the resolved
   configs (every key is also a param), Hydra's files and the confusion matrices' pictures go.
+- A tuned cell's trials, logged as child runs of its run for browsing while it works, are
+  deleted with their rows and artifacts: the cell's `tune_trials.json` (kept) is their record
+  (each trial's values, best val_acc, state and epochs). A grid of 90 tuned cells has about 900.
 - The database is `VACUUM`ed (SQLite keeps freed pages otherwise).
 
-Params, tags, the other metrics (the learning curves included) and the runs themselves are kept:
+Params, tags, the other metrics (the learning curves included) and the cells' runs are kept:
 `python -m benchmark.report` on the store makes the same tables before and after. Only the
 `mlartifacts/` beside the store is touched, never the absolute paths the runs record (a copy of
 the store must not empty the original). A store with a RUNNING run is left alone.
@@ -21,12 +24,14 @@ the store must not empty the original). A store with a RUNNING run is left alone
 from __future__ import annotations
 
 import argparse
+import shutil
 import sqlite3
 import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.tracking.identity import KIND_TAG, TRIAL_KIND
 from benchmark.tracking.store import StoreError, check_sqlite
 
 # What `python -m benchmark.report` reads of a run's artifacts (report/__main__.py,
@@ -49,11 +54,13 @@ class Slimmed:
     artifacts_before: int
     artifacts_after: int
     files_deleted: int
+    trials_deleted: int = 0
 
     def line(self, store: Path) -> str:
         return (
             f"slim: {store} {self.db_before / MIB:.2f} -> {self.db_after / MIB:.2f} MiB "
-            f"({self.samples_deleted} system metric samples deleted, vacuumed); mlartifacts/ "
+            f"({self.samples_deleted} system metric samples and {self.trials_deleted} trial "
+            "runs deleted, vacuumed); mlartifacts/ "
             f"{self.artifacts_before / MIB:.2f} -> {self.artifacts_after / MIB:.2f} MiB "
             f"({self.files_deleted} files deleted: not read by the report, not a tuning record)"
         )
@@ -79,6 +86,28 @@ def _remove_empty_folders(root: Path) -> None:
             folder.rmdir()
 
 
+def delete_trial_runs(db: sqlite3.Connection) -> list[str]:
+    """Delete the runs tagged `benchmark.kind=trial` and their rows in every table keyed by
+    run (metrics, params, tags, inputs...); their ids."""
+    trials = [
+        run
+        for (run,) in db.execute(
+            "select run_uuid from tags where key = ? and value = ?", (KIND_TAG, TRIAL_KIND)
+        )
+    ]
+    tables = [
+        table
+        for (table,) in db.execute("select name from sqlite_master where type = 'table'")
+        if table != "runs"
+        and any(column[1] == "run_uuid" for column in db.execute(f"pragma table_info('{table}')"))
+    ]
+    for run in trials:
+        for table in tables:
+            db.execute(f"delete from '{table}' where run_uuid = ?", (run,))
+        db.execute("delete from runs where run_uuid = ?", (run,))
+    return trials
+
+
 def slim(uri: str) -> Slimmed:
     if not uri.startswith("sqlite:///"):
         raise StoreError(f"{uri} is not a local SQLite store: slim works on sqlite:///...mlflow.db")
@@ -97,11 +126,15 @@ def slim(uri: str) -> Slimmed:
         db.execute("begin")
         deleted = db.execute("delete from metrics where key like ?", (SYSTEM_METRICS,)).rowcount
         db.execute("delete from latest_metrics where key like ?", (SYSTEM_METRICS,))
+        trials = delete_trial_runs(db)
         db.execute("commit")
         db.execute("vacuum")
     unkept = unkept_artifacts(artifacts) if artifacts.is_dir() else []
     for file in unkept:
         file.unlink()
+    for run in trials:  # a trial's folder, with whatever it holds
+        for folder in artifacts.glob(f"*/{run}"):
+            shutil.rmtree(folder)
     if artifacts.is_dir():
         _remove_empty_folders(artifacts)
     return Slimmed(
@@ -111,6 +144,7 @@ def slim(uri: str) -> Slimmed:
         artifacts_before=artifacts_before,
         artifacts_after=_size(artifacts) if artifacts.is_dir() else 0,
         files_deleted=len(unkept),
+        trials_deleted=len(trials),
     )
 
 
