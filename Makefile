@@ -42,8 +42,11 @@ plan:  ## the plan of a sweep, nothing run: make plan PLAN_SWEEP='seed=0,1,2 str
 	$(BIN)/python -m benchmark -m $(PLAN_SWEEP) plan=true \
 	  $(if $(PLAN_HISTORY),tracking.history=$(PLAN_HISTORY))
 
-ui:  ## MLflow's UI on the project's store
-	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI)
+# One server process, no job consumers; it prints the address of the runs table (the cells by
+# test accuracy, accuracy columns shown) before it serves. UI_PORT=5001 for another port.
+UI_PORT ?= 5000
+ui:  ## MLflow's UI on the project's store: prints the address of its runs table, then serves it
+	$(BIN)/python -m benchmark.tools.ui --tracking-uri $(TRACKING_URI) --port $(UI_PORT)
 
 # Into a git-ignored folder: only `make results` writes the committed results/report.*.
 REPORT_DIR ?= reports

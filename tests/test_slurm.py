@@ -296,7 +296,8 @@ def test_jobs_the_scheduler_ends_fail_their_cells_and_a_relaunch_completes_them(
     jobs = sweep.jobs()
     assert accounted(jobs[0]).startswith("CANCELLED") and accounted(jobs[1]) == "FAILED"
     runs = runs_in(tmp_path / "mlflow.db")  # cell 1 died before it logged its params
-    runs = runs.set_index(runs["tags.mlflow.runName"].str.extract(r"seed=(\d)$")[0])
+    # (tags.cell ends with the seed; the run name goes on with the overrides)
+    runs = runs.set_index(runs["tags.cell"].str.extract(r"seed=(\d)$")[0])
     assert set(runs.status) == {"FAILED"}, runs.status
     cancelled, died = runs.loc["0", "tags.error"], runs.loc["1", "tags.error"]
     assert f"SLURM job {jobs[0]} CANCELLED by 0 (scancel" in cancelled, cancelled

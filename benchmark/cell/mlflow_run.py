@@ -89,7 +89,7 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
     with store.said_if_locked(uri):
         run = mlflow.start_run(
             experiment_id=exp_id,
-            run_name=spec.name.replace("/", "-"),
+            run_name=identity.run_name(spec, identity.task_overrides(spec.output_dir)),
             tags=cell_tags(spec, key),
             parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
             log_system_metrics=spec.tracking.system_metrics,

@@ -18,12 +18,13 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import pandas as pd
+import yaml
 
 from benchmark.config.spec import CellSpec
 
@@ -160,8 +161,9 @@ def tracking_uri(spec: CellSpec) -> str:
 
 
 def browse_command(uri: str) -> str:
-    """The command that opens the MLflow UI on the store at `uri`, its password masked."""
-    return redact(f"mlflow ui --backend-store-uri {uri}")
+    """The command that opens the MLflow UI on the store at `uri` (benchmark.tools.ui, `make
+    ui`: it prints the address of the runs table), its password masked."""
+    return redact(f"python -m benchmark.tools.ui --tracking-uri {uri}")
 
 
 # The userinfo of any URI in a text (`http://user:secret@host` -> `http://***@host`).
@@ -323,6 +325,43 @@ def content_labels(labels: pd.Series, runs: pd.DataFrame) -> pd.Series:
 
 def cell_name(spec: CellSpec) -> str:
     return spec.name
+
+
+# The longest run name (`run_name`): a list column in the UI shows about 40 characters anyway.
+RUN_NAME_CHARS = 100
+# The keys `spec.name` already says: their overrides are left out of `run_name`.
+NAMED_KEYS = (*CELL_PARAMS, "seed")
+
+
+def _says_more(override: str) -> bool:
+    """Whether a Hydra override (`trainer.max_epochs=2`, `+key=1`, `++key=1`, `~key`) changes
+    what the cell computes beyond what its name says."""
+    key = override.lstrip("~+").partition("=")[0].strip()
+    return key.split(".")[0] != "hydra" and key not in NAMED_KEYS and not is_volatile(key)
+
+
+def run_name(spec: CellSpec, overrides: Sequence[str] = ()) -> str:
+    """The name of the cell's MLflow run: the cell's name (dataset-colour-strategy-backbone-
+    seed=N), then the command's overrides that change what it computes beyond that name, as
+    typed (`trainer.max_epochs=2`, `experiment=smoke`, `tune=fair`): two runs of one cell
+    with different settings are told apart in the runs table. Where a cell writes and how it
+    shows progress (VOLATILE_KEYS: paths, tracking, progress bars...) and what the name says
+    already are left out; the whole is cut to RUN_NAME_CHARS. Only a label: `spec.name` (the
+    output folder's, the Optuna study's) and the cell key do not depend on it."""
+    said = [override for override in overrides if _says_more(override)]
+    name = redact(" ".join([spec.name.replace("/", "-"), *said]))  # a URI's password, a token
+    return name if len(name) <= RUN_NAME_CHARS else name[: RUN_NAME_CHARS - 3].rstrip() + "..."
+
+
+def task_overrides(folder: Path) -> list[str]:
+    """The command-line overrides of the Hydra job whose output folder is `folder` (its
+    .hydra/overrides.yaml, which Hydra writes before the job starts); [] when there is none or
+    it cannot be read (a cell composed without Hydra's runtime, a test's)."""
+    try:
+        said = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    return [str(o) for o in said] if isinstance(said, list) else []
 
 
 def run_params(spec: CellSpec) -> dict[str, object]:
