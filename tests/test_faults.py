@@ -276,6 +276,28 @@ def test_a_live_run_is_left_alone_and_a_silent_remote_one_is_failed():
 # ---------------------------------------------------------------- 4. SIGTERM
 
 
+def signalled(
+    command: list[str], cwd: Path, reached: str, signum: int, settle_s: float
+) -> tuple[subprocess.Popen[str], str]:
+    """`command` started in `cwd`, sent `signum` once a file matching `reached` appears under
+    `cwd` (and `settle_s` later); the ended process and its output. Killed if it outlives it."""
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cell_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(cwd.rglob(reached)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(settle_s)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process, output
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("when", ["training", "image cache"])
 def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, tmp_store, when):
@@ -293,23 +315,12 @@ def test_sigterm_fails_the_cell_and_exits_non_zero(tmp_path, shared_data, tmp_st
     held = FileLock(str(cache / "images" / f"{key}.u8.lock"))
     if when == "image cache":
         held.acquire()  # the cell waits inside build_image_cache, its run open
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=cell_env(),
-    )  # fmt: skip
+    reached = "mlflow_run.json" if when == "image cache" else "checkpoints/*.ckpt"
     try:
-        reached = "mlflow_run.json" if when == "image cache" else "checkpoints/*.ckpt"
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.rglob(reached)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=300)
+        process, output = signalled(command, tmp_path, reached, signal.SIGTERM, settle_s=1)
     finally:
         if held.is_locked:
             held.release()
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 143, output[-3000:]
     assert "terminated by signal 15 (SIGTERM)" in output
     assert "Traceback" not in output
@@ -415,21 +426,9 @@ def test_ctrl_c_fails_the_cell_says_what_ran_and_ends_the_sweep_killed(tmp_path,
         "trainer.max_epochs=200", "tracking.system_metrics=false", "trainer.precision=32-true",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=cell_env(),
-    )  # fmt: skip
-    try:
-        reached = "checkpoints/*.ckpt" if when == "fit" else "optuna.db"
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.rglob(reached)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(2)
-        process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    reached = "checkpoints/*.ckpt" if when == "fit" else "optuna.db"
+    # SIGINT: what Ctrl-C sends to the foreground process
+    process, output = signalled(command, tmp_path, reached, signal.SIGINT, settle_s=2)
     assert process.returncode == 130, output[-3000:]
     assert "interrupted by Ctrl-C (signal 2, SIGINT); its run is FAILED" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
