@@ -300,6 +300,18 @@ class SweepSummary(Callback):
         why = f"stopped ({interrupt.reason()})" if signalled else "ended before its last cell"
         self.close("KILLED" if signalled else "FAILED", why)
 
+    def end_parent(self, counts: dict[str, int], status: str | None = None) -> None:
+        """The sweep's parent run ended with `counts` (store.end_sweep_run: FINISHED, FAILED or
+        `status`); a store that is down is a warning, never a hidden summary."""
+        if self.parent is None:
+            return
+        from benchmark.tracking import store
+
+        try:
+            store.end_sweep_run(*self.parent, counts, status=status)
+        except Exception as error:
+            log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
+
     def close(self, status: str, why: str) -> None:
         """End the parent run `status` with the counts (cells started here and never ended are
         `interrupted`, the rest `not run`) and say them, with the relaunch that runs the rest."""
@@ -308,13 +320,7 @@ class SweepSummary(Callback):
         counts = Counter(self.outcomes)
         counts["interrupted"] += len(self.here)
         counts["not_run"] = self.progress.total - sum(counts.values())
-        if self.parent is not None:
-            from benchmark.tracking import store
-
-            try:
-                store.end_sweep_run(*self.parent, dict(counts), status=status)
-            except Exception as error:  # a store that is down must not hide the summary
-                log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
+        self.end_parent(dict(counts), status)
         said = ", ".join(
             f"{n} {state.replace('_', ' ')}"
             for state in (*Status, "interrupted", "not_run")
@@ -341,13 +347,7 @@ class SweepSummary(Callback):
                 config.hydra.sweep.dir,
             )
             return
-        if self.parent is not None:
-            from benchmark.tracking import store
-
-            try:
-                store.end_sweep_run(*self.parent, dict(self.outcomes))
-            except Exception as error:  # a store that is down must not hide the summary
-                log.warning("The sweep's run %s could not be ended: %s", self.parent[1], error)
+        self.end_parent(dict(self.outcomes))
         counts = ", ".join(f"{self.outcomes[state]} {state}" for state in Status)
         log.info("Sweep done: %d cells: %s.", sum(self.outcomes.values()), counts)
         if self.outcomes[Status.finished] or self.outcomes[Status.skipped]:  # once, not per cell
