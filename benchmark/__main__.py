@@ -28,6 +28,9 @@ def terminated(name: str, folder: Path, reason: str) -> CellOutcome:
     """The cell was asked to stop: its outcome FAILED, one line, exit 128 + the signal (143 for
     SIGTERM, 130 for Ctrl-C). In a sweep's own process the outcome is returned instead: the
     sweep counts it, then stops and says what ran (SweepSummary)."""
+    if (requeued := interrupt.requeued()) is not None:  # not an outcome: the job runs again
+        log.warning("%s: %s; its run is FAILED.", name, requeued)
+        raise SystemExit(interrupt.exit_code()) from None
     reason = reason or "terminated by signal 15 (SIGTERM)"
     log.error("%s: %s; its run is FAILED, relaunch to run it again.", name, reason)
     outcome = CellOutcome(name, Status.failed, error=reason)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.experimental.callback import Callback
@@ -28,8 +29,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import DictConfig
 
 from benchmark.config.schema import register_configs
+from benchmark.models.resume import LAST_FILE
 from benchmark.orchestration.launcher import ReportsCellsHere
-from benchmark.tracking.identity import RUN_FILE
+from benchmark.tracking.identity import RESUMED_FROM_TAG, RUN_FILE
 from tests.conftest import CONF, PROJECT, TINY
 from tests.test_e2e import benchmark, runs_in
 
@@ -215,6 +217,13 @@ def accounted(job: str, fields: str = "State") -> str:
     return said.stdout.strip()
 
 
+def squeued(job: str) -> str:
+    """squeue's state of a job ("" once it is no longer listed)."""
+    said = subprocess.run(["squeue", "--noheader", "--states=all", f"--jobs={job}", "--format=%T"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return said.stdout.strip()
+
+
 def wait_until(condition: Any, what: str, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -287,8 +296,9 @@ def test_jobs_the_scheduler_ends_fail_their_cells_and_a_relaunch_completes_them(
     wait_until(run_file.exists, "run for cell 0")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = json.loads(run_file.read_text())["run_id"]
-    # Mid-fit: its first epoch logged, two to go.
+    # Mid-fit: its first epoch logged and kept (the last checkpoint), two to go.
     wait_until(lambda: "train_loss" in client.get_run(run_id).data.metrics, "epoch of cell 0")
+    wait_until((folder / "checkpoints" / LAST_FILE).exists, "last checkpoint of cell 0")
     subprocess.run(["scancel", sweep.jobs()[0]], check=True)
     code, output = sweep.end()
     assert code != 0, output[-5000:]
@@ -312,6 +322,56 @@ def test_jobs_the_scheduler_ends_fail_their_cells_and_a_relaunch_completes_them(
     assert {accounted(job) for job in again.jobs().values()} == {"COMPLETED"}
     runs = runs_in(tmp_path / "mlflow.db")
     assert sorted(runs.status) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    # The cancelled cell resumed from its last checkpoint (its epochs go on, not restart); the
+    # one that died before its fit began runs from its start.
+    finished = runs[runs.status == "FINISHED"]
+    finished = finished.set_index(finished["tags.cell"].str.extract(r"seed=(\d)$")[0])
+    assert finished.loc["0", f"tags.{RESUMED_FROM_TAG}"] == run_id
+    assert finished.loc["0", "metrics.resumed_at_epoch"] >= 1
+    assert finished.loc["0", "metrics.epochs_run"] == 3
+    assert pd.isna(finished.loc["1"].get(f"tags.{RESUMED_FROM_TAG}"))
+
+
+@pytest.mark.e2e
+def test_a_job_the_scheduler_warns_is_requeued_and_its_cell_resumes(
+    tmp_path, shared_data, tmp_store, slurm_cluster
+):
+    """SLURM's warning (SIGUSR2, as before a time limit or for a preemption) mid-fit: the job is
+    requeued through submitit, its cell's run ends FAILED `Requeued: preempted ...`, and the job,
+    started again under the same id, resumes the cell from its last checkpoint; the sweep waits
+    for it and ends with the cell finished."""
+    on_the_cluster(slurm_cluster)
+    longer = ("trainer.max_epochs", "trainer.limit_train_batches")
+    cells = ["strategy=finetune", *(o for o in TINY if not o.startswith(longer))]
+    sweep = Sweep(*cells, "trainer.max_epochs=12", "trainer.limit_train_batches=2",
+                  "hydra.launcher.timeout_min=30",  # far from its limit: a preemption's warning
+                  cwd=tmp_path, data_root=shared_data)  # fmt: skip
+    folder = wait_until(lambda: next((tmp_path / "multirun").glob("*/*/0_*"), None), "folder")
+    wait_until((folder / "checkpoints" / LAST_FILE).exists, "last checkpoint of the cell")
+    run_id = json.loads((folder / RUN_FILE).read_text())["run_id"]
+    job = sweep.jobs()[0]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    # Requeued, the job waits about two minutes before SLURM starts it again: start it now.
+    wait_until(lambda: "PENDING" in squeued(job), "the job pending again")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    code, output = sweep.end()
+    assert "cell failed" not in output, output[-3000:]  # the sweep waited for the requeued job
+    assert code == 0, output[-5000:]
+    assert "Sweep done: 1 cells: 1 finished, 0 skipped, 0 failed." in output, output[-3000:]
+    states = subprocess.run(
+        ["sacct", "--noheader", "--allocations", "--duplicates", f"--jobs={job}", "--format=State"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert states == ["REQUEUED", "COMPLETED"], states  # one job, started twice
+    runs = runs_in(tmp_path / "mlflow.db").sort_values("start_time")
+    assert list(runs.status) == ["FAILED", "FINISHED"]
+    cut, resumed = runs.iloc[0], runs.iloc[1]
+    assert cut.run_id == run_id
+    assert cut["tags.error"].startswith("Requeued: preempted: SLURM signalled the job"), cut
+    assert "the job is requeued (requeue 1)" in cut["tags.error"]
+    assert resumed[f"tags.{RESUMED_FROM_TAG}"] == run_id
+    assert resumed["metrics.resumed_at_epoch"] >= 1
+    assert resumed["metrics.epochs_run"] == 12
 
 
 @pytest.mark.e2e
@@ -335,6 +395,7 @@ def test_a_job_past_its_time_limit_says_so_even_without_accounting(
         "trainer.max_epochs=1000",
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=10",
+        "hydra.launcher.max_num_timeout=0",  # not requeued: it says timed out
         cwd=tmp_path,
         data_root=shared_data,
         PATH=f"{no_accounting}:{os.environ['PATH']}",

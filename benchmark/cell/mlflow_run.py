@@ -38,7 +38,8 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from benchmark.config.spec import CellSpec
 from benchmark.data.manifest import SHIFT, Manifest
-from benchmark.runtime import ranks
+from benchmark.models.resume import EPOCH_CURVES
+from benchmark.runtime import interrupt, ranks
 from benchmark.tracking import identity, server, store
 from benchmark.tracking.result import CellResult
 
@@ -48,7 +49,7 @@ log = logging.getLogger("benchmark")
 SPLITS = {"train": "training", "val": "validation", "test": "testing", SHIFT: "testing (shift)"}
 
 
-def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
+def cell_tags(spec: CellSpec, key: str, resumed_from: str | None = None) -> dict[str, str]:
     tags = {
         identity.HARNESS_TAG: "benchmark",
         identity.SCHEMA_TAG: identity.SCHEMA_VERSION,
@@ -59,21 +60,27 @@ def cell_tags(spec: CellSpec, key: str) -> dict[str, str]:
         **identity.git_tags(),
         "cell": spec.name,
         "torch_version": torch.__version__,
-        "hydra_output_dir": str(spec.paths.output_dir),
+        identity.OUTPUT_DIR_TAG: str(spec.paths.output_dir),
         **store.heartbeat_tags(),
     }
     if sweep := os.environ.get(identity.SWEEP_ENV):
         tags["sweep"] = sweep
     if look := os.environ.get(identity.LOOK_ENV):  # added by benchmark.tools.seeds
         tags[identity.LOOK_TAG] = look
+    if resumed_from:  # the interrupted attempt this run takes over (benchmark.cell.resume)
+        tags[identity.RESUMED_FROM_TAG] = resumed_from
     return tags
 
 
 @contextmanager
-def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
+def cell_run(
+    spec: CellSpec, key: str, manifest: Manifest, resumed_from: str | None = None
+) -> Iterator[Run]:
     """The cell's run, nested under its sweep's run when there is one: FINISHED when the block
     completes, FAILED (the error in one line as the tag `error`, the traceback as `error.txt`)
     when anything inside raises. A heartbeat says the process is alive while the block runs.
+    A cell that takes over an interrupted attempt (benchmark.cell.resume) opens a new run,
+    tagged with the attempt's (`resumed_from`); that run stays FAILED, as it ended.
 
     A run deleted while the cell runs (the MLflow UI's Delete) ends FAILED all the same, and
     stays deleted; the cell stops with a StoreError saying so. A SQLite store that stays locked
@@ -90,7 +97,7 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
         run = mlflow.start_run(
             experiment_id=exp_id,
             run_name=identity.run_name(spec, identity.task_overrides(spec.output_dir)),
-            tags=cell_tags(spec, key),
+            tags=cell_tags(spec, key, resumed_from),
             parent_run_id=os.environ.get(identity.PARENT_RUN_ENV) or None,
             log_system_metrics=spec.tracking.system_metrics,
         )
@@ -106,7 +113,8 @@ def cell_run(spec: CellSpec, key: str, manifest: Manifest) -> Iterator[Run]:
         yield run
     except BaseException as error:
         stop_heartbeat()
-        said = _failed(uri, run_id, error)
+        with interrupt.held():  # a signal now (a requeue's SIGTERM) waits for the record
+            said = _failed(uri, run_id, error)
         if said is not None:
             raise said from error
         raise
@@ -125,6 +133,7 @@ def _failed(uri: str, run_id: str, error: BaseException) -> store.StoreError | N
     if the store lets it within its busy timeout; else the launcher or a relaunch ends it, with
     the error the cell leaves in its outcome file)."""
     client = mlflow.MlflowClient(uri)
+    error = interrupt.as_ended(error)
     locked = server.store_locked(error, uri)
     deleted = None if locked is not None else _deleted(client, run_id, error)
     said = locked or deleted
@@ -306,6 +315,8 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     mlflow.log_metrics({name: value for name, value in cost.items() if value is not None})
     if fitted.convergence:  # final_train_loss/acc, best_val_epoch, epochs_run
         mlflow.log_metrics(fitted.convergence)
+    if fitted.resumed_at_epoch is not None:  # took over an interrupted attempt
+        mlflow.log_metric("resumed_at_epoch", fitted.resumed_at_epoch)
     if (tuned := fitted.tuned) is not None:
         mlflow.log_params({f"tune.chosen.{key}": value for key, value in tuned.values.items()})
         mlflow.log_metrics({"tune_s": tuned.seconds, "tune_best_val_acc": tuned.val_acc})
@@ -335,6 +346,50 @@ def log_result(spec: CellSpec, result: CellResult) -> None:
     if spec.tracking.log_model and fitted.checkpoint:
         model_id = log_checkpoint(spec, fitted.checkpoint, result.classes)
     mlflow.log_metrics(fitted.scores, model_id=model_id)
+
+
+# The learning rates' curves (LearningRateMonitor's names), stepped by optimizer step; the
+# model's own, EPOCH_CURVES, by epoch.
+RATE_CURVES = "lr-"
+
+
+def copy_curves(
+    spec: CellSpec,
+    run: Run,
+    source: str,
+    epochs: int,
+    steps: int,
+    last: Mapping[str, float] | None = None,
+    time_ms: int = 0,
+) -> int:
+    """A resumed cell's run gets the curves of the attempt it resumed (run `source`) up to where
+    that attempt's checkpoint stood: its first `epochs` epochs, its learning rates before
+    optimizer step `steps`. `last`: the values of its last epoch the checkpoint kept (at
+    `time_ms`), for the points the attempt was cut off before it logged (Lightning logs an
+    epoch's training metrics after it saved the checkpoint). The resumed fit logs the rest: the
+    run holds each epoch once, as an uninterrupted cell's does. Rank 0 alone; the points
+    copied."""
+    if not ranks.is_rank_zero():
+        return 0
+    client = mlflow.MlflowClient(identity.tracking_uri(spec))
+    names = client.get_run(source).data.metrics
+    points = [
+        Metric(point.key, point.value, point.timestamp, point.step)
+        for name in names
+        if name in EPOCH_CURVES or name.startswith(RATE_CURVES)
+        for point in client.get_metric_history(source, name)
+        if point.step < (epochs if name in EPOCH_CURVES else steps)
+    ]
+    logged = {(point.key, point.step) for point in points}
+    if epochs > 0:
+        points += [
+            Metric(name, value, time_ms, epochs - 1)
+            for name, value in (last or {}).items()
+            if name in EPOCH_CURVES and (name, epochs - 1) not in logged
+        ]
+    for first in range(0, len(points), 1000):  # MLflow's most per request
+        client.log_batch(run.info.run_id, metrics=points[first : first + 1000])
+    return len(points)
 
 
 def log_trials(

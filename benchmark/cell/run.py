@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from mlflow.entities import Run
 from torch import nn
 
-from benchmark.cell import mlflow_run, tune
+from benchmark.cell import mlflow_run, resume, tune
 from benchmark.cell.cost import CellCost
 from benchmark.cell.probe import ProbeResult, fit_probe, linear_head
 from benchmark.config.rules import check
@@ -42,6 +42,7 @@ from benchmark.models.classifier import (
 )
 from benchmark.models.convergence import Convergence
 from benchmark.models.features import FeatureDataModule, FeatureSet, feature_set
+from benchmark.models.resume import Checkpoints, LastCheckpoint, ResumeState
 from benchmark.models.trainer import build_trainer
 from benchmark.tracking import identity
 from benchmark.tracking.result import CellResult, CellSummary, Fitted
@@ -67,26 +68,54 @@ def finished(spec: CellSpec) -> CellSummary | None:
 
 def run_cell(spec: CellSpec, callbacks: Sequence[Callback] = ()) -> CellSummary:
     """The cell: its data, skipped if already FINISHED (unless `rerun=true`), else computed and
-    logged in one MLflow run. `callbacks` are extra Lightning callbacks for the cell's Trainer."""
+    logged in one MLflow run; an attempt of it that was cut off mid-fit is resumed from its last
+    checkpoint (benchmark.cell.resume). `callbacks` are extra Lightning callbacks for the cell's
+    Trainer."""
     spec, manifest, key = plan(spec)
     with cell_lock(spec, key):  # launched twice at once: computed once, the other waits
         if not spec.rerun and (done := finished_earlier(spec, key)) is not None:
             return done
-        with mlflow_run.cell_run(spec, key, manifest) as run:
-            result = compute_cell(spec, manifest, run, callbacks)
+        earlier = resume.Interrupted() if spec.probe else resume.interrupted(spec, key)
+        attempt = earlier.attempt
+        taken_over = attempt.run_id if attempt is not None else None
+        with mlflow_run.cell_run(spec, key, manifest, taken_over) as run:
+            result = compute_cell(spec, manifest, run, callbacks, Resuming(key, attempt))
             mlflow_run.log_result(spec, result)
+        resume.forget(spec, key, earlier)  # FINISHED: the selected model is in its run
     uri = identity.tracking_uri(spec)
     return CellSummary.of(
         result.cell, run.info.run_id, uri, result.fitted.scores, result.wall_time_s
     )
 
 
+@dataclass
+class Resuming:
+    """What a cell's fit needs to keep what a relaunch resumes from (its key; its cost, for the
+    cell's seconds so far), and the interrupted attempt it takes over, if any."""
+
+    key: str
+    attempt: resume.Attempt | None = None
+    cost: CellCost | None = None  # this launch's (compute_cell's)
+
+    def seconds(self) -> float:
+        """The cell's seconds so far: this launch's, and the attempts' before it."""
+        earlier = self.attempt.seconds if self.attempt is not None else 0.0
+        return earlier + (self.cost.seconds() if self.cost is not None else 0.0)
+
+
 def compute_cell(
-    spec: CellSpec, manifest: Manifest, run: Run, callbacks: Sequence[Callback] = ()
+    spec: CellSpec,
+    manifest: Manifest,
+    run: Run,
+    callbacks: Sequence[Callback] = (),
+    resuming: Resuming | None = None,
 ) -> CellResult:
     """Backbone, loaders, the frozen backbone's features when they can be cached, then the fit
-    (Lightning epochs, or the linear probe) and the test of the checkpoint chosen on val."""
+    (Lightning epochs, or the linear probe) and the test of the checkpoint chosen on val.
+    `resuming`: the fit keeps what a relaunch resumes from, and takes over its attempt."""
     cost = CellCost()
+    if resuming is not None:
+        resuming.cost = cost
     L.seed_everything(spec.seed, workers=True)
     backbone = create_backbone(
         spec.backbone.name, spec.backbone.weights_path, model=spec.backbone.model
@@ -108,13 +137,15 @@ def compute_cell(
             raise RuntimeError(f"{spec.name}: the linear probe has no features to fit on.")
         fitted = probe(spec, features, data.classes)
     else:
-        fitted = fit_and_test(spec, data, backbone, features, run, channels_last, callbacks, lp)
+        fitted = fit_and_test(
+            spec, data, backbone, features, run, channels_last, callbacks, lp, resuming
+        )
     return CellResult(
         cell=spec.name,
         input=kind.param(spec.speed.augmented_views),
         classes=data.classes,
         fitted=fitted,
-        wall_time_s=cost.seconds(),
+        wall_time_s=cost.seconds() + fitted.earlier_s,
         peak_rss_mb=cost.peak_rss_mb(),
         peak_gpu_mem_mb=cost.peak_gpu_mem_mb(),
         build_s=build_s,
@@ -347,19 +378,28 @@ def fit_and_test(
     channels_last: bool,
     callbacks: Sequence[Callback] = (),
     lp: ProbeResult | None = None,
+    resuming: Resuming | None = None,
 ) -> Fitted:
     """Tune (tune.trials), fit (Lightning epochs on the images, or on cached features: then the
-    model is the head alone), select on validation (the start a candidate), test once."""
+    model is the head alone), select on validation (the start a candidate), test once.
+    `resuming`: keep a last checkpoint while fitting, and take over an interrupted attempt (its
+    tuning's choice; its fit from its last checkpoint)."""
     inputs = fit_inputs(spec, data, backbone, features, channels_last, lp)
-    tuned = tuned_values(spec, inputs, run)
+    attempt = resuming.attempt if resuming is not None else None
+    if attempt is not None and attempt.tuned is not None and spec.tune.trials:
+        tuned: tune.Tuned | None = attempt.tuned  # not tuned again
+        log.info("%s: the values its tuning chose: %s", spec.name, tune.said(attempt.tuned.values))
+    else:
+        tuned = tuned_values(spec, inputs, run)
     if tuned is not None:
         spec = tune.with_values(spec, tuned.values)
     # Seeded here, once: a cache miss (which draws random numbers while extracting) and a hit,
     # a tuned cell and an untuned one, start their fit from the same random state.
     L.seed_everything(spec.seed, workers=True, verbose=False)
     model = inputs.build(spec)
-    checkpoint = ModelCheckpoint(
-        dirpath=spec.output_dir / "checkpoints",
+    folder = resume.folder(spec)
+    checkpoint = Checkpoints(
+        dirpath=folder,
         monitor="val_acc",
         mode="max",
         save_top_k=1,
@@ -369,8 +409,16 @@ def fit_and_test(
     throughput, convergence = TrainThroughput(), Convergence()
     budget = {"min_steps": spec.protocol.min_steps} if spec.protocol.min_steps else {}
     # The start is a candidate too (held-out selection; the study's max over epochs is not).
-    start = StartCandidate(spec.output_dir / "checkpoints" / "start.ckpt")
-    candidates = {} if spec.max_eval else {"num_sanity_val_steps": -1}
+    start = StartCandidate(folder / "start.ckpt")
+    # A resumed fit has its start's score and checkpoint already (and its random state restored:
+    # a sanity check would draw numbers the uninterrupted fit drew before its first epoch).
+    resumed = attempt.checkpoint if attempt is not None else None
+    candidates = {} if spec.max_eval or resumed else {"num_sanity_val_steps": -1}
+    kept: list[Callback] = []
+    if resuming is not None:  # what a relaunch resumes from, in `folder`
+        run_id = run.info.run_id
+        resume.keep(spec, resuming.key, run_id, tuned, attempt, resuming.seconds())
+        kept = [LastCheckpoint(folder), ResumeState(resuming.key, run_id, resuming.seconds)]
     loggers = mlflow_run.lightning_loggers(spec, run)
     # The learning rate of each parameter group per epoch (lr-SGD, lr-SGD/pg1: the backbone's),
     # a curve in the run's metrics; it reads the schedulers and changes nothing they do.
@@ -387,6 +435,7 @@ def fit_and_test(
             *progress_callbacks(spec.progress_bar),
             *summary_callbacks(bool(spec.trainer.get("enable_model_summary", True)), spec.verbose),
             *rates,
+            *kept,
             *callbacks,
         ],
         **inputs.trainer_args,
@@ -399,7 +448,17 @@ def fit_and_test(
     # Trainer.fit and .test take in place of the LightningModule (Lightning unwraps it); the
     # results are read from `model` itself.
     fitted = cast(L.LightningModule, torch.compile(model)) if spec.speed.compile else model
-    trainer.fit(fitted, datamodule=inputs.datamodule)
+    if attempt is not None and resumed is not None:  # its curves so far, into this run
+        mlflow_run.copy_curves(
+            spec,
+            run,
+            attempt.run_id,
+            attempt.epochs,
+            attempt.steps,
+            attempt.curves,
+            attempt.time_ms,
+        )
+    trainer.fit(fitted, datamodule=inputs.datamodule, ckpt_path=resumed)
     chosen = select(checkpoint, start, convergence, trainer)  # before the test adds metrics
     trainer.test(fitted, datamodule=inputs.datamodule, ckpt_path=chosen.checkpoint)
     if model.test_confusion is None:  # the test epoch's end computes it
@@ -436,6 +495,8 @@ def fit_and_test(
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,
         probe_c=lp.c if lp is not None else None,
         convergence=chosen.convergence,
+        resumed_at_epoch=None if attempt is None else attempt.epochs,
+        earlier_s=0.0 if attempt is None else attempt.seconds,
     )
 
 

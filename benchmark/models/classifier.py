@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -204,6 +204,7 @@ class StagedUnfreeze(BaseFinetuning):
     def __init__(self, epoch: int, stages: int | None, lr: float) -> None:
         super().__init__()
         self.epoch, self.stages, self.lr = epoch, stages, lr
+        self.unfrozen = False  # kept in a checkpoint: a fit resumed after it unfreezes again
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         """The module froze its backbone already, from strategy.trainable_stages."""
@@ -228,6 +229,22 @@ class StagedUnfreeze(BaseFinetuning):
         )
         self.unfreeze_and_add_param_group(modules, optimizer, lr=self.lr, train_bn=True)
         pl_module.freeze_below(floor)
+        self.unfrozen = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "unfrozen": self.unfrozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.unfrozen = bool(state_dict.get("unfrozen", False))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed after the unfreezing: Lightning gives the optimizer its param groups
+        back (BaseFinetuning), and the stages train again as they did."""
+        restarting = self._restarting
+        super().on_fit_start(trainer, pl_module)
+        if restarting and self.unfrozen and isinstance(pl_module, TransferClassifier):
+            pl_module.freeze_below(trainable_from(pl_module.stages, self.stages))
 
 
 class MinSteps(Callback):
@@ -270,10 +287,18 @@ class StartCandidate(Callback):
 
     def on_sanity_check_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         logged = trainer.callback_metrics
-        if self.monitor not in logged:
+        if self.monitor not in logged or self.scores:  # (a resumed fit has its start already)
             return
         self.scores = {f"start_{k}": float(v) for k, v in logged.items() if k.startswith("val_")}
         trainer.save_checkpoint(self.path, weights_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": dict(self.scores)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed fit's start: its scores (its checkpoint is at `path`, put there by the
+        launch that resumes)."""
+        self.scores = {k: float(v) for k, v in state_dict.get("scores", {}).items()}
 
     def wins(self, best: float | None) -> bool:
         """Whether the start scored at least `best` (the best epoch's score)."""
@@ -302,6 +327,12 @@ class TrainThroughput(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.seconds += time.perf_counter() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.images, self.seconds = int(state_dict["images"]), float(state_dict["seconds"])
 
     @property
     def images_per_s(self) -> float:

@@ -227,11 +227,27 @@ class FeatureDataModule(SplitLoaders):
         super().__init__()
         self.features, self.classes, self.batch_size = features, classes, batch_size
         self.seed = seed
+        self.views: RandomView | None = None  # the training loader's, once built
+        self._views_state: torch.Tensor | None = None  # to restore when it is built
+
+    def view_state(self) -> torch.Tensor | None:
+        """The training views' generator state (None before the training loader is built): a
+        fit resumed from a checkpoint that kept it draws the views the uninterrupted fit draws."""
+        return None if self.views is None else self.views.generator.get_state()
+
+    def restore_view_state(self, state: torch.Tensor) -> None:
+        """The training views' generator as `view_state` said it, from when the training loader
+        is next built (a resumed fit restores its state before it builds its loaders)."""
+        self._views_state = state
 
     def _loader(self, split: str) -> DataLoader:
         targets = self.features.targets[split]
         if split == "train":
-            dataset: Dataset = RandomView(self.features.train, targets, self.seed)
+            views = self.views = RandomView(self.features.train, targets, self.seed)
+            if self._views_state is not None:
+                views.generator.set_state(self._views_state)
+                self._views_state = None
+            dataset: Dataset = views
         else:
             features = getattr(self.features, split)
             if features is None:

@@ -566,23 +566,39 @@ class ReportsCellsHere:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit calls this in the job when SLURM signals it (SIGUSR2: its time limit is
-        `hydra.launcher.signal_delay_s` away, or a preemption), to requeue it. A cell does not
-        resume, so it stops here instead: Terminated, raised where the signal lands, ends the
-        cell FAILED as SIGTERM does (benchmark.runtime.interrupt), its run's error saying timed
-        out or preempted; relaunching the sweep runs it again. The same words go to the cell's
-        outcome first, for a signal that lands before the cell has started."""
+        `hydra.launcher.signal_delay_s` away, or a preemption). The job is requeued through
+        submitit, as hydra-submitit-launcher does (the same call again, `scontrol requeue`): the
+        cell's run ends FAILED, its error `Requeued: ...`, and the job, started again, resumes the
+        cell from the end of its last epoch (benchmark.cell.resume). A job that timed out is
+        requeued `hydra.launcher.max_num_timeout` times (SLURM_RESTART_COUNT counts the
+        requeues); after that (or at 0) Terminated, raised where the signal lands, ends the cell
+        FAILED as SIGTERM does (benchmark.runtime.interrupt), its run's error saying timed out;
+        relaunching the sweep resumes it. The same words go to the cell's outcome first, for a
+        signal that lands before the cell has started."""
         from benchmark.runtime import interrupt
 
         timeout_min = self.params.get("timeout_min")
         limit_s = 60 * float(timeout_min or 0)
         ran_s = time.time() - psutil.Process().create_time()
-        if limit_s and ran_s >= min(0.8 * limit_s, limit_s - 600):  # as submitit tells them
+        timed_out = bool(limit_s) and ran_s >= min(0.8 * limit_s, limit_s - 600)  # as submitit
+        if timed_out:
             said = (
                 f"timed out: the SLURM job neared its time limit after {ran_s:.0f} s "
                 f"(hydra.launcher.timeout_min={timeout_min})"
             )
         else:
             said = f"preempted: SLURM signalled the job after {ran_s:.0f} s, before its time limit"
+        requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        allowed = int(self.params.get("max_num_timeout") or 0)
+        if not timed_out or requeues < allowed:
+            interrupt.requeue(
+                f"{said}; the job is requeued (requeue {requeues + 1}), the cell resumes from "
+                "its last epoch"
+            )
+            log.warning("%s", said)
+            return super().checkpoint(*args, **kwargs)  # type: ignore[misc]
+        if requeues:
+            said += f", requeued {requeues} times (hydra.launcher.max_num_timeout={allowed})"
         try:
             hydra = HydraConfig.get()
             cell = " ".join(hydra.overrides.task)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 _received: int | None = None
 _in_cell = False
+_holding = False
 
 
 class Terminated(BaseException):
@@ -32,7 +33,13 @@ class Terminated(BaseException):
     terminated while it wrote a metric with a traceback and exit 1)."""
 
 
+class Requeued(BaseException):
+    """What ended a cell whose SLURM job was requeued (hydra.launcher.requeue): submitit's exit,
+    or the scheduler's SIGTERM, named for the run's error tag."""
+
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+_requeued: str | None = None
 
 
 def _said(signum: int) -> str:
@@ -44,7 +51,7 @@ def _said(signum: int) -> str:
 def _on_signal(signum: int, frame: object) -> None:
     global _received
     _received = signum
-    if _in_cell:
+    if _in_cell and not _holding:
         raise Terminated(_said(signum))
 
 
@@ -57,6 +64,19 @@ def cell() -> Iterator[None]:
         yield
     finally:
         _in_cell = False
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """While the block runs (a cell recording why it ended), a signal is only remembered: raised
+    inside it, it would cut that record short (a run left active, which MLflow's own exit hook
+    then ends FINISHED). `received()` and `check()` tell it afterwards."""
+    global _holding
+    before, _holding = _holding, True
+    try:
+        yield
+    finally:
+        _holding = before
 
 
 def install() -> None:
@@ -86,3 +106,22 @@ def check() -> None:
     """Raise Terminated if the process was asked to stop, even if that first raise was lost."""
     if _received is not None:
         raise Terminated(_said(_received))
+
+
+def requeue(said: str) -> None:
+    """The cell's job is being requeued (`said`: why); whatever ends the cell now is that."""
+    global _requeued
+    _requeued = said
+
+
+def requeued() -> str | None:
+    """Why the cell's job is being requeued, if it is."""
+    return _requeued
+
+
+def as_ended(error: BaseException) -> BaseException:
+    """`error` as the cell's run records it: Requeued when the job is being requeued and the
+    error is how the process is stopped for it (submitit's SystemExit, the scheduler's SIGTERM)."""
+    if _requeued is not None and isinstance(error, SystemExit | Terminated):
+        return Requeued(_requeued)
+    return error

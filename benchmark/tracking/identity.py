@@ -48,6 +48,10 @@ CELL_GROUP_TAG = "cell_group"
 DEBUG_TAG = "debug"  # "true" for a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_DIRTY_TAG = "benchmark.git.dirty"  # "true": tracked code differed from that commit
+# Where a cell's run wrote its files (its output folder; where a relaunch looks for what an
+# interrupted attempt kept), and the run of the interrupted attempt a resumed cell took over.
+OUTPUT_DIR_TAG = "hydra_output_dir"
+RESUMED_FROM_TAG = "benchmark.resumed_from"
 # Tracked outputs, not code: `make results` writes its committed store there while its cells
 # run, which must not make every cell of the grid read as run on uncommitted code.
 OUTPUT_DIRS = ("results",)

@@ -61,6 +61,12 @@ class Fitted:
     # How the fit ended (models/convergence.py): final_train_loss, final_train_acc,
     # best_val_epoch, epochs_run. Empty for linear_probe (a closed-form/LBFGS fit, no epochs).
     convergence: dict[str, float] = field(default_factory=dict)
+    # A fit that took over an interrupted attempt (benchmark.cell.resume): the epoch it resumed
+    # at (0-based: the epochs its checkpoint held; 0 when only the tuning's choice was taken
+    # over), and the cell's seconds in the attempts before, up to what was taken over (the
+    # cell's wall time adds them). None and 0 for a fit in one go.
+    resumed_at_epoch: int | None = None
+    earlier_s: float = 0.0
 
 
 @dataclass

@@ -51,6 +51,20 @@ def finished_earlier(spec: CellSpec, key: str) -> CellSummary | None:
     return CellSummary.of(spec.name, run.info.run_id, uri, run.data.metrics, skipped=True)
 
 
+def interrupted_earlier(spec: CellSpec, key: str) -> list[tuple[str, Path]]:
+    """The attempts of this cell that were cut off (FAILED or KILLED) since it last FINISHED,
+    newest first, each as its run id and its output folder: where a relaunch looks for what an
+    attempt kept to resume from (benchmark.cell.resume). Every rank of a DDP cell asks alike
+    (a RUNNING run, rank 0's own, is not one of them), so that all resume from the same one."""
+    uri = identity.tracking_uri(spec)
+    runs = store.interrupted_runs(uri, spec.tracking.experiment, key)
+    return [
+        (run.info.run_id, Path(folder))
+        for run in runs
+        if (folder := run.data.tags.get(identity.OUTPUT_DIR_TAG))
+    ]
+
+
 def lock_file(spec: CellSpec, key: str) -> Path:
     """Where the cell's lock lives: beside a SQLite store (every process writing to it sees it),
     else in the cache folder (a server's cells on this host)."""

@@ -52,6 +52,7 @@ from benchmark.tracking.identity import (
     CELL_KEY_TAG,
     HARNESS_TAG,
     KIND_TAG,
+    OUTPUT_DIR_TAG,
     RUN_FILE,
     SCHEMA_TAG,
     SCHEMA_VERSION,
@@ -337,6 +338,33 @@ def finished_run(uri: str, experiment: str, key: str) -> Run | None:
     return runs[0] if runs else None
 
 
+# Statuses of a run that was cut off: a relaunch may resume its cell from what it kept.
+CUT_OFF = (RunStatus.to_string(RunStatus.FAILED), RunStatus.to_string(RunStatus.KILLED))
+
+
+def interrupted_runs(uri: str, experiment: str, key: str) -> list[Run]:
+    """The runs of the cell with this key that ended FAILED or KILLED since its latest FINISHED
+    run (all of them when none FINISHED), newest first; stale runs ended first. A run still
+    RUNNING (this launch's own, or one going on elsewhere) is passed over."""
+    exp_id = experiment_id(uri, experiment)
+    with said_if_locked(uri):
+        end_stale_runs(mlflow.MlflowClient(uri), [exp_id])
+        settle_abandoned_runs(exp_id, key)
+        runs = mlflow.search_runs(
+            [exp_id],
+            f"tags.{CELL_KEY_TAG} = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            output_format="list",
+        )
+    cut: list[Run] = []
+    for run in runs:
+        if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            break
+        if run.info.status in CUT_OFF:
+            cut.append(run)
+    return cut
+
+
 # ---------------------------------------------------------------- heartbeat
 
 
@@ -445,7 +473,7 @@ def end_stale_runs(client: mlflow.MlflowClient, experiment_ids: list[str]) -> li
 def _said_error(tags: dict[str, str]) -> str | None:
     """The error a cell wrote in its outcome file before it exited without ending its run (the
     store was down), if its folder is readable here."""
-    said = _outcome(Path(tags.get("hydra_output_dir", "")))
+    said = _outcome(Path(tags.get(OUTPUT_DIR_TAG, "")))
     return str(said["error"]) if said.get("status") == Status.failed and "error" in said else None
 
 
@@ -492,7 +520,7 @@ def settle_abandoned_runs(experiment_id: str, key: str) -> list[str]:
     )
     ended = []
     for run in running:
-        folder = Path(run.data.tags.get("hydra_output_dir", ""))
+        folder = Path(run.data.tags.get(OUTPUT_DIR_TAG, ""))
         said, run_file = _outcome(folder), folder / RUN_FILE
         if not (said and run_file.is_file()):
             continue
