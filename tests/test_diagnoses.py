@@ -94,14 +94,18 @@ def test_an_lp_ft_run_whose_fit_never_beat_its_probe_is_below_its_start():
     cell = checked(runs("lp_ft", beat, kept | {"final_val_acc": 0.94}))
     assert marked(cell) == ["below_start"]
     assert cell.below_start_why == (
-        "seed 1: selection kept the start (val 0.950): no trained epoch beat it; "
-        "last val 0.940 at epoch 10"
+        "seed 1: selection kept the start (val 0.950): no trained epoch beat it and the fit "
+        "ended below it; last val 0.940 at epoch 10"
     )
     assert cell.convergence == "below its start" and cell.not_logged == ""
+    # A fit that ties its start (as at validation accuracy 1.0) lost nothing: not marked.
+    tied = kept | {"final_val_acc": 0.95}
+    cell = checked(runs("lp_ft", beat, tied))
+    assert marked(cell) == [] and cell.convergence != "below its start"
 
 
 def test_below_its_start_is_for_a_fitted_start_only_and_needs_the_start_logged():
-    kept = {"start_val_acc": 0.5, "best_val_acc": 0.5, "best_val_epoch": -1, "final_val_acc": 0.5}
+    kept = {"start_val_acc": 0.5, "best_val_acc": 0.5, "best_val_epoch": -1, "final_val_acc": 0.4}
     random_head = checked(runs("finetune", kept))  # a random head: nothing to fall below
     assert not random_head.below_start and "below its start" not in random_head.checked
     probe_head = runs("finetune", kept).assign(head_init="probe")  # finetune from a fitted head

@@ -4,7 +4,7 @@ Pure pandas on the counted FINISHED runs (`tables.latest_per_seed`), no store in
 
 - Diagnoses, one mark each, per seed (a seed may carry several; a cell carries its seeds'):
   diverged (validation peaked early and fell far), below its start (a fit from a fitted head,
-  lp_ft's probe, that never beat it), may be undertrained (validation accuracy still rising at
+  lp_ft's probe, that ended below it), may be undertrained (validation accuracy still rising at
   the end, or a low final training accuracy) and overfit (training fitted while validation fell
   from its best). The rules and their thresholds: `ConvergenceRule`. A run without the metrics a
   rule needs (from before the cell logged them) is "not logged" for that rule, never taken for
@@ -102,8 +102,9 @@ class ConvergenceRule:
       last epoch falls short of it by that much with nothing wrong; 0.10 is five images, a fall
       beyond that from a peak in the first half of the run is a fit that came apart (the tuned
       Hymenoptera finetune: 0.98 after its first epoch, 0.51 at its tenth).
-    - below its start: no threshold: a fit from a fitted head (lp_ft's probe) whose trained
-      epochs never beat that head's validation accuracy added nothing to it, by any amount.
+    - below its start: no threshold: a fit from a fitted head (lp_ft's probe) that ended below
+      that head's validation accuracy, by any amount, with no trained epoch above it (one that
+      only ties it, as at 1.0, is not marked: nothing was lost).
     - overfit_train_acc 0.99, overfit_drop 0.05 (overfit): the training images fitted all but
       perfectly (0.99, with augmentation on) while the last epoch's validation accuracy ended
       more than the maximum-over-epochs' wobble (0.05: over two images of ~49) below its best:
@@ -141,8 +142,9 @@ class ConvergenceRule:
         if diagnosis == BELOW_START:
             return (
                 "a seed that fine-tunes from a fitted head (lp_ft's probe, head_init=probe) and "
-                "whose trained epochs never beat that head's validation accuracy: selection kept "
-                "the start, or its best epoch is below the probe's"
+                "whose fit ended below that head's validation accuracy: selection kept the start "
+                "and the last epoch is below it, or its best epoch is below the probe's (a fit "
+                "that ties its start is not marked)"
             )
         if diagnosis == OVERFIT:
             return (
@@ -201,7 +203,7 @@ def run_diagnoses(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
             then = f"; last val {last:.3f} at epoch {int(end[i])}" if pd.notna(last) else ""
             return (
                 f"selection kept the {start_name[i]} (val {start[i]:.3f}): no trained epoch "
-                f"beat it{then}"
+                f"beat it and the fit ended below it{then}"
             )
         return (
             f"best trained val {m.best_val_acc[i]:.3f} {_at(epoch[i])} < "
@@ -219,7 +221,11 @@ def run_diagnoses(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
         BELOW_START: (
             [start, m.best_val_acc, epoch],
             fitted,
-            (epoch < 0) | (m.best_val_acc < start - _EPS),
+            # Selection kept the start and the fit ended below it (a fit that only tied it, as
+            # at a validation accuracy of 1.0, added nothing but lost nothing), or (code from
+            # before the start was a candidate) its best epoch is below the probe's.
+            ((epoch < 0) & ~(m.final_val_acc >= start - _EPS))
+            | ((epoch >= 0) & (m.best_val_acc < start - _EPS)),
             below_why,
         ),
         UNDERTRAINED: (
