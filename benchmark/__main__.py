@@ -19,7 +19,7 @@ from benchmark.config.spec import CellSpec, from_config
 from benchmark.orchestration.sweep import CellOutcome, summarised_here
 from benchmark.runtime import console, interrupt
 from benchmark.tracking.identity import browse_command, redact, use_credentials
-from benchmark.tracking.result import Status
+from benchmark.tracking.result import CellSummary, Status
 
 log = logging.getLogger("benchmark")
 
@@ -91,33 +91,55 @@ def main(cfg: DictConfig) -> CellOutcome:
     """One cell. Its outcome goes to `outcome.json` in its output folder, for any launcher."""
     hydra_cfg = HydraConfig.get()
     spec = from_config(cfg)  # the boundary: typed from here on
-    folder, name = Path(hydra_cfg.runtime.output_dir), spec.name
+    folder = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     use_credentials(spec.tracking.uri)  # before any store is reached; a launcher's cells inherit
     if spec.plan:  # the cell's plan, nothing run (a sweep's is said once, by SweepSummary)
-        return plan(spec, hydra_cfg.mode == RunMode.MULTIRUN)
+        return plan(spec, multirun)
     # Out of range, or a tracking URI no store answers to: said before torch and Lightning are
     # imported (a misspelt scheme would otherwise be found half a minute later, in tracebacks).
     if found := problems(spec) or uri_problems(spec):
-        log.error("%s", " ".join(found))
-        outcome = CellOutcome(name, Status.failed, error=f"ConfigError: {' '.join(found)}")
-        outcome.save(folder)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return outcome
-        raise SystemExit(1)
+        return refused(spec.name, folder, found, multirun)
+    return run(spec, folder, multirun)
 
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from benchmark.cell.run import run_cell
+def refused(name: str, folder: Path, found: list[str], multirun: bool) -> CellOutcome:
+    """A cell whose config is refused: said in one line, its outcome FAILED (a ConfigError);
+    returned in a sweep, else the process exits 1."""
+    log.error("%s", " ".join(found))
+    outcome = CellOutcome(name, Status.failed, error=f"ConfigError: {' '.join(found)}")
+    outcome.save(folder)
+    if multirun:
+        return outcome
+    raise SystemExit(1)
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """The errors that are bad input, not bugs (imported here: below them are torch and
+    Lightning)."""
     from benchmark.config.rules import ConfigError
     from benchmark.data import DatasetError
     from benchmark.models.backbones import BackboneError
-    from benchmark.orchestration.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
-    from benchmark.tracking.identity import tracking_uri
-    from benchmark.tracking.server import TrackingUnreachable, explained
+    from benchmark.tracking.server import TrackingUnreachable
     from benchmark.tracking.store import StoreError
 
+    return (ConfigError, DatasetError, BackboneError, TrackingUnreachable, StoreError)
+
+
+def run(spec: CellSpec, folder: Path, multirun: bool) -> CellOutcome:
+    """The cell run, its outcome saved: a signal ends it as `terminated` says; a failure is
+    said (bad input in one line, a bug with its traceback), then returned in a sweep, else the
+    process exits 1 (bad input) or the error propagates."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from benchmark.cell.run import run_cell
+    from benchmark.orchestration.distributed import RELAUNCH_UNDER_MULTIRUN, relaunches_command
+    from benchmark.tracking.identity import tracking_uri
+    from benchmark.tracking.server import explained
+
+    name, bad_inputs = spec.name, bad_input_errors()
     console.setup(spec.verbose)  # Lightning is imported: each of its lines once, or none
-    if hydra_cfg.mode == RunMode.MULTIRUN and relaunches_command(spec.trainer):
+    if multirun and relaunches_command(spec.trainer):
         log.error(RELAUNCH_UNDER_MULTIRUN.format(strategy=spec.trainer["strategy"]))
         raise SystemExit(2)  # before any cell starts ranks; stops the sweep
     interrupt.install()
@@ -130,22 +152,33 @@ def main(cfg: DictConfig) -> CellOutcome:
     except Exception as error:
         if interrupt.received():  # the signal came, and some code turned it into this error
             return terminated(name, folder, interrupt.reason())
-        bad_input = isinstance(
-            error, ConfigError | DatasetError | BackboneError | TrackingUnreachable | StoreError
-        )
-        if bad_input:  # not a bug: say what and how to fix it, without a traceback
-            log.error("%s", error)
-        else:
-            log.exception("%s failed", name)
-        outcome = CellOutcome(name, Status.failed, error=redact(f"{type(error).__name__}: {error}"))
-        outcome.save(folder)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        bad_input = isinstance(error, bad_inputs)
+        outcome = failed(name, folder, error, bad_input)
+        if multirun:
             return outcome  # the other cells go on; SweepSummary fails the sweep at the end
         if bad_input:
             raise SystemExit(1) from None
         raise
+    return finished(name, folder, result, multirun)
+
+
+def failed(name: str, folder: Path, error: Exception, bad_input: bool) -> CellOutcome:
+    """The cell failed with `error` (being handled): said, bad input in one line and a bug with
+    its traceback, and its outcome FAILED saved."""
+    if bad_input:  # not a bug: say what and how to fix it, without a traceback
+        log.error("%s", error)
+    else:
+        log.exception("%s failed", name)
+    outcome = CellOutcome(name, Status.failed, error=redact(f"{type(error).__name__}: {error}"))
+    outcome.save(folder)
+    return outcome
+
+
+def finished(name: str, folder: Path, result: CellSummary, multirun: bool) -> CellOutcome:
+    """A cell that ran: its line said and its outcome saved; a signal that came as it ended
+    stops here (`stopping`)."""
     log.info("%s", redact(result.line()))  # a tracking URI's password is never logged
-    if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep says it once, at its end (SweepSummary)
+    if not multirun:  # a sweep says it once, at its end (SweepSummary)
         log.info("Browse runs: %s", browse_command(result.tracking_uri))
     outcome = CellOutcome.of(name, result)
     outcome.save(folder)

@@ -366,11 +366,24 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
     """A CSV with columns `path,label` (and optionally `split`: train/val/test, in any case);
     relative paths are relative to the CSV's folder. Every value is text: a label `None` or `NA`
     is a label, only an empty cell is missing."""
+    file = _labels_file(cfg)
+    table = _labelled_rows(_read_labels(file), file)
+    return _listed_images(table, file, cfg.classes)
+
+
+def _labels_file(cfg: DatasetConfig) -> Path:
+    """The labels CSV `dataset.file` names, resolved; refused when unset or not a file."""
     if not cfg.file:
         raise DatasetError("dataset=csv needs dataset.file=/path/to/labels.csv (path,label).")
     file = Path(cfg.file).expanduser().resolve()
     if not file.is_file():
         raise DatasetError(f"dataset.file={cfg.file}: no such file ({file}).")
+    return file
+
+
+def _read_labels(file: Path) -> pd.DataFrame:
+    """The labels CSV as text, its column names lower case; refused (saying how to fix it) when
+    it is not UTF-8, not a CSV, lacks the path or label column, or has no rows."""
     try:
         separator = csv_separator(file)
         table = pd.read_csv(
@@ -403,6 +416,12 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
         )
     if table.empty:
         raise DatasetError(f"{file} has a header but no rows: add a row path,label per image.")
+    return table
+
+
+def _labelled_rows(table: pd.DataFrame, file: Path) -> pd.DataFrame:
+    """The rows with their labels stripped, their splits read (where given) and their paths
+    absolute; refused when a row lacks its path or label, or an image has two labels."""
     blank = table.index[table.path.isna() | table.label.fillna("").str.strip().eq("")]
     if len(blank):
         lines = ", ".join(str(i + 2) for i in blank[:10])  # 1-based, after the header
@@ -420,12 +439,18 @@ def csv(cfg: DatasetConfig, data_root: Path) -> Source:
             f"{file}: {len(conflicting)} image(s) are listed with two labels ({shown}): give "
             "each image one label."
         )
+    return table
+
+
+def _listed_images(table: pd.DataFrame, file: Path, classes: list[str] | None) -> Source:
+    """The listed images of the configured `classes` that exist and decode; a repeated row, a
+    missing file and an undecodable one are skipped, each with why."""
     repeated = table.duplicated("path")  # a file listed twice must not be in two splits
     twice = excluded(table.path[repeated], f"listed again in {file.name} (duplicate row)")
     table = table[~repeated]
     exists = table.path.map(lambda p: Path(p).is_file())
     absent = excluded(table.path[~exists], f"listed in {file.name} but missing")
-    files, left_out = select_classes(table[exists], set(table.label), cfg.classes, file)
+    files, left_out = select_classes(table[exists], set(table.label), classes, file)
     scan = verify(files.reset_index(drop=True), desc=f"checking {file.name}")
     skipped = pd.concat([twice, absent, left_out, scan.skipped], ignore_index=True)
     return Source(Scan(scan.images, skipped), file.parent)

@@ -31,6 +31,7 @@ from benchmark.report.stats import (
 from benchmark.report.tables import (
     GROUP,
     RULES,
+    Runs,
     accuracy_table,
     column_legend,
     column_names,
@@ -477,6 +478,12 @@ def _dots_markdown(dots: Dots) -> str:
     return f"**Test accuracy per dataset**: {dots.caption()}\n\n{images}\n\n"
 
 
+# The columns whose values come from the runs (names the user chose): escaped for Markdown.
+_NAMES = ("dataset", "colour", "column", "backbone")
+# How report.md's tables are written: a cost a cell does not have (no GPU...) as a dash.
+_MARKDOWN = {"index": False, "missingval": "—"}
+
+
 def write_tables(
     table: pd.DataFrame, verdicts: pd.DataFrame, ranking: pd.DataFrame, out: Path, source: str,
     footnote: str, predicted: pd.DataFrame | None = None, notes: Sequence[str] = (),
@@ -490,81 +497,151 @@ def write_tables(
     legend = column_legend(table, list(accuracy.columns[2:]))
     idle = not_run_note(table)
     bold = bold_best(table, accuracy)
+    cost = cost.astype(object).where(cost.notna(), None)  # tabulate prints NaN as "nan"
+    dots = dots or Dots((0.0, 1.0), [])
+    paths = [out / "report.md", out / "report.csv", out / "report.tex", *_write_dots(dots, out)]
+    paths[0].write_text(
+        _markdown_top(source, left_out, decided)
+        + _accuracy_markdown(accuracy, bold, idle, dots, legend)
+        + _notes_markdown(notes, footnote, decided)
+        + _pairs_markdown(verdicts)
+        + _ranks_markdown(ranking)
+        + _predicted_markdown(predicted)
+        + _cost_markdown(cost)
+    )
+    table.to_csv(paths[1], index=False, float_format="%.4f")
+    paths[2].write_text(
+        _latex_report(accuracy, bold, cost, notes, _latex_below(legend, idle, left_out))
+    )
+    return paths
+
+
+def _write_dots(dots: Dots, out: Path) -> list[Path]:
+    """Each dataset's dot figure as an SVG file in `out`, named as report.md shows it."""
+    for (_, svg), name in zip(dots.svgs, dots.files(), strict=True):
+        (out / name).write_text(svg)
+    return [out / name for name in dots.files()]
+
+
+def _markdown_top(source: str, left_out: Sequence[str], decided: Decided | None) -> str:
+    """report.md's title, its source, the lines on the runs left out and the verdicts."""
+    return (
+        f"# {TITLE}\n\n"
+        f"Source: `{source}`.\n\n"
+        + "".join(f"{escape(line)}\n\n" for line in left_out)
+        + (_verdicts_markdown(decided, _NAMES) if decided is not None else "")
+    )
+
+
+def _accuracy_markdown(
+    accuracy: pd.DataFrame,
+    bold: pd.DataFrame,
+    idle: str,
+    dots: Dots,
+    legend: list[tuple[str, str]],
+) -> str:
+    """The dot figures, the accuracy table (the best of each row in bold) with the cells not run
+    said above and below it, its legend and the rules."""
     shown = accuracy.copy()
     for column in accuracy.columns:
         shown[column] = [
             f"**{v}**" if b else v for v, b in zip(shown[column], bold[column], strict=True)
         ]
-    names = ("dataset", "colour", "column", "backbone")  # from the runs: escaped for Markdown
-    shown = escape_names(shown, names)
-    paths = [out / "report.md", out / "report.csv", out / "report.tex"]
-    markdown = {"index": False, "missingval": "—"}  # a cost a cell does not have (no GPU...)
-    cost = cost.astype(object).where(cost.notna(), None)  # tabulate prints NaN as "nan"
+    shown = escape_names(shown, _NAMES)
+    idle_line = f"{escape(idle)}.\n\n" if idle else ""
+    return (
+        idle_line
+        + _dots_markdown(dots)
+        + "**Test accuracy per cell**\n\n"
+        + f"{shown.to_markdown(**_MARKDOWN)}\n\n"
+        + idle_line
+        + _legend_markdown(legend)
+        + f"{RULES}\n\n"
+    )
+
+
+def _notes_markdown(notes: Sequence[str], footnote: str, decided: Decided | None) -> str:
+    """The section of notes on the table, then the primary contrasts'."""
+    return (
+        "## Notes on the table (diagnoses, code, splits)\n\n"
+        + "".join(f"{escape(note)}\n\n" for note in notes)
+        + (f"{footnote}\n\n" if footnote else "")
+        + (_contrasts_markdown(decided, _NAMES) if decided is not None else "")
+    )
+
+
+def _pairs_markdown(verdicts: pd.DataFrame) -> str:
+    """The section of every comparable pair (`comparisons`), one line each."""
     lines = "\n".join(  # the row's names escaped, not the interval's brackets
         f"- {escape(w)}{v[len(w) :]}"
         for w, v in zip(verdicts["where"], verdicts.verdict, strict=True)
     )
     lines = lines or "- (no two strategies to compare)"
-    ranked = ranking.reset_index().rename(columns={"index": "column", "rows": "rows ranked"})
-    ranked, cost_shown = escape_names(ranked, names), escape_names(cost, names)
-    predicted = None if predicted is None else escape_names(predicted, names)
-    idle_line = f"{escape(idle)}.\n\n" if idle else ""
-    dots = dots or Dots((0.0, 1.0), [])
-    for (_, svg), name in zip(dots.svgs, dots.files(), strict=True):
-        (out / name).write_text(svg)
-    paths += [out / name for name in dots.files()]
-    paths[0].write_text(
-        f"# {TITLE}\n\n"
-        f"Source: `{source}`.\n\n"
-        + "".join(f"{escape(line)}\n\n" for line in left_out)
-        + (_verdicts_markdown(decided, names) if decided is not None else "")
-        + idle_line
-        + _dots_markdown(dots)
-        + "**Test accuracy per cell**\n\n"
-        + f"{shown.to_markdown(**markdown)}\n\n"
-        + idle_line
-        + _legend_markdown(legend)
-        + f"{RULES}\n\n"
-        + "## Notes on the table (diagnoses, code, splits)\n\n"
-        + "".join(f"{escape(note)}\n\n" for note in notes)
-        + (f"{footnote}\n\n" if footnote else "")
-        + (_contrasts_markdown(decided, names) if decided is not None else "")
-        + "## Exploratory: every comparable pair (paired t-tests, not in the verdicts)\n\n"
+    return (
+        "## Exploratory: every comparable pair (paired t-tests, not in the verdicts)\n\n"
         + f"{pairs_note(verdicts)}\n\n"
         + lines
         + "\n\n"
-        + f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
-        + (
-            "## Ranking before training (python -m benchmark.tools.rank)\n\nKendall's tau between "
-            "each score, computed on frozen features before any training, and the measured "
-            "test accuracy, over the backbones of each row (p: two-sided).\n\n"
-            f"{predicted.to_markdown(index=False)}\n\n"
-            if predicted is not None and not predicted.empty
-            else ""
-        )
-        + f"## Cost per cell (mean over finished seeds)\n\n{cost_shown.to_markdown(**markdown)}\n"
     )
-    table.to_csv(paths[1], index=False, float_format="%.4f")
+
+
+def _ranks_markdown(ranking: pd.DataFrame) -> str:
+    """The section of each column's average rank (`ranks`)."""
+    ranked = ranking.reset_index().rename(columns={"index": "column", "rows": "rows ranked"})
+    ranked = escape_names(ranked, _NAMES)
+    return f"## Average rank across rows (1 = best)\n\n{ranked.to_markdown(index=False)}\n\n"
+
+
+def _predicted_markdown(predicted: pd.DataFrame | None) -> str:
+    """The section of the ranking before training (`ranking_before_training`), if any."""
+    if predicted is None or predicted.empty:
+        return ""
+    predicted = escape_names(predicted, _NAMES)
+    return (
+        "## Ranking before training (python -m benchmark.tools.rank)\n\nKendall's tau between "
+        "each score, computed on frozen features before any training, and the measured "
+        "test accuracy, over the backbones of each row (p: two-sided).\n\n"
+        f"{predicted.to_markdown(index=False)}\n\n"
+    )
+
+
+def _cost_markdown(cost: pd.DataFrame) -> str:
+    """The last section of report.md: the cost table."""
+    shown = escape_names(cost, _NAMES)
+    return f"## Cost per cell (mean over finished seeds)\n\n{shown.to_markdown(**_MARKDOWN)}\n"
+
+
+def _latex_below(legend: list[tuple[str, str]], idle: str, left_out: Sequence[str]) -> list[str]:
+    """The lines report.tex sets under the accuracy table, before the rules: the runs left out,
+    the cells not run, the columns' legend."""
     said = "; ".join(f"{short}: {full}" for short, full in legend)
-    below = [*left_out, *([f"{idle}."] if idle else []), *([f"Columns: {said}."] if said else [])]
-    paths[2].write_text(
-        latex_document(
-            [
-                to_latex(
-                    accuracy,
-                    "Test accuracy per cell (what each column stands for, the rules and the "
-                    "diagnoses: under the table).",
-                    "tab:accuracy",
-                    bold=bold,
-                ),
-                # Text, not the caption: LaTeX sets a caption on one line first, and the notes of
-                # a large grid are longer than the longest line it can measure.
-                "\n\n".join(latex_escape(text) for text in [*below, RULES, *notes]),
-                to_latex(cost, "Cost per cell.", "tab:cost"),
-            ]
-        )
+    return [*left_out, *([f"{idle}."] if idle else []), *([f"Columns: {said}."] if said else [])]
+
+
+def _latex_report(
+    accuracy: pd.DataFrame,
+    bold: pd.DataFrame,
+    cost: pd.DataFrame,
+    notes: Sequence[str],
+    below: list[str],
+) -> str:
+    """report.tex: the accuracy table (`bold`: the best of each row), the lines `below` it, the
+    rules and `notes`, then the cost table."""
+    return latex_document(
+        [
+            to_latex(
+                accuracy,
+                "Test accuracy per cell (what each column stands for, the rules and the "
+                "diagnoses: under the table).",
+                "tab:accuracy",
+                bold=bold,
+            ),
+            # Text, not the caption: LaTeX sets a caption on one line first, and the notes of
+            # a large grid are longer than the longest line it can measure.
+            "\n\n".join(latex_escape(text) for text in [*below, RULES, *notes]),
+            to_latex(cost, "Cost per cell.", "tab:cost"),
+        ]
     )
-    return paths
 
 
 # The most columns a table keeps a number and its interval each on one line in (`_UNBROKEN`):
@@ -664,11 +741,51 @@ def write_html(
     contrasts, ranks, cost, failed runs, curves, matrices."""
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
-    curves = val_curves(counted)
+    figured = _pictures(table, counted, uri)
     accuracy = accuracy_table(table)
     legend = column_legend(table, list(accuracy.columns[2:]))
     idle = not_run_note(table)
-    dots = dots or Dots((0.0, 1.0), [])
+    idle_html = f'<p class="small">{html.escape(idle)}.</p>' if idle else ""
+    failed = _failed_html(runs, counted)
+    details = [
+        _details(
+            "Notes on the table (diagnoses, code, splits)",
+            "".join(f"<p>{html.escape(note)}</p>" for note in [*notes, footnote] if note),
+        ),
+        _contrasts_html(decided),
+        _pairs_html(verdicts),
+        _ranks_html(ranking),
+        _predicted_html(predicted),
+        _cost_html(table, *figured[0]),
+        _details(f"Failed runs ({failed.count('<li>')})", f"<ul>{failed}</ul>") if failed else "",
+        *(_details(title, f"<figure>{svg}</figure>") for title, svg in figured[1:]),
+    ]
+    page = out / "report.html"
+    page.write_text(
+        _page(
+            source,
+            [
+                "".join(f'<p class="left-out">{html.escape(line)}</p>' for line in left_out),
+                _verdicts_html(decided),
+                idle_html,
+                _dots_html(dots or Dots((0.0, 1.0), [])),
+                "<h2>Test accuracy per cell</h2>",
+                _table_html(accuracy, bold_best(table, accuracy)),
+                idle_html,
+                _legend_html(legend),
+                f'<p class="small">{html.escape(RULES)}</p>',
+                "<h2>Details</h2>",
+                "".join(details),
+            ],
+        )
+    )
+    return page
+
+
+def _pictures(table: pd.DataFrame, counted: pd.DataFrame, uri: str) -> list[tuple[str, str]]:
+    """report.html's pictures as (title, SVG markup): cost against accuracy, then the learning
+    curves and the confusion matrices of the counted FINISHED runs where there are any."""
+    curves = val_curves(counted)
     pictures = [
         (
             "Cost against accuracy (wall time per cell, log scale)",
@@ -684,89 +801,101 @@ def write_html(
                 figures.confusion_grid(matrices),
             )
         )
-    figured = [(title, figures.svg_markup(figure)) for title, figure in pictures]
+    return [(title, figures.svg_markup(figure)) for title, figure in pictures]
+
+
+def _failed_html(runs: pd.DataFrame, counted: pd.DataFrame) -> str:
+    """The <li> of each (cell, seed) whose latest failed run failed (the first line of its
+    error), with `RERUN_NOTE` where another run of it FINISHED (`counted`)."""
     failures = native(runs)
     failures = failures[failures.status == "FAILED"].drop_duplicates([*GROUP, "seed"], keep="last")
     finished = set(counted[[*GROUP, "seed"]].itertuples(index=False))  # counted: FINISHED ones
     failures = failures.assign(column=column_names(failures))  # the cell as the tables name it
-    failed = "".join(
+    return "".join(
         f"<li>{html.escape(f'{r.dataset} / {r.colour} / {r.column} / seed {r.seed}')}: "
         f"{html.escape(str(r.error).splitlines()[0] if pd.notna(r.error) else 'failed')}"
         f"{RERUN_NOTE if tuple(r[[*GROUP, 'seed']]) in finished else ''}</li>"
         for _, r in failures.iterrows()
     )
+
+
+def _pairs_html(verdicts: pd.DataFrame) -> str:
+    """The folded list of every comparable pair (`comparisons`)."""
     verdict_list = "".join(f"<li>{html.escape(v)}</li>" for v in verdicts.verdict)
-    idle_html = f'<p class="small">{html.escape(idle)}.</p>' if idle else ""
-    left_out_html = "".join(f'<p class="left-out">{html.escape(line)}</p>' for line in left_out)
+    return _details(
+        "Exploratory: every comparable pair (paired t-tests, not in the verdicts)",
+        f"<p>{html.escape(pairs_note(verdicts))}</p><ul>{verdict_list}</ul>",
+    )
+
+
+def _ranks_html(ranking: pd.DataFrame | None) -> str:
+    """The folded table of each column's average rank (`ranks`), if any."""
+    ranked = (ranking if ranking is not None else pd.DataFrame()).reset_index()
+    ranked = ranked.rename(columns={"index": "column", "rows": "rows ranked"})
+    if ranked.empty:
+        return ""
+    return _details("Average rank across rows (1 = best)", _table_html(ranked))
+
+
+def _predicted_html(predicted: pd.DataFrame | None) -> str:
+    """The folded ranking before training (`ranking_before_training`), if any."""
+    if predicted is None or predicted.empty:
+        return ""
+    return _details(
+        "Ranking before training (python -m benchmark.tools.rank)",
+        "<p>Kendall's tau between each score, computed on frozen features before any "
+        "training, and the measured test accuracy, over the backbones of each row (p: "
+        "two-sided).</p>" + _table_html(predicted),
+    )
+
+
+def _cost_html(table: pd.DataFrame, title: str, svg: str) -> str:
+    """The folded cost table with the cost-against-accuracy figure (`title`, `svg`)."""
+    return _details(
+        "Cost per cell (mean over finished seeds)",
+        _table_html(cost_table(table))
+        + f"<figure>{svg}<figcaption>{html.escape(title)}</figcaption></figure>",
+    )
+
+
+def _dots_html(dots: Dots) -> str:
+    """The section of the dot figures, one per dataset, with their caption; "" without any."""
+    if not dots.svgs:
+        return ""
     dot_html = "".join(  # each figure's title names its dataset
         f'<figure aria-label="{html.escape(d)}">{svg}</figure>' for d, svg in dots.svgs
     )
-    legend_html = "".join(
+    return (
+        "<h2>Test accuracy per dataset</h2>"
+        f'<p class="small">{html.escape(dots.caption())}</p><div class="dots">{dot_html}</div>'
+    )
+
+
+def _legend_html(legend: list[tuple[str, str]]) -> str:
+    """The accuracy table's legend as a list; "" without any."""
+    items = "".join(
         f"<li><strong>{html.escape(short)}</strong>: {html.escape(full)}</li>"
         for short, full in legend
     )
-    ranked = (ranking if ranking is not None else pd.DataFrame()).reset_index()
-    ranked = ranked.rename(columns={"index": "column", "rows": "rows ranked"})
-    details = [
-        _details(
-            "Notes on the table (diagnoses, code, splits)",
-            "".join(f"<p>{html.escape(note)}</p>" for note in [*notes, footnote] if note),
-        ),
-        _contrasts_html(decided),
-        _details(
-            "Exploratory: every comparable pair (paired t-tests, not in the verdicts)",
-            f"<p>{html.escape(pairs_note(verdicts))}</p><ul>{verdict_list}</ul>",
-        ),
-        _details("Average rank across rows (1 = best)", _table_html(ranked))
-        if not ranked.empty
-        else "",
-        _details(
-            "Ranking before training (python -m benchmark.tools.rank)",
-            "<p>Kendall's tau between each score, computed on frozen features before any "
-            "training, and the measured test accuracy, over the backbones of each row (p: "
-            "two-sided).</p>" + _table_html(predicted),
-        )
-        if predicted is not None and not predicted.empty
-        else "",
-        _details(
-            "Cost per cell (mean over finished seeds)",
-            _table_html(cost_table(table))
-            + f"<figure>{figured[0][1]}<figcaption>{html.escape(figured[0][0])}</figcaption>"
-            "</figure>",
-        ),
-        _details(f"Failed runs ({failed.count('<li>')})", f"<ul>{failed}</ul>") if failed else "",
-        *(_details(title, f"<figure>{svg}</figure>") for title, svg in figured[1:]),
-    ]
-    dots_section = (
-        "<h2>Test accuracy per dataset</h2>"
-        f'<p class="small">{html.escape(dots.caption())}</p><div class="dots">{dot_html}</div>'
-        if dots.svgs
-        else ""
-    )
-    page = out / "report.html"
-    page.write_text(f"""<!doctype html>
+    return f'<ul class="legend">{items}</ul>' if items else ""
+
+
+def _page(source: str, sections: Sequence[str]) -> str:
+    """The page: its head, title and `source`, then `sections`, one a line."""
+    body = "\n".join(sections)
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>benchmark report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(TITLE)}</h1>
 <p class="small">Source: <code>{html.escape(source)}</code></p>
-{left_out_html}
-{_verdicts_html(decided)}
-{idle_html}
-{dots_section}
-<h2>Test accuracy per cell</h2>
-{_table_html(accuracy, bold_best(table, accuracy))}
-{idle_html}
-{f'<ul class="legend">{legend_html}</ul>' if legend_html else ""}
-<p class="small">{html.escape(RULES)}</p>
-<h2>Details</h2>
-{"".join(details)}
+{body}
 </body></html>
-""")
-    return page
+"""
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the store and what to read of it, where to write, and the rules."""
     parser = argparse.ArgumentParser(prog="python -m benchmark.report", description=__doc__)
     parser.add_argument(
         "--tracking-uri",
@@ -786,6 +915,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="count runs with a partial budget (limit_*_batches < 1, fast_dev_run, max_steps)",
     )
+    _add_convergence_options(parser)
+    _add_verdict_options(parser)
+    return parser
+
+
+def _add_convergence_options(parser: argparse.ArgumentParser) -> None:
+    """The thresholds of the diagnoses (`ConvergenceRule`): undertrained, diverged, overfit."""
     parser.add_argument(
         "--min-train-acc",
         type=float,
@@ -818,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         default=ConvergenceRule.overfit_drop,
         help="see --overfit-train-acc (‖)",
     )
+
+
+def _add_verdict_options(parser: argparse.ArgumentParser) -> None:
+    """The verdicts' rule (`VerdictRule`): the margin of equivalence and the bootstrap."""
     parser.add_argument(
         "--margin",
         type=float,
@@ -834,8 +974,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bootstrap-seed", type=int, default=VerdictRule.seed, help="the bootstrap's RNG seed"
     )
-    args = parser.parse_args(argv)
-    try:
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line, parsed and its rules checked (`from_args`)."""
+
+    tracking_uri: str | None
+    experiment: str
+    sweep: str | None
+    out: Path
+    datasets: tuple[str, ...]  # rows shown even without runs
+    include_debug: bool
+    rule: ConvergenceRule
+    verdict_rule: VerdictRule
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        """The options of `_parser`'s namespace; ValueError for a rule's invalid threshold."""
         verdict_rule = VerdictRule(
             margin=args.margin, resamples=args.bootstrap_resamples, seed=args.bootstrap_seed
         )
@@ -846,36 +1002,69 @@ def main(argv: list[str] | None = None) -> int:
             overfit_train_acc=args.overfit_train_acc,
             overfit_drop=args.overfit_drop,
         )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if problem := out_problem(args.out):  # said before the runs are read, not after
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    use_credentials(given)
-    uri = store_uri(given)
-    try:
-        check_reachable(uri)  # a tracking server that is down: said at once
-        check_sqlite(uri, write=False)  # a misspelt path: no empty store created
-        print(f"reading runs from {uri} ...", file=sys.stderr, flush=True)
-        loaded = load_runs(uri, args.experiment, args.sweep, args.include_debug)
-    except (LookupError, TrackingUnreachable, StoreError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if loaded.frame.empty and loaded.starting:
+        return cls(
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            sweep=args.sweep,
+            out=args.out,
+            datasets=tuple(d for d in args.datasets.split(",") if d),
+            include_debug=args.include_debug,
+            rule=rule,
+            verdict_rule=verdict_rule,
+        )
+
+    def source(self, uri: str) -> str:
+        """Where the runs come from, as the report says it."""
+        return f"{uri}, experiment {self.experiment}" + (
+            f", sweep {self.sweep}" if self.sweep else ""
+        )
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the report says, computed once (`_analyse`) and written by `write_tables` and
+    `write_html`."""
+
+    runs: pd.DataFrame  # the runs with a test score (shift tests as rows of their own)
+    table: pd.DataFrame  # `summarise`'s, with each cell's bootstrap interval
+    verdicts: pd.DataFrame  # every comparable pair (`comparisons`)
+    ranking: pd.DataFrame
+    footnote: str
+    notes: list[str]
+    decided: Decided
+    predicted: pd.DataFrame
+    dots: Dots
+    left_out: list[str]  # which runs were left out and why
+
+
+def _read_runs(options: Options, uri: str) -> Runs:
+    """The runs of the store `uri`, after checking it can be read (LookupError,
+    TrackingUnreachable, StoreError where not)."""
+    check_reachable(uri)  # a tracking server that is down: said at once
+    check_sqlite(uri, write=False)  # a misspelt path: no empty store created
+    print(f"reading runs from {uri} ...", file=sys.stderr, flush=True)
+    return load_runs(uri, options.experiment, options.sweep, options.include_debug)
+
+
+def _no_runs(loaded: Runs, options: Options, uri: str) -> int:
+    """What is said when no run can be reported: nothing yet (0) while cells are starting,
+    else an error (1)."""
+    if loaded.starting:
         print(loaded.nothing_yet)
         return 0
     said = " ".join(note for note in (loaded.footnote(), loaded.schema_note()) if note)
-    if loaded.frame.empty:
-        print(
-            f"error: no runs of the harness in experiment {args.experiment!r} of {uri}"
-            + (f" for sweep {args.sweep}" if args.sweep else "")
-            + (f" ({said})" if said else ""),
-            file=sys.stderr,
-        )
-        return 1
+    print(
+        f"error: no runs of the harness in experiment {options.experiment!r} of {uri}"
+        + (f" for sweep {options.sweep}" if options.sweep else "")
+        + (f" ({said})" if said else ""),
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _scored_runs(loaded: Runs, uri: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Our protocol's runs (shift tests as rows of their own) and the study protocol's, each
+    without a non-finite score, and the lines that say what was left out (warned here)."""
     runs, study_runs = split_protocols(loaded.frame)
     runs = with_shift_tests(runs)  # a second test of the same fits: rows of their own
     # A NaN or infinite score: never averaged, ranked or tested, and said where it is seen.
@@ -885,33 +1074,96 @@ def main(argv: list[str] | None = None) -> int:
     left_out = [line for line in left_out if line]
     for line in left_out:
         print(f"warning: {line}", file=sys.stderr)
-    expected = [d for d in args.datasets.split(",") if d]
-    table = summarise(runs, study_runs, expected, rule)
-    verdicts, ranking, footnote = comparisons(runs, rule), ranks(table), loaded.footnote()
+    return runs, study_runs, left_out
+
+
+def _analyse(loaded: Runs, options: Options, uri: str) -> Findings:
+    """The table, the comparisons, ranks, notes, verdicts and figures of the loaded runs."""
+    runs, study_runs, left_out = _scored_runs(loaded, uri)
+    table = summarise(runs, study_runs, options.datasets, options.rule)
+    verdicts, ranking, footnote = comparisons(runs, options.rule), ranks(table), loaded.footnote()
     footnote = " ".join(note for note in (footnote, split_note(runs)) if note)
     counted = latest_per_seed(runs)
     counted = counted[counted.status == "FINISHED"]
-    notes = [*trust_notes(table, rule), code_summary(native(counted))]
+    notes = [*trust_notes(table, options.rule), code_summary(native(counted))]
     notes = [note for note in notes if note]
-    verdicts_, table = decided(counted, table, uri, with_looks(verdict_rule, loaded.frame))
-    source = f"{uri}, experiment {args.experiment}" + (
-        f", sweep {args.sweep}" if args.sweep else ""
+    rule = with_looks(options.verdict_rule, loaded.frame)
+    decided_, table = decided(counted, table, uri, rule)
+    predicted = ranking_before_training(table, uri, options.experiment)
+    return Findings(
+        runs=runs,
+        table=table,
+        verdicts=verdicts,
+        ranking=ranking,
+        footnote=footnote,
+        notes=notes,
+        decided=decided_,
+        predicted=predicted,
+        dots=dot_figures(table),
+        left_out=left_out,
     )
-    predicted = ranking_before_training(table, uri, args.experiment)
-    dots = dot_figures(table)
-    written = [
-        *write_tables(
-            table, verdicts, ranking, args.out, source, footnote, predicted, notes, verdicts_,
-            dots, left_out,
-        ),
-        write_html(
-            table, runs, verdicts, args.out, source, footnote, uri, notes, verdicts_, ranking,
-            predicted, dots, left_out,
-        ),
-    ]  # fmt: skip
-    for path in written:
+
+
+def _write(found: Findings, out: Path, source: str, uri: str) -> list[Path]:
+    """report.md, .csv, .tex, the dot figures (`write_tables`) and report.html (`write_html`)."""
+    tables = write_tables(
+        found.table,
+        found.verdicts,
+        found.ranking,
+        out,
+        source,
+        found.footnote,
+        predicted=found.predicted,
+        notes=found.notes,
+        decided=found.decided,
+        dots=found.dots,
+        left_out=found.left_out,
+    )
+    page = write_html(
+        found.table,
+        found.runs,
+        found.verdicts,
+        out,
+        source,
+        found.footnote,
+        uri,
+        notes=found.notes,
+        decided=found.decided,
+        ranking=found.ranking,
+        predicted=found.predicted,
+        dots=found.dots,
+        left_out=found.left_out,
+    )
+    return [*tables, page]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The report of the store's runs (`__doc__`): 0 when written (or nothing to report yet),
+    1 after an error said on stderr."""
+    args = _parser().parse_args(argv)
+    try:
+        options = Options.from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if problem := out_problem(options.out):  # said before the runs are read, not after
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    given = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    use_credentials(given)
+    uri = store_uri(given)
+    try:
+        loaded = _read_runs(options, uri)
+    except (LookupError, TrackingUnreachable, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if loaded.frame.empty:
+        return _no_runs(loaded, options, uri)
+    found = _analyse(loaded, options, uri)
+    for path in _write(found, options.out, options.source(uri), uri):
         print(f"wrote {path}")
-    print(accuracy_table(table).to_markdown(index=False))
+    print(accuracy_table(found.table).to_markdown(index=False))
     return 0
 
 

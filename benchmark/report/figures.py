@@ -11,6 +11,7 @@ import base64
 import io
 import math
 import textwrap
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -138,22 +139,55 @@ def cost_vs_accuracy(table: pd.DataFrame) -> Figure:
     """
     done = table.dropna(subset=["test_acc_mean", "wall_time_s"])
     done = done[done.wall_time_s > 0]
+    key = _cost_key(table, done)
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    _draw_cost_cells(axes, done, key)
+    _log_time_axis(axes)
+    axes.set_xlabel("wall time per cell (s, log scale)")
+    axes.set_ylabel("test accuracy (mean ± sd over seeds)")
+    axes.grid(alpha=0.3, which="both")
+    _cost_legends(figure, key)
+    return figure
+
+
+@dataclass(frozen=True)
+class _CostKey:
+    """How `cost_vs_accuracy` tells its cells apart: each drawn cell's group (its dataset, or
+    dataset / colour), a colour per group and a marker per strategy (both in the table's order),
+    and the title of the groups' legend."""
+
+    group: pd.Series
+    colours: dict[str, str]
+    markers: dict[str, str]
+    title: str
+
+
+def _cost_key(table: pd.DataFrame, done: pd.DataFrame) -> _CostKey:
+    """The colours and markers of the cells `done` (those drawn) of `table`."""
     several_colours = done.colour.nunique() > 1
     group = done.dataset + " / " + done.colour if several_colours else done.dataset
     # In the table's order, as in the other pictures, whichever cells are left out.
     everywhere = table.dataset + " / " + table.colour if several_colours else table.dataset
     groups = [name for name in dict.fromkeys(everywhere) if name in set(group)]
     strategies = [name for name in dict.fromkeys(table.strategy) if name in set(done.strategy)]
-    colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
-    markers = {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(strategies)}
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
-    for (name, strategy), cells in done.groupby([group, done.strategy], sort=False):
+    return _CostKey(
+        group=group,
+        colours={name: f"C{i % 10}" for i, name in enumerate(groups)},
+        markers={name: MARKERS[i % len(MARKERS)] for i, name in enumerate(strategies)},
+        title="dataset / colour" if several_colours else "dataset",
+    )
+
+
+def _draw_cost_cells(axes: Axes, done: pd.DataFrame, key: _CostKey) -> None:
+    """Each cell's mean accuracy (sd error bars) at its wall time, the backbone beside it when
+    there are several; a line that says so when no cell has both."""
+    for (name, strategy), cells in done.groupby([key.group, done.strategy], sort=False):
         axes.errorbar(
             cells.wall_time_s,
             cells.test_acc_mean,
             yerr=cells.test_acc_sd.to_numpy(float),
-            fmt=markers[strategy],
-            color=colours[name],
+            fmt=key.markers[strategy],
+            color=key.colours[name],
             capsize=3,
             markersize=7,
             alpha=0.85,
@@ -176,33 +210,36 @@ def cost_vs_accuracy(table: pd.DataFrame) -> Figure:
             ha="center",
             transform=axes.transAxes,
         )
+
+
+def _log_time_axis(axes: Axes) -> None:
+    """A log x axis labelled at each power of ten only, written out (1, 10, 100, 1000): no minor
+    labels, which crowd into each other when the times span less than a decade or two."""
     axes.set_xscale("log")
-    # A label at each power of ten only, written out (1, 10, 100, 1000): no minor labels, which
-    # crowd into each other when the times span less than a decade or two.
     axes.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
     axes.xaxis.set_minor_locator(
         LogLocator(base=10, subs=[k / 10 for k in range(2, 10)], numticks=8)
     )
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("wall time per cell (s, log scale)")
-    axes.set_ylabel("test accuracy (mean ± sd over seeds)")
-    axes.grid(alpha=0.3, which="both")
+
+
+def _cost_legends(figure: Figure, key: _CostKey) -> None:
+    """Two legends right of the axes: the groups' colours above, the strategies' markers below."""
     figure.legend(
-        [Line2D([], [], color=colours[g], marker="o", linestyle="none") for g in groups],
-        groups,
-        title="dataset / colour" if several_colours else "dataset",
+        [Line2D([], [], color=c, marker="o", linestyle="none") for c in key.colours.values()],
+        list(key.colours),
+        title=key.title,
         loc="outside right upper",
         fontsize="small",
     )
     figure.legend(
-        [Line2D([], [], color="0.3", marker=markers[s], linestyle="none") for s in strategies],
-        strategies,
+        [Line2D([], [], color="0.3", marker=m, linestyle="none") for m in key.markers.values()],
+        list(key.markers),
         title="strategy",
         loc="outside right lower",
         fontsize="small",
     )
-    return figure
 
 
 def learning_curves(curves: pd.DataFrame) -> Figure:

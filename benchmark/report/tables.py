@@ -229,6 +229,26 @@ def load_runs(
 ) -> Runs:
     """The harness's cell runs: cell params, variant, seed, status, start time, test accuracy
     and cost. Runs without the harness's tags are ignored and counted; so are debug runs."""
+    every = _experiment_runs(tracking_uri, experiment, sweep)
+    if every.empty:
+        return Runs(every)
+    # A cell's run before it logged its params (a sweep's first cell) has no params columns.
+    every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
+    every = every.reindex(columns=[*every.columns, *_PARAMS.difference(every.columns)])
+    cells, foreign, schemas = _run_kinds(every)
+    runs = every[cells]
+    starting = runs["params.dataset"].isna()  # opened, its params not logged yet
+    runs = runs[~starting]
+    debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
+    if not include_debug:
+        runs = runs[~debug]
+    left_out = 0 if include_debug else int(debug.sum())
+    return Runs(_cell_frame(runs), foreign, left_out, int(starting.sum()), schemas)
+
+
+def _experiment_runs(tracking_uri: str, experiment: str, sweep: str | None) -> pd.DataFrame:
+    """Every run of `experiment` (of the sweep in the folder `sweep` alone, when given), as
+    MLflow's `search_runs` gives them; stale RUNNING runs ended first (FAILED)."""
     mlflow.set_tracking_uri(tracking_uri)
     if (experiment_ := mlflow.get_experiment_by_name(experiment)) is None:
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}: run a sweep first.")
@@ -239,11 +259,12 @@ def load_runs(
     every = mlflow.search_runs(experiment_names=[experiment], filter_string=query)
     if folder and not every.empty:  # sweep_filter's LIKE: the runs of this folder exactly
         every = every[every.get("tags.sweep", pd.Series(None, index=every.index)).eq(folder)]
-    if every.empty:
-        return Runs(every)
-    # A cell's run before it logged its params (a sweep's first cell) has no params columns.
-    every = every.reindex(columns=[*every.columns, *_TAGS.difference(every.columns)])
-    every = every.reindex(columns=[*every.columns, *_PARAMS.difference(every.columns)])
+    return every
+
+
+def _run_kinds(every: pd.DataFrame) -> tuple[pd.Series, int, dict[str, int]]:
+    """Which runs are the harness's cell runs (a mask), how many runs the harness did not make,
+    and the harness's runs of a schema this code does not know (schema -> how many)."""
     harness, schema = every[f"tags.{HARNESS_TAG}"].eq("benchmark"), every[f"tags.{SCHEMA_TAG}"]
     unknown = harness & schema.notna() & ~schema.isin(KNOWN_SCHEMAS)
     cells = harness & schema.isin(KNOWN_SCHEMAS) & every[f"tags.{KIND_TAG}"].eq("cell")
@@ -251,16 +272,12 @@ def load_runs(
     # are the harness's too (a sweep's before schema 2's tag, by its kind alone).
     sweeps = harness & ~unknown & every[f"tags.{KIND_TAG}"].isin(["sweep", "rank", TRIAL_KIND])
     schemas = {str(k): int(n) for k, n in schema[unknown].value_counts().items()}
-    runs = every[cells]
-    starting = runs["params.dataset"].isna()  # opened, its params not logged yet
-    runs = runs[~starting]
-    debug = runs[f"tags.{DEBUG_TAG}"].eq("true")
-    if not include_debug:
-        runs = runs[~debug]
-    runs = runs.assign(**{"params.backbone": backbone_labels(runs)})
-    runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
     foreign = int((~cells & ~sweeps & ~unknown).sum())
-    left_out = 0 if include_debug else int(debug.sum())
+    return cells, foreign, schemas
+
+
+def _wanted_columns() -> dict[str, str]:
+    """The columns of MLflow's runs that the report reads -> its names for them."""
     wanted = {f"params.{p}": p for p in [*CELL, "seed"]}
     wanted |= {f"metrics.{m}": m for m in ["test_acc", "max_val_acc", *COST_METRICS, "tune_s"]}
     wanted |= {"params.protocol.selection": "selection", "params.n_classes": "n_classes"}
@@ -274,6 +291,16 @@ def load_runs(
     wanted |= {"params.strategy.head_init": "head_init"}  # probe: it starts from a fitted head
     wanted |= {f"tags.{GIT_COMMIT_TAG}": "git_commit", f"tags.{GIT_DIRTY_TAG}": "git_dirty"}
     wanted |= {f"tags.{LOOK_TAG}": "look"}  # added by a second look (benchmark.tools.seeds)
+    return wanted
+
+
+def _cell_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """The cell runs (MLflow's columns) as the report's frame: labels, variant, the columns of
+    `_wanted_columns` under their names (NA where no run logged one), image counts, column
+    labels."""
+    runs = runs.assign(**{"params.backbone": backbone_labels(runs)})
+    runs = runs.assign(variant=variants(runs), dataset_label=dataset_labels(runs))
+    wanted = _wanted_columns()
     runs = runs.rename(columns=wanted)
     for column in set(wanted.values()) - set(runs.columns):
         runs[column] = pd.NA
@@ -289,8 +316,7 @@ def load_runs(
     runs = runs.assign(**column_labels(runs))  # once, over every run: one label per setting
     columns = ["run_id", "artifact_uri", "status", "start_time", *wanted.values()]
     columns += ["variant", "n_images", "column", "column_full"]
-    frame = runs[columns].reset_index(drop=True)
-    return Runs(frame, foreign, left_out, int(starting.sum()), schemas)
+    return runs[columns].reset_index(drop=True)
 
 
 # What MLflow's filter strings cannot hold inside a quoted value: they have no escape for its

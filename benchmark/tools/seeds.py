@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import pandas as pd
@@ -303,16 +303,24 @@ def _said(seeds: Iterable[int]) -> str:
     return ", ".join(str(s) for s in sorted(seeds))
 
 
-def plan(look: FirstLook, cap: int, reproduce: bool = True, extra: Sequence[str] = ()) -> Plan:
-    """Which seeds each cell of an undecided contrast gets: the first `more` seeds after the
-    largest seed both cells FINISHED (`more`: the report's estimate of how many more seeds
-    would decide it), fewer where a cell would pass `cap` seeds. A cell in several contrasts
-    gets the union, trimmed to `cap`. `reproduce`: read each cell's overrides back from its
-    latest run (the store's params) and leave out a contrast whose cells cannot be relaunched."""
+class Wanted(NamedTuple):
+    """An undecided contrast that more seeds would decide: its name, its verdict (a row of the
+    first look's contrasts), the seeds it asks for, and its two cells."""
+
+    name: str
+    contrast: Any
+    new: list[int]
+    pair: list[Cell]
+
+
+def _wanted(
+    look: FirstLook, cap: int, cells: dict[tuple, Cell], left_out: list[str]
+) -> list[Wanted]:
+    """The seeds each undecided contrast asks for: the first `more` seeds after the largest seed
+    both cells FINISHED, fewer where a cell would pass `cap` seeds. Its cells are taken from (or
+    added to) `cells`; a contrast without an estimate, or at the cap, is said in `left_out`."""
     counted = look.counted
-    cells: dict[tuple, Cell] = {}
-    wanted: list[tuple[str, Any, list[int], list[Cell]]] = []
-    left_out = []
+    wanted = []
     for c in look.contrasts[look.contrasts.verdict == UNDECIDED].itertuples(index=False):
         row = tuple(getattr(c, k) for k in ROW)
         name = f"{row[0]}/{row[1]} {c.kind}: {c.a} vs {c.b}"
@@ -332,23 +340,45 @@ def plan(look: FirstLook, cap: int, reproduce: bool = True, extra: Sequence[str]
         if not new:
             left_out.append(f"{name}: at the cap ({len(shared)} paired seeds, --cap {cap})")
             continue
-        wanted.append((name, c, new, pair))
+        wanted.append(Wanted(name, c, new, pair))
+    return wanted
+
+
+def _relaunchable(
+    wanted: list[Wanted],
+    look: FirstLook,
+    reproduce: bool,
+    extra: Sequence[str],
+    left_out: list[str],
+) -> list[Wanted]:
+    """The contrasts whose cells can be relaunched; `reproduce`: each cell that gets seeds first
+    has its overrides read back (with `extra`). The others are said in `left_out`."""
     if reproduce:
         needed = {id(x): x for _, _, new, pair in wanted for x in pair if set(new) - set(x.seeds)}
         for x in needed.values():
-            _reproduce(x, counted, look.uri, extra)
+            _reproduce(x, look.counted, look.uri, extra)
     kept = []
     for name, c, new, pair in wanted:
         if problems := [f"{x.column}: {x.problem}" for x in pair if x.problem]:
             left_out.append(f"{name}: cannot relaunch {'; '.join(problems)}")
         else:
-            kept.append((name, c, new, pair))
+            kept.append(Wanted(name, c, new, pair))
+    return kept
+
+
+def _add_seeds(kept: list[Wanted], cells: Iterable[Cell], cap: int) -> None:
+    """Each cell's seeds to add: the union over its contrasts, trimmed to `cap` seeds."""
     for _, _, new, pair in kept:  # a cell in several contrasts: the union...
         for x in pair:
             x.add |= set(new) - set(x.seeds)
-    for x in cells.values():  # ...within the cap
+    for x in cells:  # ...within the cap
         while x.after > cap:
             x.add.discard(max(x.add))
+
+
+def _plan_rows(kept: list[Wanted], cap: int, left_out: list[str]) -> list[dict[str, Any]]:
+    """The plan's table (PLAN_COLUMNS), a row per contrast that still gets seeds; one whose
+    seeds the cap took away is said in `left_out`."""
     table = []
     for name, c, new, pair in kept:
         adds = [x for x in pair if x.add & set(new)]
@@ -366,6 +396,21 @@ def plan(look: FirstLook, cap: int, reproduce: bool = True, extra: Sequence[str]
                 "cells": "; ".join(f"{x.column} +{_said(x.add & set(new))}" for x in adds),
             }
         )
+    return table
+
+
+def plan(look: FirstLook, cap: int, reproduce: bool = True, extra: Sequence[str] = ()) -> Plan:
+    """Which seeds each cell of an undecided contrast gets: the first `more` seeds after the
+    largest seed both cells FINISHED (`more`: the report's estimate of how many more seeds
+    would decide it), fewer where a cell would pass `cap` seeds. A cell in several contrasts
+    gets the union, trimmed to `cap`. `reproduce`: read each cell's overrides back from its
+    latest run (the store's params) and leave out a contrast whose cells cannot be relaunched."""
+    cells: dict[tuple, Cell] = {}
+    left_out: list[str] = []
+    wanted = _wanted(look, cap, cells, left_out)
+    kept = _relaunchable(wanted, look, reproduce, extra, left_out)
+    _add_seeds(kept, cells.values(), cap)
+    table = _plan_rows(kept, cap, left_out)
     launch = list({id(x): x for _, _, _, pair in kept for x in pair if x.add}.values())
     return Plan(pd.DataFrame(table, columns=PLAN_COLUMNS), launch, left_out)
 
@@ -416,7 +461,8 @@ def error_rate(rule: VerdictRule) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.tools.seeds",
         description="More seeds where a verdict is undecided: a plan, then with --run the cells.",
@@ -439,26 +485,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=VerdictRule.margin, help="δ, as the report")
     parser.add_argument("--run", action="store_true", help="launch the plan (else: print it)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell")
-    args = parser.parse_args(argv)
-    try:
-        rule = VerdictRule(margin=args.margin, alpha=args.alpha, looks=LOOKS)
-        if args.cap < 2:
-            raise ValueError(f"cap={args.cap}: use 2 or more")
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    identity.use_credentials(given)
-    uri = identity.store_uri(given)
-    try:
-        check_reachable(uri)
-        check_sqlite(uri, write=False)
-        look = first_look(uri, args.experiment, rule)
-    except (LookupError, TrackingUnreachable, StoreError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return parser
+
+
+def verdict_rule(margin: float, alpha: float, cap: int) -> VerdictRule:
+    """The two looks' rule for this margin and alpha; ValueError for a bad one or a cap under 2."""
+    rule = VerdictRule(margin=margin, alpha=alpha, looks=LOOKS)
+    if cap < 2:
+        raise ValueError(f"cap={cap}: use 2 or more")
+    return rule
+
+
+def say_procedure(rule: VerdictRule, alpha: float, look: FirstLook) -> None:
+    """The error rate, and notes on an alpha other than the report's and on runs of the second
+    look already in the store."""
     print(error_rate(rule))
-    if args.alpha != VerdictRule.alpha:
+    if alpha != VerdictRule.alpha:
         print(
             f"note: the report decides at its alpha={VerdictRule.alpha:g} (halved once the "
             "added runs are in): the rate above holds when both use the same alpha."
@@ -469,31 +511,37 @@ def main(argv: list[str] | None = None) -> int:
             "the first look's, on the initial seeds alone; --run completes it (FINISHED cells "
             "are skipped), never a third look."
         )
-    made = plan(look, args.cap, extra=args.overrides)
+
+
+def say_plan(look: FirstLook, made: Plan, rule: VerdictRule, cap: int) -> None:
+    """The first look in one line, the plan's table and the undecided contrasts left out."""
     undecided = int((look.contrasts.verdict == UNDECIDED).sum())
     print(
         f"\nFirst look: {len(look.contrasts)} primary contrast(s), {undecided} undecided at "
-        f"alpha={rule.look_alpha:g}; {len(made.table)} get more seeds (at most {args.cap} a cell)."
+        f"alpha={rule.look_alpha:g}; {len(made.table)} get more seeds (at most {cap} a cell)."
     )
     if len(made.table):
         print("\n" + made.table.to_markdown(index=False))
     if made.left_out:
         print("\nUndecided, no seeds added:\n" + "\n".join(f"- {s}" for s in made.left_out))
-    if not made.cells:
-        print("\nNothing to add.")
-        return 0
+
+
+def plan_commands(cells: list[Cell], uri: str, experiment: str) -> list[list[str]]:
+    """The command of each cell group to launch, each in a sweep folder of its own, said."""
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     commands = [
-        command(cell, uri, args.experiment, Path("multirun", "more-seeds", stamp, str(i)))
-        for i, cell in enumerate(made.cells)
+        command(cell, uri, experiment, Path("multirun", "more-seeds", stamp, str(i)))
+        for i, cell in enumerate(cells)
     ]
-    runs = sum(len(cell.add) for cell in made.cells)
+    runs = sum(len(cell.add) for cell in cells)
     print(f"\n{runs} run(s) in {len(commands)} cell group(s):")
     for line in commands:
         print(f"  {identity.LOOK_ENV}={ADDED_LOOK} {identity.redact(shlex.join(line))}")
-    if not args.run:
-        print("\nPlan only: --run launches it.")
-        return 0
+    return commands
+
+
+def launch(commands: list[list[str]], uri: str, rule: VerdictRule) -> int:
+    """Each command in turn, its runs tagged as the second look; 1 if any failed, else 0."""
     sys.stdout.flush()
     env = {**os.environ, identity.LOOK_ENV: ADDED_LOOK}
     failed = 0
@@ -508,6 +556,37 @@ def main(argv: list[str] | None = None) -> int:
         f"alpha={rule.look_alpha:g}."
     )
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmark.tools.seeds`: the first look's plan, then with --run its cells."""
+    args = build_parser().parse_args(argv)
+    try:
+        rule = verdict_rule(args.margin, args.alpha, args.cap)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    identity.use_credentials(given)
+    uri = identity.store_uri(given)
+    try:
+        check_reachable(uri)
+        check_sqlite(uri, write=False)
+        look = first_look(uri, args.experiment, rule)
+    except (LookupError, TrackingUnreachable, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    say_procedure(rule, args.alpha, look)
+    made = plan(look, args.cap, extra=args.overrides)
+    say_plan(look, made, rule, args.cap)
+    if not made.cells:
+        print("\nNothing to add.")
+        return 0
+    commands = plan_commands(made.cells, uri, args.experiment)
+    if not args.run:
+        print("\nPlan only: --run launches it.")
+        return 0
+    return launch(commands, uri, rule)
 
 
 if __name__ == "__main__":
