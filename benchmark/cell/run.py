@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
@@ -369,74 +370,86 @@ def select(
     return Chosen(checkpoint.best_model_path, best, converged)
 
 
-def fit_and_test(
-    spec: CellSpec,
-    data: ManifestDataModule,
-    backbone: Backbone,
-    features: FeatureSet | None,
-    run: Run,
-    channels_last: bool,
-    callbacks: Sequence[Callback] = (),
-    lp: ProbeResult | None = None,
-    resuming: Resuming | None = None,
-) -> Fitted:
-    """Tune (tune.trials), fit (Lightning epochs on the images, or on cached features: then the
-    model is the head alone), select on validation (the start a candidate), test once.
-    `resuming`: keep a last checkpoint while fitting, and take over an interrupted attempt (its
-    tuning's choice; its fit from its last checkpoint)."""
-    inputs = fit_inputs(spec, data, backbone, features, channels_last, lp)
-    attempt = resuming.attempt if resuming is not None else None
+@dataclass
+class Watchers:
+    """The callbacks of a cell's fit whose state the cell reads after it: the best epoch's
+    checkpoint, the start as a candidate, throughput and convergence."""
+
+    checkpoint: Checkpoints
+    start: StartCandidate
+    throughput: TrainThroughput
+    convergence: Convergence
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> Watchers:
+        checkpoint = Checkpoints(
+            dirpath=folder,
+            monitor="val_acc",
+            mode="max",
+            save_top_k=1,
+            save_weights_only=True,
+            filename="best-{epoch}-{val_acc:.4f}",
+        )
+        # The start is a candidate too (held-out selection; the study's max over epochs is not).
+        return cls(
+            checkpoint, StartCandidate(folder / "start.ckpt"), TrainThroughput(), Convergence()
+        )
+
+
+def values_to_fit(
+    spec: CellSpec, inputs: FitInputs, run: Run, attempt: resume.Attempt | None
+) -> tune.Tuned | None:
+    """What the cell fits with: an interrupted attempt's tuned values (not tuned again), else
+    its tuning's choice (None for an untuned cell)."""
     if attempt is not None and attempt.tuned is not None and spec.tune.trials:
-        tuned: tune.Tuned | None = attempt.tuned  # not tuned again
         log.info("%s: the values its tuning chose: %s", spec.name, tune.said(attempt.tuned.values))
-    else:
-        tuned = tuned_values(spec, inputs, run)
-    if tuned is not None:
-        spec = tune.with_values(spec, tuned.values)
-    # Seeded here, once: a cache miss (which draws random numbers while extracting) and a hit,
-    # a tuned cell and an untuned one, start their fit from the same random state.
-    L.seed_everything(spec.seed, workers=True, verbose=False)
-    model = inputs.build(spec)
-    folder = resume.folder(spec)
-    checkpoint = Checkpoints(
-        dirpath=folder,
-        monitor="val_acc",
-        mode="max",
-        save_top_k=1,
-        save_weights_only=True,
-        filename="best-{epoch}-{val_acc:.4f}",
-    )
-    throughput, convergence = TrainThroughput(), Convergence()
+        return attempt.tuned
+    return tuned_values(spec, inputs, run)
+
+
+def kept_for_resume(
+    spec: CellSpec, resuming: Resuming | None, run: Run, tuned: tune.Tuned | None, folder: Path
+) -> list[Callback]:
+    """With `resuming`: the state file written now, and the callbacks that keep the last
+    checkpoint in `folder` while the cell fits (what a relaunch resumes from)."""
+    if resuming is None:
+        return []
+    run_id = run.info.run_id
+    resume.keep(spec, resuming.key, run_id, tuned, resuming.attempt, resuming.seconds())
+    return [LastCheckpoint(folder), ResumeState(resuming.key, run_id, resuming.seconds)]
+
+
+def cell_trainer(
+    spec: CellSpec,
+    inputs: FitInputs,
+    watchers: Watchers,
+    run: Run,
+    extra: Sequence[Callback],
+    resumed: bool,
+) -> L.Trainer:
+    """The cell's Trainer: its recipe's, progress and summary callbacks, the `watchers`,
+    `extra` ones, and its loggers. A resumed fit runs no sanity check (its start's score and
+    checkpoint are kept already, and its random state restored: a sanity check would draw
+    numbers the uninterrupted fit drew before its first epoch)."""
     budget = {"min_steps": spec.protocol.min_steps} if spec.protocol.min_steps else {}
-    # The start is a candidate too (held-out selection; the study's max over epochs is not).
-    start = StartCandidate(folder / "start.ckpt")
-    # A resumed fit has its start's score and checkpoint already (and its random state restored:
-    # a sanity check would draw numbers the uninterrupted fit drew before its first epoch).
-    resumed = attempt.checkpoint if attempt is not None else None
     candidates = {} if spec.max_eval or resumed else {"num_sanity_val_steps": -1}
-    kept: list[Callback] = []
-    if resuming is not None:  # what a relaunch resumes from, in `folder`
-        run_id = run.info.run_id
-        resume.keep(spec, resuming.key, run_id, tuned, attempt, resuming.seconds())
-        kept = [LastCheckpoint(folder), ResumeState(resuming.key, run_id, resuming.seconds)]
     loggers = mlflow_run.lightning_loggers(spec, run)
     # The learning rate of each parameter group per epoch (lr-SGD, lr-SGD/pg1: the backbone's),
     # a curve in the run's metrics; it reads the schedulers and changes nothing they do.
     rates = [LearningRateMonitor(logging_interval="epoch")] if loggers else []
-    trainer = build_trainer(
+    return build_trainer(
         spec.trainer,
         [
             MinSteps(),
-            *([] if spec.max_eval else [start]),
-            checkpoint,
-            throughput,
-            convergence,
+            *([] if spec.max_eval else [watchers.start]),
+            watchers.checkpoint,
+            watchers.throughput,
+            watchers.convergence,
             *recipe_callbacks(spec.strategy, spec.optim),
             *progress_callbacks(spec.progress_bar),
             *summary_callbacks(bool(spec.trainer.get("enable_model_summary", True)), spec.verbose),
             *rates,
-            *kept,
-            *callbacks,
+            *extra,
         ],
         **inputs.trainer_args,
         **budget,
@@ -444,22 +457,30 @@ def fit_and_test(
         logger=loggers,
         default_root_dir=spec.paths.output_dir,
     )
-    # torch.compile wraps the model in an OptimizedModule (typed as a plain callable), which
-    # Trainer.fit and .test take in place of the LightningModule (Lightning unwraps it); the
-    # results are read from `model` itself.
-    fitted = cast(L.LightningModule, torch.compile(model)) if spec.speed.compile else model
-    if attempt is not None and resumed is not None:  # its curves so far, into this run
-        mlflow_run.copy_curves(
-            spec,
-            run,
-            attempt.run_id,
-            attempt.epochs,
-            attempt.steps,
-            attempt.curves,
-            attempt.time_ms,
-        )
-    trainer.fit(fitted, datamodule=inputs.datamodule, ckpt_path=resumed)
-    chosen = select(checkpoint, start, convergence, trainer)  # before the test adds metrics
+
+
+@dataclass
+class Tested:
+    """The test pass of the chosen checkpoint (and of the shift test set, if any)."""
+
+    scores: dict[str, float]
+    confusion: list[list[int]]
+    predicted: list[int] | None
+    shift_predicted: list[int] | None
+
+
+def test_chosen(
+    spec: CellSpec,
+    data: ManifestDataModule,
+    inputs: FitInputs,
+    trainer: L.Trainer,
+    fitted: L.LightningModule,
+    model: TransferClassifier,
+    chosen: Chosen,
+    lp: ProbeResult | None,
+) -> Tested:
+    """The chosen checkpoint tested once (and on the shift set), with the scores the cell
+    reports: best_val_acc, the probe's for LP-FT, or the study's max_val_acc."""
     trainer.test(fitted, datamodule=inputs.datamodule, ckpt_path=chosen.checkpoint)
     if model.test_confusion is None:  # the test epoch's end computes it
         raise RuntimeError(f"{spec.name}: the test pass left no confusion matrix.")
@@ -477,19 +498,70 @@ def fit_and_test(
         # Validation was the evaluation split itself: its best epoch is the study's number,
         # named as such; the test pass above only gave that epoch's confusion matrix.
         scores = {"max_val_acc": scores["best_val_acc"]}
+    return Tested(scores, confusion.tolist(), predicted, shift[1] if shift else None)
+
+
+def ran_at(spec: CellSpec, trainer: L.Trainer, on_features: bool) -> tuple[str, str]:
+    """The device (a GPU's name) and the precision the fit ran at."""
     device = trainer.strategy.root_device
     precision = str(trainer.precision)
-    if features is not None and precision != str(spec.trainer["precision"]):
+    if on_features and precision != str(spec.trainer["precision"]):
         precision = f"{spec.trainer['precision']} (features), {precision} (head)"
+    return (torch.cuda.get_device_name(device) if device.type == "cuda" else device.type), precision
+
+
+def fit_and_test(
+    spec: CellSpec,
+    data: ManifestDataModule,
+    backbone: Backbone,
+    features: FeatureSet | None,
+    run: Run,
+    channels_last: bool,
+    callbacks: Sequence[Callback] = (),
+    lp: ProbeResult | None = None,
+    resuming: Resuming | None = None,
+) -> Fitted:
+    """Tune (tune.trials), fit (Lightning epochs on the images, or on cached features: then the
+    model is the head alone), select on validation (the start a candidate), test once.
+    `resuming`: keep a last checkpoint while fitting, and take over an interrupted attempt (its
+    tuning's choice; its fit from its last checkpoint)."""
+    inputs = fit_inputs(spec, data, backbone, features, channels_last, lp)
+    attempt = resuming.attempt if resuming is not None else None
+    tuned = values_to_fit(spec, inputs, run, attempt)
+    if tuned is not None:
+        spec = tune.with_values(spec, tuned.values)
+    # Seeded here, once: a cache miss (which draws random numbers while extracting) and a hit,
+    # a tuned cell and an untuned one, start their fit from the same random state.
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    model = inputs.build(spec)
+    folder = resume.folder(spec)
+    watchers = Watchers.in_folder(folder)
+    resumed = attempt.checkpoint if attempt is not None else None
+    kept = kept_for_resume(spec, resuming, run, tuned, folder)
+    trainer = cell_trainer(spec, inputs, watchers, run, [*kept, *callbacks], bool(resumed))
+    # torch.compile wraps the model in an OptimizedModule (typed as a plain callable), which
+    # Trainer.fit and .test take in place of the LightningModule (Lightning unwraps it); the
+    # results are read from `model` itself.
+    fitted = cast(L.LightningModule, torch.compile(model)) if spec.speed.compile else model
+    if attempt is not None and resumed is not None:  # its curves so far, into this run
+        mlflow_run.copy_curves(
+            spec, run, attempt.run_id, attempt.epochs, attempt.steps, attempt.curves,
+            attempt.time_ms,
+        )  # fmt: skip
+    trainer.fit(fitted, datamodule=inputs.datamodule, ckpt_path=resumed)
+    # Chosen before the test adds metrics.
+    chosen = select(watchers.checkpoint, watchers.start, watchers.convergence, trainer)
+    tested = test_chosen(spec, data, inputs, trainer, fitted, model, chosen, lp)
+    device, precision = ran_at(spec, trainer, features is not None)
     return Fitted(
-        scores=scores,
-        confusion=confusion.tolist(),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        scores=tested.scores,
+        confusion=tested.confusion,
+        device=device,
         precision=precision,
-        train_images_per_s=throughput.images_per_s,
+        train_images_per_s=watchers.throughput.images_per_s,
         checkpoint=chosen.checkpoint or None,
-        test_predicted=predicted,
-        shift_predicted=shift[1] if shift else None,
+        test_predicted=tested.predicted,
+        shift_predicted=tested.shift_predicted,
         tuned=tuned,
         optimizer_steps=trainer.global_step,
         probe_val_acc=lp.val_acc_by_c if lp is not None else None,
