@@ -20,7 +20,7 @@ import torch
 
 from benchmark.cell.run import run_cell
 from benchmark.tools import predict
-from tests.conftest import cell_spec
+from tests.conftest import TINY, cell_spec
 from tests.test_stub_cells import STUB_CELL
 
 # A frozen backbone runs in eval mode on purpose (as `python -m benchmark` says, nothing).
@@ -187,3 +187,35 @@ def test_bad_input_to_the_predict_command_is_one_line_with_the_fix(
         "no model": f"run {run_id} has no logged model. A cell logs one when it finishes",
         "no run": f"no run {run_id} in the store",
     }[case] in said[0]
+
+
+@pytest.mark.e2e
+def test_a_default_cells_model_predicts_class_names_for_hymenoptera_images(
+    tmp_path: Path, shared_data: Path, shared_cache: Path, empty_store: Path
+) -> None:
+    """The default cell (EfficientNet-Lite0, Hymenoptera, fine-tuned; one short epoch): its
+    logged model, loaded with mlflow.pyfunc alone, names 5 of its test images' classes as the
+    cell's own model did."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    spec = cell_spec(
+        *TINY,
+        "trainer.limit_test_batches=1.0",  # the whole test split: its predictions are logged
+        f"paths.data_root={shared_data}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.cache_dir={shared_cache}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    summary = run_cell(spec)
+    root = shared_data / "hymenoptera_data"  # test_predictions.json's paths are under it
+    cell = Cell(summary.run_id, spec.tracking.uri or "", tmp_path / "out", root)
+    mlflow.set_tracking_uri(cell.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{cell.run_id}/model")
+    tested = five(cell.test_predictions(tmp_path))
+    assert tested.predicted.nunique() == 2, tested  # a model that tells ants from bees
+    paths = [str(cell.images / p) for p in tested.path]
+    assert all(Path(p).is_file() for p in paths), paths
+    rows = model.predict(paths)
+    assert set(rows["class"]) <= {"ants", "bees"} and (rows["error"] == "").all()
+    assert list(rows["class"]) == list(tested.predicted)  # the cell's own model's predictions
+    config = model.metadata.flavors["python_function"]["config"]
+    assert config["backbone"] == "efficientnet_lite0" and config["classes"] == ["ants", "bees"]
