@@ -324,6 +324,127 @@ def closing_line(tuned: Tuned, budget: int) -> str:
     )
 
 
+@dataclass
+class TrialSearch:
+    """A cell's trials as Optuna runs them: the objective (one trial's fit on the data without
+    its test split) and the callbacks that say each trial as it ends and stop the study once the
+    budget of trial-epochs is spent."""
+
+    spec: CellSpec
+    data: L.LightningDataModule  # the cell's data less its test split
+    space: dict[str, tuple[float, float]]
+    make_model: Callable[[CellSpec], L.LightningModule]
+    observer: TrialObserver | None
+    trainer_args: dict[str, object]  # overrides of the cell's Trainer arguments
+    epochs: int  # a trial's epochs
+    budget: int  # the trial-epochs all trials together may run
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """Fit one trial at the values it suggests; its best val_acc (a pruned trial raises)."""
+        spec, observer = self.spec, self.observer
+        values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in self.space.items()}
+        # The last trial gets what the budget has left.
+        length = min(self.epochs, self.budget - epochs_spent(trial.study))
+        trial_spec = compressed(with_values(spec, values), length)
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        best = BestValAcc()
+        trainer = self.trainer(trial, trial_spec, values, length, best)
+        try:  # a pruned trial raises in its fit
+            trainer.fit(self.make_model(trial_spec), datamodule=self.data)
+        except optuna.TrialPruned:
+            raise  # said and observed as it ends (`ended`)
+        except BaseException as error:
+            if observer:
+                observer.failed(trial.number, error)
+            raise
+        return best.value
+
+    def trainer(
+        self,
+        trial: optuna.Trial,
+        trial_spec: CellSpec,
+        values: dict[str, float],
+        length: int,
+        best: BestValAcc,
+    ) -> L.Trainer:
+        """The trial's Trainer over `length` epochs: `best` and the pruning callback watch its
+        validation, the recipe's callbacks (two_stage unfreezes) and the observer's run."""
+        # Reports the best val_acc so far each epoch (the table's epochs); prunes only with
+        # tune.pruner set, never after the trial's last epoch.
+        run = EpochsRun(trial, length)
+        pruning = PyTorchLightningPruningCallback(run, "val_acc")  # type: ignore[arg-type]
+        recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
+        observer = self.observer
+        watching = observer.started(trial.number, values, length) if observer else []
+        return build_trainer(
+            self.spec.trainer,
+            [best, *recipe, pruning, *watching],
+            **self.trainer_args,
+            max_epochs=length,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    def ended(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial ended (COMPLETE or PRUNED): said in a line, and seen by the observer."""
+        log.info("%s", trial_line(trial, self.spec.tune.trials, epochs_spent(study), self.budget))
+        if self.observer:
+            self.observer.ended(trial)
+
+    def stop_when_spent(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """The study stops once the budget of trial-epochs is spent."""
+        if epochs_spent(study) >= self.budget:
+            study.stop()
+
+
+def tpe_sampler(spec: CellSpec) -> optuna.samplers.TPESampler:
+    """Optuna's TPE sampler, seeded with the cell's seed; with `tune.startup_trials` set it
+    models the trials from after those (the recipe, placed first, counted among them)."""
+    startup = spec.tune.startup_trials
+    if startup and spec.tune.recipe_first and spec.tune.startup == Startup.sobol:
+        startup += 1  # TPE models the trials from there on: the recipe is one of its points
+    return (
+        optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
+        if startup
+        else optuna.samplers.TPESampler(seed=spec.seed)
+    )
+
+
+def run_study(spec: CellSpec, search: TrialSearch) -> tuple[list[dict[str, object]], str | None]:
+    """The cell's Optuna study run: the trials placed first, then the sampler's, until the
+    budget is spent or `tune.trials` ran. Its trials table, and the study's storage URL when it
+    is kept (STUDY_FILE), else None."""
+    quiet = optuna.logging.INFO if spec.verbose else optuna.logging.WARNING
+    optuna.logging.set_verbosity(quiet)  # verbose: Optuna's own line per trial too
+    placed = first_trials(spec, search.space)
+    sampler = tpe_sampler(spec)
+    storage = study_storage(spec)
+    if storage is not None:  # a relaunch into the same folder replaces the cell's study
+        restart(spec.name, storage)
+    try:
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=sampler,
+            pruner=pruner(spec.tune, search.epochs),
+            storage=storage,
+            study_name=spec.name,
+        )
+        for values in placed:  # the sampler's own suggestions come after these
+            study.enqueue_trial(values)
+        study.optimize(
+            search.objective,
+            n_trials=spec.tune.trials,
+            callbacks=[search.ended, search.stop_when_spent],
+        )
+        table = trials_table(study)
+    finally:
+        if storage is not None:
+            storage.engine.dispose()  # the file's connections closed: it can be copied, moved
+    return table, None if storage is None else storage.url
+
+
 def choose(
     spec: CellSpec,
     datamodule: L.LightningDataModule,
@@ -339,78 +460,8 @@ def choose(
     data = without_test(datamodule)
     space = search_space(spec)
     epochs, budget = trial_epochs(spec), budget_epochs(spec)
-
-    def objective(trial: optuna.Trial) -> float:
-        values = {k: trial.suggest_float(k, lo, hi, log=True) for k, (lo, hi) in space.items()}
-        # The last trial gets what the budget has left.
-        length = min(epochs, budget - epochs_spent(trial.study))
-        trial_spec = compressed(with_values(spec, values), length)
-        L.seed_everything(spec.seed, workers=True, verbose=False)
-        best = BestValAcc()
-        # Reports the best val_acc so far each epoch (the table's epochs); prunes only with
-        # tune.pruner set, never after the trial's last epoch.
-        run = EpochsRun(trial, length)
-        pruning = PyTorchLightningPruningCallback(run, "val_acc")  # type: ignore[arg-type]
-        recipe = recipe_callbacks(trial_spec.strategy, trial_spec.optim)  # two_stage unfreezes
-        watching = observer.started(trial.number, values, length) if observer else []
-        trainer = build_trainer(
-            spec.trainer,
-            [best, *recipe, pruning, *watching],
-            **trainer_args,
-            max_epochs=length,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        try:
-            trainer.fit(make_model(trial_spec), datamodule=data)  # a pruned trial raises here
-        except optuna.TrialPruned:
-            raise  # said and observed as it ends (`ended`)
-        except BaseException as error:
-            if observer:
-                observer.failed(trial.number, error)
-            raise
-        return best.value
-
-    def ended(study: optuna.Study, trial: FrozenTrial) -> None:
-        log.info("%s", trial_line(trial, spec.tune.trials, epochs_spent(study), budget))
-        if observer:
-            observer.ended(trial)
-
-    def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
-        if epochs_spent(study) >= budget:
-            study.stop()
-
-    quiet = optuna.logging.INFO if spec.verbose else optuna.logging.WARNING
-    optuna.logging.set_verbosity(quiet)  # verbose: Optuna's own line per trial too
-    placed = first_trials(spec, space)
-    startup = spec.tune.startup_trials
-    if startup and spec.tune.recipe_first and spec.tune.startup == Startup.sobol:
-        startup += 1  # TPE models the trials from there on: the recipe is one of its points
-    sampler = (
-        optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
-        if startup
-        else optuna.samplers.TPESampler(seed=spec.seed)
-    )
-    storage = study_storage(spec)
-    if storage is not None:  # a relaunch into the same folder replaces the cell's study
-        restart(spec.name, storage)
-    try:
-        study = optuna.create_study(
-            direction="maximize",
-            sampler=sampler,
-            pruner=pruner(spec.tune, epochs),
-            storage=storage,
-            study_name=spec.name,
-        )
-        for values in placed:  # the sampler's own suggestions come after these
-            study.enqueue_trial(values)
-        study.optimize(objective, n_trials=spec.tune.trials, callbacks=[ended, stop_when_spent])
-        table = trials_table(study)
-    finally:
-        if storage is not None:
-            storage.engine.dispose()  # the file's connections closed: it can be copied, moved
+    search = TrialSearch(spec, data, space, make_model, observer, trainer_args, epochs, budget)
+    table, study = run_study(spec, search)
     # The best score among completed and pruned trials alike; ties go to the earlier trial.
     chosen = max(table, key=choice_key)
     values = {k: float(cast(SupportsFloat, chosen[k])) for k in space}
@@ -421,7 +472,7 @@ def choose(
         time.perf_counter() - start,
         table=table,
         budget_epochs=budget,
-        study=None if storage is None else storage.url,
+        study=study,
     )
     log.info("%s", closing_line(tuned, budget))
     if tuned.study:

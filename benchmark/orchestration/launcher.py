@@ -285,23 +285,8 @@ class CellProcessLauncher(Launcher):
         from benchmark.tracking.server import TrackingUnreachable
 
         choice = gpus_torch_sees(self.gpus)
-        gpus = choice.gpus
-        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
-        if choice.problem and not gpus and accelerator in ("gpu", "cuda"):
-            # every cell would fail on the CPU, one after the other: one line, before any
-            log.error(
-                "%s: the sweep's trainer.accelerator=%s needs one, so no cell is launched; %s, "
-                "or set trainer.accelerator=auto to run the cells on the CPU.",
-                choice.problem,
-                accelerator,
-                choice.fix,
-            )
-            raise SystemExit(2)
-        try:
-            pool = DevicePool(gpus, self.workers, self.gpus_per_cell)
-        except ValueError as error:  # one line, before any cell or store
-            log.error("%s", error)
-            raise SystemExit(2) from None
+        self._refuse_a_gpu_sweep_without_gpus(choice)
+        pool = self._device_pool(choice.gpus)
         identity.use_credentials(self.config.tracking.uri)  # the cells inherit them
         try:
             store.experiment_id(
@@ -312,22 +297,64 @@ class CellProcessLauncher(Launcher):
             raise SystemExit(1) from None
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        self._say_launching(choice, pool, len(job_overrides))
+        returns = self._run_cells(job_overrides, initial_job_idx, pool, sweep_dir)
+        self._end_runs_left_running([returns[i] for i in sorted(returns)])
+        return [returns[i] for i in sorted(returns)]
+
+    def _refuse_a_gpu_sweep_without_gpus(self, choice: GpuChoice) -> None:
+        """SystemExit(2), said in one line before any cell, when the sweep's
+        trainer.accelerator needs a GPU and torch sees none of those named."""
+        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
+        if choice.problem and not choice.gpus and accelerator in ("gpu", "cuda"):
+            # every cell would fail on the CPU, one after the other: one line, before any
+            log.error(
+                "%s: the sweep's trainer.accelerator=%s needs one, so no cell is launched; %s, "
+                "or set trainer.accelerator=auto to run the cells on the CPU.",
+                choice.problem,
+                accelerator,
+                choice.fix,
+            )
+            raise SystemExit(2)
+
+    def _device_pool(self, gpus: list[int]) -> DevicePool:
+        """The slots the cells run in; a launcher setting that allows none is SystemExit(2),
+        said in one line before any cell or store."""
+        try:
+            return DevicePool(gpus, self.workers, self.gpus_per_cell)
+        except ValueError as error:  # one line, before any cell or store
+            log.error("%s", error)
+            raise SystemExit(2) from None
+
+    def _say_launching(self, choice: GpuChoice, pool: DevicePool, cells: int) -> None:
+        """The line that opens the sweep: how many cells on which slots, or, when torch does not
+        see the GPUs named, what is wrong, what happens instead and the fix."""
         slots = " | ".join(map(str, pool.free))
-        where = f"GPUs {slots}" if gpus else f"{self.workers} CPU worker(s)"
+        where = f"GPUs {slots}" if choice.gpus else f"{self.workers} CPU worker(s)"
         if choice.problem:  # what is wrong, what happens instead, the fix: one line
             quiet = ""
-            if choice.on_cpu and not gpus:
+            if choice.on_cpu and not choice.gpus:
                 quiet = f"{choice.on_cpu} to run on the CPU without this warning, or "
             log.warning(
                 "%s: launching %d cells on %s; %s%s.",
                 choice.problem,
-                len(job_overrides),
+                cells,
                 where,
                 quiet,
                 choice.fix,
             )
         else:
-            log.info("Launching %d cells on %s", len(job_overrides), where)
+            log.info("Launching %d cells on %s", cells, where)
+
+    def _run_cells(
+        self,
+        job_overrides: Sequence[Sequence[str]],
+        initial_job_idx: int,
+        pool: DevicePool,
+        sweep_dir: Path,
+    ) -> dict[int, JobReturn]:
+        """Each cell skipped (FINISHED earlier) or started as soon as a slot is free, polled
+        until every one has ended: their JobReturns by job index."""
         pending = deque(enumerate(job_overrides, start=initial_job_idx))
         running: list[Running] = []
         returns: dict[int, JobReturn] = {}
@@ -336,16 +363,9 @@ class CellProcessLauncher(Launcher):
             while pending and pool.available:
                 index, overrides = pending.popleft()
                 config, folder = self._prepare(index, list(overrides), sweep_dir)
-                if (done := self._finished_earlier(config, folder, list(overrides))) is not None:
-                    progress.start()
-                    log.info(
-                        "\t#%d skipped: FINISHED earlier in MLflow run %s [%s]",
-                        index,
-                        done.run_id,
-                        progress.done(skipped=True),
-                    )
-                    done.save(folder)
-                    returns[index] = self._finish(list(overrides), config, folder, done)
+                skipped = self._skip_if_finished(index, overrides, config, folder, progress)
+                if skipped is not None:
+                    returns[index] = skipped
                     continue
                 running.append(
                     self._start(
@@ -356,20 +376,43 @@ class CellProcessLauncher(Launcher):
             for cell in [c for c in running if c.process.poll() is not None]:
                 running.remove(cell)
                 pool.release(cell.slot)
-                outcome = self._outcome(cell)
-                log.info(
-                    "\t#%d %s after %.0fs [%s]: %s",
-                    cell.index,
-                    outcome.status,
-                    time.time() - cell.started,
-                    progress.done(),
-                    " ".join(filter_overrides(cell.overrides)),
-                )
-                returns[cell.index] = self._finish(
-                    cell.overrides, cell.config, cell.folder, outcome
-                )
-        self._end_runs_left_running([returns[i] for i in sorted(returns)])
-        return [returns[i] for i in sorted(returns)]
+                returns[cell.index] = self._ended(cell, progress)
+        return returns
+
+    def _skip_if_finished(
+        self,
+        index: int,
+        overrides: Sequence[str],
+        config: DictConfig,
+        folder: Path,
+        progress: SweepProgress,
+    ) -> JobReturn | None:
+        """A cell FINISHED earlier in the store: said, its outcome saved in its folder, and its
+        JobReturn; None for a cell to start."""
+        if (done := self._finished_earlier(config, folder, list(overrides))) is None:
+            return None
+        progress.start()
+        log.info(
+            "\t#%d skipped: FINISHED earlier in MLflow run %s [%s]",
+            index,
+            done.run_id,
+            progress.done(skipped=True),
+        )
+        done.save(folder)
+        return self._finish(list(overrides), config, folder, done)
+
+    def _ended(self, cell: Running, progress: SweepProgress) -> JobReturn:
+        """A cell whose process has ended: its outcome read, said, and its JobReturn."""
+        outcome = self._outcome(cell)
+        log.info(
+            "\t#%d %s after %.0fs [%s]: %s",
+            cell.index,
+            outcome.status,
+            time.time() - cell.started,
+            progress.done(),
+            " ".join(filter_overrides(cell.overrides)),
+        )
+        return self._finish(cell.overrides, cell.config, cell.folder, outcome)
 
     def _prepare(
         self, index: int, overrides: list[str], sweep_dir: Path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -167,92 +168,167 @@ def _at(epoch: float) -> str:
     return "at the start" if epoch < 0 else f"at epoch {int(epoch) + 1}"
 
 
-def run_diagnoses(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
-    """Per run (aligned with `runs`), for each diagnosis: `<key>` (a Check state) and
-    `<key>_why` (for a marked run: its seed and the numbers that say so, "seed 1: ...")."""
-    m = runs.reindex(columns=list(CONVERGENCE_METRICS)).apply(pd.to_numeric, errors="coerce")
-    exempt = runs.strategy.isin(EXEMPT_STRATEGIES)
-    epoch, end = m.best_val_epoch, m.epochs_run
-    head = runs.reindex(columns=["head_init"]).head_init.astype(str).str.endswith("probe")
-    fitted = runs.strategy.isin(FITTED_HEAD_STRATEGIES) | head | m.lp_val_acc.notna()
-    start = m.start_val_acc.fillna(m.lp_val_acc)  # the start's own pass, else the probe's
-    start_name = m.start_val_acc.notna().map({True: "start", False: "probe"})
+@dataclass(frozen=True)
+class RunSeries:
+    """The per-run numbers the diagnoses read (aligned with the runs): the convergence metrics
+    `m` (numeric, NaN where not logged), the best and last epochs, the start a fitted head's fit
+    is held to (and what it was), and the rule's tests that more than one diagnosis reads."""
 
-    rising = (end - 1 - epoch) < rule.rising_epochs
-    low = m.final_train_acc < rule.min_train_acc
-    fall = m.best_val_acc - m.final_val_acc
-    early = (epoch + 1) <= rule.early_fraction * end
+    m: pd.DataFrame
+    epoch: pd.Series  # best_val_epoch: -1 when selection kept the start
+    end: pd.Series  # epochs_run
+    fitted: pd.Series  # the fit started from a fitted head
+    start: pd.Series  # the start's own val acc, else the probe's
+    start_name: pd.Series  # "start" or "probe"
+    rising: pd.Series  # validation still rising at the end
+    low: pd.Series  # a low final training accuracy
+    fall: pd.Series  # best val acc - final val acc
+    early: pd.Series  # the best epoch in the early part of the fit
 
-    def undertrained_why(i: object) -> str:
-        reasons = []
-        if rising[i]:
-            reasons.append(f"val acc best at epoch {int(epoch[i]) + 1} of {int(end[i])}")
-        if low[i]:
-            reasons.append(f"train acc {m.final_train_acc[i]:.3f}")
-        return ", ".join(reasons)
+    @classmethod
+    def of(cls, runs: pd.DataFrame, rule: ConvergenceRule) -> RunSeries:
+        """The series of `runs` under `rule`."""
+        m = runs.reindex(columns=list(CONVERGENCE_METRICS)).apply(pd.to_numeric, errors="coerce")
+        epoch, end = m.best_val_epoch, m.epochs_run
+        head = runs.reindex(columns=["head_init"]).head_init.astype(str).str.endswith("probe")
+        fitted = runs.strategy.isin(FITTED_HEAD_STRATEGIES) | head | m.lp_val_acc.notna()
+        start = m.start_val_acc.fillna(m.lp_val_acc)  # the start's own pass, else the probe's
+        start_name = m.start_val_acc.notna().map({True: "start", False: "probe"})
+        return cls(
+            m=m,
+            epoch=epoch,
+            end=end,
+            fitted=fitted,
+            start=start,
+            start_name=start_name,
+            rising=(end - 1 - epoch) < rule.rising_epochs,
+            low=m.final_train_acc < rule.min_train_acc,
+            fall=m.best_val_acc - m.final_val_acc,
+            early=(epoch + 1) <= rule.early_fraction * end,
+        )
 
-    def fell(i: object) -> str:
+    def fell(self, i: object) -> str:
+        """Run `i`'s validation accuracy from its best epoch to its last."""
+        m, epoch, end = self.m, self.epoch, self.end
         return (
             f"val {m.best_val_acc[i]:.3f} {_at(epoch[i])} → {m.final_val_acc[i]:.3f} "
             f"at epoch {int(end[i])}"
         )
+
+
+class DiagnosisRule(NamedTuple):
+    """A diagnosis's rule over the runs: the metrics it needs logged, the runs it applies to,
+    those it marks, and why a marked run is (its numbers)."""
+
+    needed: list[pd.Series]
+    applies: pd.Series
+    marked: pd.Series
+    why: Callable[[object], str]
+
+
+def diverged_rule(s: RunSeries, rule: ConvergenceRule) -> DiagnosisRule:
+    """Validation peaked early and fell by more than `rule.diverged_drop`."""
+    m = s.m
+    return DiagnosisRule(
+        [s.epoch, s.end, m.best_val_acc, m.final_val_acc],
+        pd.Series(True, index=m.index),
+        s.early & (s.fall > rule.diverged_drop + _EPS),
+        s.fell,
+    )
+
+
+def below_start_rule(s: RunSeries) -> DiagnosisRule:
+    """A fit from a fitted head that ended below its start."""
+    m, epoch, end, start = s.m, s.epoch, s.end, s.start
 
     def below_why(i: object) -> str:
         if epoch[i] < 0:
             last = m.final_val_acc[i]
             then = f"; last val {last:.3f} at epoch {int(end[i])}" if pd.notna(last) else ""
             return (
-                f"selection kept the {start_name[i]} (val {start[i]:.3f}): no trained epoch "
+                f"selection kept the {s.start_name[i]} (val {start[i]:.3f}): no trained epoch "
                 f"beat it and the fit ended below it{then}"
             )
         return (
             f"best trained val {m.best_val_acc[i]:.3f} {_at(epoch[i])} < "
-            f"{start_name[i]}'s {start[i]:.3f}"
+            f"{s.start_name[i]}'s {start[i]:.3f}"
         )
 
-    rules: dict[Diagnosis, tuple[list[pd.Series], pd.Series, pd.Series, Callable]] = {
-        # (needed, applies, marked, why)
-        DIVERGED: (
-            [epoch, end, m.best_val_acc, m.final_val_acc],
-            pd.Series(True, index=runs.index),
-            early & (fall > rule.diverged_drop + _EPS),
-            fell,
-        ),
-        BELOW_START: (
-            [start, m.best_val_acc, epoch],
-            fitted,
-            # Selection kept the start and the fit ended below it (a fit that only tied it, as
-            # at a validation accuracy of 1.0, added nothing but lost nothing), or (code from
-            # before the start was a candidate) its best epoch is below the probe's.
-            ((epoch < 0) & ~(m.final_val_acc >= start - _EPS))
-            | ((epoch >= 0) & (m.best_val_acc < start - _EPS)),
-            below_why,
-        ),
-        UNDERTRAINED: (
-            [m.final_train_acc, epoch, end],
-            pd.Series(True, index=runs.index),
-            rising | low,
-            undertrained_why,
-        ),
-        OVERFIT: (
-            [m.final_train_acc, epoch, end, m.best_val_acc, m.final_val_acc],
-            pd.Series(True, index=runs.index),
-            (m.final_train_acc >= rule.overfit_train_acc - _EPS)
-            & (fall > rule.overfit_drop + _EPS),
-            lambda i: f"train acc {m.final_train_acc[i]:.3f}, {fell(i)}",
-        ),
+    return DiagnosisRule(
+        [start, m.best_val_acc, epoch],
+        s.fitted,
+        # Selection kept the start and the fit ended below it (a fit that only tied it, as
+        # at a validation accuracy of 1.0, added nothing but lost nothing), or (code from
+        # before the start was a candidate) its best epoch is below the probe's.
+        ((epoch < 0) & ~(m.final_val_acc >= start - _EPS))
+        | ((epoch >= 0) & (m.best_val_acc < start - _EPS)),
+        below_why,
+    )
+
+
+def undertrained_rule(s: RunSeries) -> DiagnosisRule:
+    """Validation accuracy still rising at the end, or a low final training accuracy."""
+    m, epoch, end = s.m, s.epoch, s.end
+
+    def undertrained_why(i: object) -> str:
+        reasons = []
+        if s.rising[i]:
+            reasons.append(f"val acc best at epoch {int(epoch[i]) + 1} of {int(end[i])}")
+        if s.low[i]:
+            reasons.append(f"train acc {m.final_train_acc[i]:.3f}")
+        return ", ".join(reasons)
+
+    return DiagnosisRule(
+        [m.final_train_acc, epoch, end],
+        pd.Series(True, index=m.index),
+        s.rising | s.low,
+        undertrained_why,
+    )
+
+
+def overfit_rule(s: RunSeries, rule: ConvergenceRule) -> DiagnosisRule:
+    """Training fitted while validation fell from its best by more than `rule.overfit_drop`."""
+    m = s.m
+    return DiagnosisRule(
+        [m.final_train_acc, s.epoch, s.end, m.best_val_acc, m.final_val_acc],
+        pd.Series(True, index=m.index),
+        (m.final_train_acc >= rule.overfit_train_acc - _EPS) & (s.fall > rule.overfit_drop + _EPS),
+        lambda i: f"train acc {m.final_train_acc[i]:.3f}, {s.fell(i)}",
+    )
+
+
+def diagnosis_columns(
+    runs: pd.DataFrame, exempt: pd.Series, rule: DiagnosisRule
+) -> tuple[pd.Series, pd.Series]:
+    """One diagnosis's two columns over `runs`: each run's Check state, and for a marked run
+    why ("seed 1: ...")."""
+    logged = pd.concat(rule.needed, axis=1).notna().all(axis=1)
+    state = pd.Series(Check.clear, index=runs.index, dtype=object)
+    state[~logged] = Check.not_logged
+    state[logged & rule.marked] = Check.marked
+    state[exempt | ~rule.applies] = Check.not_applicable
+    said = pd.Series("", index=runs.index, dtype=object)
+    for i in runs.index[state.eq(Check.marked)]:
+        said[i] = f"seed {runs.seed[i]}: {rule.why(i)}"
+    return state, said
+
+
+def run_diagnoses(runs: pd.DataFrame, rule: ConvergenceRule) -> pd.DataFrame:
+    """Per run (aligned with `runs`), for each diagnosis: `<key>` (a Check state) and
+    `<key>_why` (for a marked run: its seed and the numbers that say so, "seed 1: ...")."""
+    series = RunSeries.of(runs, rule)
+    exempt = runs.strategy.isin(EXEMPT_STRATEGIES)
+    rules = {
+        DIVERGED: diverged_rule(series, rule),
+        BELOW_START: below_start_rule(series),
+        UNDERTRAINED: undertrained_rule(series),
+        OVERFIT: overfit_rule(series, rule),
     }
     out = {}
-    for diagnosis, (needed, applies, marked, why) in rules.items():
-        logged = pd.concat(needed, axis=1).notna().all(axis=1)
-        state = pd.Series(Check.clear, index=runs.index, dtype=object)
-        state[~logged] = Check.not_logged
-        state[logged & marked] = Check.marked
-        state[exempt | ~applies] = Check.not_applicable
-        said = pd.Series("", index=runs.index, dtype=object)
-        for i in runs.index[state.eq(Check.marked)]:
-            said[i] = f"seed {runs.seed[i]}: {why(i)}"
-        out[diagnosis.key], out[f"{diagnosis.key}_why"] = state, said
+    for diagnosis, diagnosis_rule in rules.items():
+        out[diagnosis.key], out[f"{diagnosis.key}_why"] = diagnosis_columns(
+            runs, exempt, diagnosis_rule
+        )
     return pd.DataFrame(out, index=runs.index)
 
 
