@@ -83,3 +83,24 @@ def test_the_stub_and_the_synthetic_data_are_the_same_everywhere(tmp_path: Path)
     assert one.num_features == STUB_WIDTH
     for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values(), strict=True):
         assert a.equal(b)
+
+
+def test_callbacks_early_stopping_ends_the_cells_fit_early_and_names_it_in_the_key(
+    make_cfg: Callable[..., CellSpec], synthetic_root: Path
+) -> None:
+    """`callbacks=early_stopping` (conf/callbacks/): Lightning's EarlyStopping in the cell's fit,
+    which stops after `patience` epochs without a better val_acc; the callback is in the cell's
+    key (it changes what runs), and a cell without one keeps the key it had."""
+    from benchmark.tracking.identity import cell_key
+
+    # At lr 0 nothing learns: val_acc never rises after the first epoch.
+    still = [*STUB_CELL, "trainer.max_epochs=8", "strategy.lr=0", "optim.weight_decay=0"]
+    plain = make_cfg(*still, data_root=synthetic_root)
+    stopping = make_cfg(*still, "callbacks=early_stopping", "callbacks.early_stopping.patience=2",
+                        data_root=synthetic_root)  # fmt: skip
+    assert plain.callbacks is None and cell_key(plain, "0") != cell_key(stopping, "0")
+    summary = run_cell(stopping)
+    run = mlflow.MlflowClient(stopping.tracking.uri).get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["callbacks.early_stopping.patience"] == "2"
+    assert run.data.metrics["epochs_run"] == 3  # epoch 1, then 2 without a better val_acc

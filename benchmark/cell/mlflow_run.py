@@ -588,6 +588,11 @@ class CellLogger(MLFlowLogger):
         super().log_metrics(metrics, step=step if epoch is None else int(epoch))
 
 
+def more_callbacks(spec: CellSpec) -> list[Callback]:
+    """The `callbacks` group's Lightning callbacks (conf/callbacks/), instantiated as they are."""
+    return [hydra.utils.instantiate(arguments) for arguments in (spec.callbacks or {}).values()]
+
+
 def lightning_loggers(spec: CellSpec, run: Run | None) -> list[Logger]:
     """The `logger` group's Lightning loggers. An entry with `_partial_: true` (the `mlflow` one)
     receives the cell's run id and store. A DDP rank other than 0 has no run: its logger opens

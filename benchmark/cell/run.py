@@ -449,6 +449,7 @@ def cell_trainer(
             *progress_callbacks(spec.progress_bar),
             *summary_callbacks(bool(spec.trainer.get("enable_model_summary", True)), spec.verbose),
             *rates,
+            *mlflow_run.more_callbacks(spec),
             *extra,
         ],
         **inputs.trainer_args,

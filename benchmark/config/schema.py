@@ -352,6 +352,10 @@ class Config:
     trainer: Any = MISSING
     # Lightning loggers by name (conf/logger/): the cell's MLflow run, plus any others.
     logger: Any = MISSING
+    # More Lightning callbacks for the cell's own fit, by name (conf/callbacks/:
+    # `callbacks=early_stopping`, or `+callbacks.NAME._target_=...`), instantiated as they are;
+    # null (the default): none, and no cell key moves. Not given to tuning trials.
+    callbacks: Any = None
     optim: OptimConfig = MISSING
     protocol: ProtocolConfig = MISSING
     tune: TuneConfig = field(default_factory=TuneConfig)

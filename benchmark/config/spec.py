@@ -65,6 +65,7 @@ class CellSpec:
     augment: AugmentConfig
     trainer: Mapping[str, Any]
     logger: Mapping[str, Any]
+    callbacks: Mapping[str, Any] | None
     optim: OptimConfig
     protocol: ProtocolConfig
     tune: TuneConfig
