@@ -58,7 +58,8 @@ def test_the_tracked_tree_leaves_room_for_the_pack_and_the_complete_grid(tmp_pat
     with closing(sqlite3.connect(PROJECT / "results" / "grid" / "mlflow.db")) as store:
         (runs,) = store.execute("SELECT count(*) FROM runs").fetchone()
     empty = empty_store_bytes(tmp_path)  # the schema: paid once, not per run
-    complete = empty + (grid - empty) * max(1.0, GRID_RUNS_WHEN_COMPLETE / runs)
+    # (a store the grid has only just started in holds no run yet: nothing to scale)
+    complete = empty + (grid - empty) * max(1.0, GRID_RUNS_WHEN_COMPLETE / max(runs, 1))
     assert gpu_pack.PACK_BUDGET + gpu_pack.TREE_BUDGET <= gpu_pack.LIMIT_BYTES
     assert tree - grid + complete <= gpu_pack.TREE_BUDGET, (
         f"the tracked tree is {tree / 2**20:.1f} MiB (results/grid {grid / 2**20:.1f} MiB, "

@@ -126,9 +126,9 @@ def test_fair_gives_every_strategy_the_same_trials_and_its_own_space(make_cfg, s
     space = tune.search_space(spec)
     common = {"strategy.lr": (1e-4, 0.3), "optim.weight_decay": (1e-6, 1e-2)}
     factor = FAIR_SPACE[strategy]
-    assert space == (common | {factor: (0.01, 1.0)} if factor else common)
-    assert tune.trial_epochs(spec) == 3  # 0.3 of trainer.max_epochs=10
-    assert tune.budget_epochs(spec) == 18  # 1.8 x 10 trial-epochs
+    assert space == (common | {factor: (0.1, 1.0)} if factor else common)
+    assert tune.trial_epochs(spec) == 5  # half of trainer.max_epochs=10
+    assert tune.budget_epochs(spec) == 20  # 2 x 10 trial-epochs
     if strategy == "two_stage":  # a short trial unfreezes at the same share of its epochs
         assert tune.compressed(spec, 5).strategy.unfreeze_at_epoch == 2  # 5 of 10 -> 2 of 5
 
@@ -184,6 +184,7 @@ def test_the_pruner_ends_a_hopeless_trial_before_its_last_epoch(
             "tune=fair",
             "tune.trials=3",
             "tune.epochs_fraction=0.5",
+            "tune.min_epochs=1",  # a hopeless trial can stop after its first epoch
             "tune.lr_range=[1e-6,0.3]",
         )
     )

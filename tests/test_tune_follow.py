@@ -98,6 +98,8 @@ def test_every_trial_is_said_as_it_ends_pruned_ones_too(make_cfg, monkeypatch, c
         "tune=fair",
         "tune.trials=3",
         "tune.epochs_fraction=0.5",
+        "tune.budget_fraction=1.8",
+        "tune.min_epochs=1",
         "trainer.max_epochs=6",
         *SETTINGS,
     )

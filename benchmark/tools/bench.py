@@ -597,7 +597,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         "--tune-epochs",
         type=int,
         default=10,
-        help="epochs of the tuned-vs-untuned cells (tune=fair's budget: 1.8x; 0: skip them)",
+        help="epochs of the tuned-vs-untuned cells (tune=fair's budget: 2x; 0: skip them)",
     )
     parser.add_argument(
         "--tune-strategies",
