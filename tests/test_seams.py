@@ -134,6 +134,7 @@ def test_the_pruner_stops_a_hopeless_trial_on_the_stub(make_cfg, monkeypatch):
         "tune=fair",
         "tune.trials=3",
         "tune.epochs_fraction=0.5",
+        "tune.min_epochs=1",  # compared after its first epoch
         "tune.lr_range=[1e-6,0.3]",
         "trainer.max_epochs=8",
     )
