@@ -20,7 +20,7 @@ test:  ## the default suite (no slow, no gpu); real images from ../shared/data; 
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-slow:  ## full-length trainings on the real data (minutes each)
 	$(BIN)/pytest -m slow
