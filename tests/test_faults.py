@@ -410,6 +410,30 @@ def test_a_sigterm_between_two_cells_ends_the_next_one_before_its_run_opens(sigt
         time.sleep(5)
 
 
+def test_a_second_signal_while_a_cell_records_its_end_waits_for_the_record(
+    sigterm_handled, monkeypatch
+):
+    """Seen on SLURM: the requeue's SIGTERM came while the cell was ending its run FAILED after
+    submitit's exit; raised there, it left the run active, and MLflow's exit hook ended it
+    FINISHED without scores. Held, it is remembered and raised by the next check; and what
+    ended the cell is recorded as the requeue."""
+    monkeypatch.setattr(interrupt, "_requeued", None)
+    with interrupt.cell():
+        with interrupt.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here: remembered, not raised
+            recorded = True
+        assert recorded and interrupt.received() == signal.SIGTERM
+        with pytest.raises(interrupt.Terminated, match="signal 15"):
+            interrupt.check()
+    assert interrupt.as_ended(SystemExit(-1)).__class__ is SystemExit  # no requeue: as it is
+    interrupt.requeue("preempted: ...; the job is requeued (requeue 1)")
+    for how in (SystemExit(-1), interrupt.Terminated("terminated by signal 15 (SIGTERM)")):
+        ended = interrupt.as_ended(how)
+        assert isinstance(ended, interrupt.Requeued) and "requeued (requeue 1)" in str(ended)
+    assert isinstance(interrupt.as_ended(ValueError("x")), ValueError)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("when", ["fit", "tune"])
 def test_ctrl_c_fails_the_cell_says_what_ran_and_ends_the_sweep_killed(tmp_path, shared_data, when):

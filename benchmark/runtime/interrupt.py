@@ -34,8 +34,8 @@ class Terminated(BaseException):
 
 
 class Requeued(BaseException):
-    """What ended a cell whose SLURM job was requeued (hydra.launcher.requeue): submitit's exit,
-    or the scheduler's SIGTERM, named for the run's error tag."""
+    """What ended a cell whose SLURM job was requeued on SLURM's warning (the launcher's
+    checkpoint): submitit's exit, or the scheduler's SIGTERM, named for the run's error tag."""
 
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
