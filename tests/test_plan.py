@@ -128,12 +128,16 @@ def test_without_history_the_default_rate_is_said_as_unsupported(tmp_path):
     assert runs.empty and not missing.parent.exists()  # read only: nothing created
     guess = history.History(runs).estimate(work(strategy="freeze", input="features"))
     assert not guess.supported
-    assert guess.seconds == pytest.approx(history.DEFAULT_S_PER_IMAGE_EPOCH * 200 * 10)
-    assert guess.basis.startswith("none: default")
+    # a head on cached features: the cheaper guess (a fine-tune's would be 5x over for it)
+    assert guess.seconds == pytest.approx(history.DEFAULT_S_PER_FEATURE_EPOCH * 200 * 10)
+    assert guess.basis == "none: default 0.007 s/image-epoch"
+    images = history.History(runs).estimate(work(strategy="finetune", input="images"))
+    assert images.seconds == pytest.approx(history.DEFAULT_S_PER_IMAGE_EPOCH * 200 * 10)
     cell = plan.PlannedCell("a/cell", plan.TO_RUN, {"train": 200}, 10, guess, device="cpu")
     said = plan.render(plan.Plan([cell], "sqlite:///x", {}))
     assert "Unsupported: 1 cell(s) have no history like them" in said
     assert f"default {history.DEFAULT_S_PER_IMAGE_EPOCH:g} s per (train image x epoch)" in said
+    assert f"{history.DEFAULT_S_PER_FEATURE_EPOCH:g} s on cached features" in said
 
 
 def test_a_sweeps_cells_are_composed_as_hydra_composes_them(shared_data, shared_cache, tmp_path):

@@ -278,7 +278,8 @@ def render(plan: Plan) -> str:
     if unsupported := plan.unsupported:
         lines.append(
             f"Unsupported: {len(unsupported)} cell(s) have no history like them: timed at the "
-            f"default {history.DEFAULT_S_PER_IMAGE_EPOCH:g} s per (train image x epoch), a guess."
+            f"default {history.DEFAULT_S_PER_IMAGE_EPOCH:g} s per (train image x epoch) on "
+            f"images, {history.DEFAULT_S_PER_FEATURE_EPOCH:g} s on cached features, a guess."
         )
     for uri, source in plan.histories.items():
         counts = source.per_strategy()
