@@ -231,8 +231,9 @@ def test_columns_are_named_by_settings_not_by_paths_logged_data_or_keys_older_co
         "finetune (tuned)",
         "finetune",
     ]
-    assert "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)" in (
-        markdown
+    assert (
+        "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (at most 8 trials)"
+        in (markdown)
     )
     assert "- **finetune**: finetune · tune=none" in markdown
     untuned = table[table.variant == "tune=none"].iloc[0]
@@ -527,7 +528,8 @@ def test_one_short_label_per_setting_everywhere_and_a_legend_in_full(tmp_path, e
     ], columns
     legend = markdown.split("Columns, each by the settings it stands for:")[1].split("\n\n")[1]
     assert legend.splitlines()[:3] == [
-        "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials)",
+        "- **finetune (tuned)**: finetune · tune=fair, tune.reuse_seed=0 · tuned (at most 8 "
+        "trials)",
         "- **finetune**: finetune · tune=none",
         "- **linear_probe (tune=fair, tune.reuse_seed=0)**: linear_probe · tune=fair, "
         "tune.reuse_seed=0 (its C grid is its fit: no trials)",
@@ -542,7 +544,7 @@ def test_one_short_label_per_setting_everywhere_and_a_legend_in_full(tmp_path, e
     contrasts = markdown.split("## Primary contrasts")[1].split("## ")[0]
     assert re.search(r"lp_ft \(tuned\) (vs|better than) lp_ft[: ]", contrasts)
     for section in (verdicts, contrasts, undertrained, markdown.split("## Exploratory")[1]):
-        assert "tuned (8 trials)" not in section and "tune=none" not in section.replace(
+        assert "tuned (at most 8 trials)" not in section and "tune=none" not in section.replace(
             "linear_probe (tune=none)", ""
         )
     page = (tmp_path / "out" / "report.html").read_text()

@@ -150,7 +150,7 @@ def test_no_figure_draws_text_over_text():
     """Long column labels and titles, times within less than a decade and over four: every
     label, tick label, title and legend entry clear of the others (measured on the canvas)."""
     table = summary().assign(
-        strategy=lambda t: t.strategy + " · tune=fair, tune.reuse_seed=0 · tuned (8 trials)"
+        strategy=lambda t: t.strategy + " · tune=fair, tune.reuse_seed=0 · tuned (at most 8 trials)"
     )
     for times in ((30.0, 55.0), (0.7, 1400.0)):
         cost = table.assign(wall_time_s=np.linspace(*times, len(table)))
@@ -161,7 +161,8 @@ def test_no_figure_draws_text_over_text():
         ticks = [t.get_text() for t in figure.axes[0].get_xticklabels() if t.get_text()]
         assert ticks and not [t for t in ticks if "$" in t], ticks
     long_titles = [
-        (f"hymenoptera / rgb\nfinetune · tune=fair, tune.reuse_seed=0 · tuned (8 trials), seed {i}",
+        (f"hymenoptera / rgb\nfinetune · tune=fair, tune.reuse_seed=0 · tuned (at most 8 trials), "
+         f"seed {i}",
          ["ants", "bees"], [[8, 2], [1, 9]])
         for i in range(4)
     ]  # fmt: skip

@@ -758,7 +758,7 @@ def column_labels(table: pd.DataFrame) -> pd.DataFrame:
     and "(tuned)" when it was tuned: never linear_probe, whose C grid is its fit (no trials).
     Where two settings would share a short label (two tunings of one strategy) each says its
     tuning's keys instead; where they still would, the full label. Full: strategy, backbone,
-    variant and the number of trials (`finetune · tune=fair, tune.reuse_seed=0 · tuned (8
+    variant and the cap on trials (`finetune · tune=fair, tune.reuse_seed=0 · tuned (at most 8
     trials)`), one per column also in rows where it has no run (a dataset not run: the trials
     its runs in other rows had)."""
     if table.empty:
@@ -783,7 +783,9 @@ def column_labels(table: pd.DataFrame) -> pd.DataFrame:
         trials = pd.to_numeric(table.tune_trials, errors="coerce")
         trials = trials.groupby(column, dropna=False).transform("max")
         said = trials.notna() & ~variant.str.contains("tune.trials=", regex=False) & ~exempt
-        full = full.where(~said, full + " · tuned (" + trials.map("{:.0f}".format) + " trials)")
+        full = full.where(
+            ~said, full + " · tuned (at most " + trials.map("{:.0f}".format) + " trials)"
+        )
     tuned = (trials.notna() | named) & ~exempt
     short = base + others.map(lambda o: f" · {o}" if o else "")
     plain = short + tuned.map({True: " (tuned)", False: ""})

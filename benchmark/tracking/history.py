@@ -51,6 +51,7 @@ def default_rate(input_kind: str) -> float:
     cached = input_kind.startswith("features") or input_kind == "feature_views"
     return DEFAULT_S_PER_FEATURE_EPOCH if cached else DEFAULT_S_PER_IMAGE_EPOCH
 
+
 # What a cell's time depends on, matched between the planned cell and its history: ALWAYS, and
 # RELAXED as long as some run matches (tuning let go first, then precision, then both).
 ALWAYS = ("strategy", "backbone", "input", "device")
